@@ -1,0 +1,26 @@
+"""DAPO's math as pure torch functions over ``(batch, tokens)`` tensors with a mask.
+
+Nothing here imports Ray: these functions are what any LLM-RL system can reuse, and they run on
+machines (a lent GPU, say) where Ray is not installed.
+"""
+
+from dapo_rl.core.advantages import ADVANTAGE_SCALES, group_advantages
+from dapo_rl.core.logprobs import token_logprobs
+from dapo_rl.core.losses import LOSS_AGGREGATIONS, loss_normalizer, policy_loss, register_loss_aggregation
+from dapo_rl.core.sampling import DynamicSamplingAccumulator, SamplingRoundLimitError, select_informative_groups
+from dapo_rl.core.shaping import overlong_mask, soft_overlong_penalty
+
+__all__ = [
+    "ADVANTAGE_SCALES",
+    "LOSS_AGGREGATIONS",
+    "DynamicSamplingAccumulator",
+    "SamplingRoundLimitError",
+    "group_advantages",
+    "loss_normalizer",
+    "overlong_mask",
+    "policy_loss",
+    "register_loss_aggregation",
+    "select_informative_groups",
+    "soft_overlong_penalty",
+    "token_logprobs",
+]

@@ -1,0 +1,160 @@
+"""Policy models: the embedded tiny preset, and loading any Hugging Face causal LM from a local folder.
+
+Nothing can be downloaded here, so the default model is built locally: a small Qwen2-architecture
+model with random weights (the real Qwen2 code path, so everything that works on it works on a
+Qwen2.5 checkpoint) and a character-level tokenizer built with the ``tokenizers`` library. A real
+checkpoint is loaded from a local path with ``local_files_only=True``.
+
+No Ray import: this module is used on GPU machines where Ray is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tokenizers import pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
+
+TINY_PRESET = "tiny-qwen2"
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    """Shape of the tiny preset: small enough to train on 2 CPU cores in minutes."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 3
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 512
+    tie_word_embeddings: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_char_tokenizer() -> Qwen2Tokenizer:
+    """A byte-level tokenizer with no merges: one token per byte, so one per ASCII character.
+
+    It is a ``Qwen2Tokenizer`` (byte-level BPE with an empty merge list) rather than a custom class
+    because ``AutoTokenizer`` re-creates the class registered for the config's ``model_type`` when it
+    loads a folder: a Qwen2 model folder is read back as ``Qwen2Tokenizer``, so only a tokenizer of
+    that class survives the round trip unchanged. Bytes cover any Unicode input (Chinese problems
+    in DAPO-Math-17k included), with 258 tokens in all.
+    """
+    byte_alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: index for index, token in enumerate([EOS_TOKEN, PAD_TOKEN, *byte_alphabet])}
+    return Qwen2Tokenizer(
+        vocab=vocab,
+        merges=[],
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        unk_token=EOS_TOKEN,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def tiny_model_config(tokenizer: PreTrainedTokenizerBase, spec: TinyModelSpec | None = None) -> Qwen2Config:
+    """The Qwen2 config of the tiny preset, sized to the tokenizer's vocabulary."""
+    spec = spec or TinyModelSpec()
+    return Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=spec.tie_word_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        **spec.extra,
+    )
+
+
+def build_tiny_model(seed: int = 0, spec: TinyModelSpec | None = None) -> tuple[PreTrainedModel, Qwen2Tokenizer]:
+    """The embedded preset: a randomly initialised tiny Qwen2 model and its character tokenizer."""
+    tokenizer = build_char_tokenizer()
+    config = tiny_model_config(tokenizer, spec)
+    # Seed only the initialisation, and restore the caller's RNG afterwards.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, tokenizer
+
+
+class ModelNotFoundError(ValueError):
+    """The model setting is neither a preset name nor an existing local model folder."""
+
+
+def load_policy(
+    model: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    dtype: torch.dtype | str | None = None,
+    tiny_spec: dict[str, Any] | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Return ``(model, tokenizer)`` for a preset name or a local Hugging Face model folder.
+
+    Args:
+        model: ``"tiny-qwen2"`` (the embedded preset, random weights seeded by ``seed``) or a path
+            to a folder holding ``config.json``, weights and a tokenizer.
+        dtype: torch dtype (or its name, e.g. ``"bfloat16"``) for a checkpoint; the preset is float32
+            unless given.
+        tiny_spec: overrides of :class:`TinyModelSpec` fields for the preset.
+    """
+    torch_dtype = _as_dtype(dtype)
+    if str(model) == TINY_PRESET:
+        policy, tokenizer = build_tiny_model(seed=seed, spec=TinyModelSpec(**(tiny_spec or {})))
+        if torch_dtype is not None:
+            policy = policy.to(torch_dtype)
+        return policy, tokenizer
+    path = os.fspath(model)
+    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+        raise ModelNotFoundError(
+            f"model {str(model)!r} is neither the preset {TINY_PRESET!r} nor a local model folder with a "
+            f"config.json (nothing is downloaded: give a path to a Hugging Face model folder)"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    policy = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if tokenizer.pad_token_id is None:
+        # Base checkpoints often ship without a pad token; padding positions are always masked.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return policy, tokenizer
+
+
+def save_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: str | os.PathLike[str]) -> None:
+    """Write a Hugging Face model folder that ``AutoModelForCausalLM.from_pretrained`` loads."""
+    os.makedirs(folder, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"dtype {dtype!r} is not a torch dtype name (e.g. 'float32', 'bfloat16')")
+    return resolved

@@ -1,0 +1,86 @@
+"""Per-token log-probs of response tokens under a Hugging Face causal LM.
+
+The backbone runs once over the packed batch (see :mod:`dapo_rl.rollout.batch`); the output
+projection and log-softmax run through :func:`dapo_rl.core.token_logprobs` on the response
+positions only, so the full-vocabulary logits of the sequence never exist at once. No Ray import:
+this is the GPU-side forward, runnable where Ray is not installed.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from dapo_rl.core import token_logprobs
+
+# Config attributes that put a transform between hidden·Wᵀ and the logits; for these models the
+# projection must go through the model's own head (full logits), or log-probs would be wrong.
+_LOGIT_TRANSFORM_ATTRIBUTES = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
+
+
+def response_logprobs(
+    model: PreTrainedModel,
+    batch: dict[str, torch.Tensor],
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (and entropies) of the response tokens of a packed batch.
+
+    Args:
+        batch: from :func:`dapo_rl.rollout.batch.pack_sequences`: ``input_ids``, ``attention_mask``,
+            ``position_ids`` (B, P+R) and ``response_mask`` (B, R).
+        temperature: the sampling temperature; log-probs are of softmax(logits / temperature), the
+            distribution the responses were drawn from.
+
+    Returns:
+        ``(logprobs, entropy)``, each (B, R) float32 with zeros at masked positions; ``entropy`` is
+        None unless ``return_entropy``.
+    """
+    input_ids = batch["input_ids"]
+    response_mask = batch["response_mask"].bool()
+    response_width = response_mask.shape[1]
+    prompt_width = input_ids.shape[1] - response_width
+    response_tokens = input_ids[:, prompt_width:][response_mask]
+    # Column t of the response is predicted by the position one to its left.
+    predicting = slice(prompt_width - 1, prompt_width - 1 + response_width)
+
+    if _has_logit_transform(model):
+        # The model's own forward applies its soft-capping or scaling; this holds the full logits.
+        logits = _forward(model, batch).logits[:, predicting][response_mask].float() / temperature
+        log_softmax = torch.log_softmax(logits, dim=-1)
+        flat_logprobs = log_softmax.gather(-1, response_tokens[:, None]).squeeze(-1)
+        flat_entropy = -(log_softmax.exp() * log_softmax).sum(-1) if return_entropy else None
+    else:
+        backbone = model.get_decoder()
+        hidden = _forward(backbone, batch).last_hidden_state[:, predicting][response_mask]
+        weight = model.get_output_embeddings().weight
+        result = token_logprobs(
+            hidden, weight, response_tokens, temperature=temperature, chunk_size=chunk_size,
+            return_entropy=return_entropy,
+        )
+        flat_logprobs, flat_entropy = result if return_entropy else (result, None)
+
+    logprobs = _scatter_rows(flat_logprobs, response_mask)
+    entropy = _scatter_rows(flat_entropy, response_mask) if flat_entropy is not None else None
+    return logprobs, entropy
+
+
+def _forward(module: torch.nn.Module, batch: dict[str, torch.Tensor]):
+    return module(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        use_cache=False,
+    )
+
+
+def _has_logit_transform(model: PreTrainedModel) -> bool:
+    return any(getattr(model.config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORM_ATTRIBUTES)
+
+
+def _scatter_rows(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Place N values back at the True positions of a (B, R) mask; zeros elsewhere."""
+    full = flat.new_zeros(mask.shape, dtype=torch.float32)
+    return full.masked_scatter(mask, flat.float())

@@ -1,0 +1,97 @@
+"""Generation with Hugging Face ``generate`` (KV cache, batched), for CPU runs and small GPUs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel
+
+from dapo_rl.rollout.base import GeneratedResponses, SamplingSettings
+from dapo_rl.rollout.batch import split_at_eos
+
+
+class HFGenerationBackend:
+    """Samples responses with ``model.generate`` on the model it holds.
+
+    Args:
+        model: a causal LM; it is switched to eval mode for generation only.
+        pad_token_id: id used to left-pad prompts.
+        eos_token_ids: ids that end a response.
+        prompts_per_call: prompts per ``generate`` call (each call holds ``prompts_per_call × n``
+            sequences and their KV cache).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        *,
+        pad_token_id: int,
+        eos_token_ids: Sequence[int],
+        prompts_per_call: int = 64,
+    ) -> None:
+        if prompts_per_call < 1:
+            raise ValueError(f"prompts_per_call must be >= 1, got {prompts_per_call}")
+        if not eos_token_ids:
+            raise ValueError("eos_token_ids is empty: responses could never finish")
+        self.model = model
+        self.pad_token_id = pad_token_id
+        self.eos_token_ids = list(eos_token_ids)
+        self.prompts_per_call = prompts_per_call
+
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state_dict)
+
+    @torch.inference_mode()
+    def generate(
+        self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingSettings, *, seed: int
+    ) -> GeneratedResponses:
+        # A fresh config, so that nothing a checkpoint's generation_config.json sets (top_k=50,
+        # repetition penalties) silently changes the sampling distribution the loss assumes.
+        # generate() merges the model's own generation_config into fields left at their defaults,
+        # so that one is swapped for a blank one during the call as well.
+        generation_config = GenerationConfig(
+            do_sample=True,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k if sampling.top_k > 0 else 0,
+            max_new_tokens=sampling.max_new_tokens,
+            num_return_sequences=sampling.n,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=self.eos_token_ids,
+        )
+        was_training = self.model.training
+        model_generation_config = self.model.generation_config
+        self.model.generation_config = GenerationConfig()
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        token_ids: list[list[int]] = []
+        finished: list[bool] = []
+        try:
+            # HF generate draws from the global RNG: seed it here and restore the caller's state after.
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(seed)
+                for start in range(0, len(prompt_token_ids), self.prompts_per_call):
+                    chunk = prompt_token_ids[start : start + self.prompts_per_call]
+                    input_ids, attention_mask = _left_pad(chunk, self.pad_token_id, device)
+                    output = self.model.generate(
+                        input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config
+                    )
+                    for row in output[:, input_ids.shape[1] :].tolist():
+                        response, done = split_at_eos(row, self.eos_token_ids)
+                        token_ids.append(response)
+                        finished.append(done)
+        finally:
+            self.model.train(was_training)
+            self.model.generation_config = model_generation_config
+        return GeneratedResponses(token_ids=token_ids, finished=finished)
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
+        attention_mask[row, width - len(prompt) :] = 1
+    return input_ids.to(device), attention_mask.to(device)

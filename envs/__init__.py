@@ -1,0 +1,1 @@
+"""dapo_envs: reasoning environments (being built)."""
