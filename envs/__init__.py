@@ -1,1 +1,123 @@
-"""dapo_envs: reasoning environments (being built)."""
+"""dapo_envs: reasoning tasks as Gymnasium environments whose reward comes from a verifier.
+
+Importing the package registers these Gymnasium ids (``gymnasium.make(id)``):
+
+=========================  =============================================================================
+``dapo/Math-v0``           Problems from any data set (``dataset=``), verifier and prompt by name.
+``dapo/DAPOMath17k-v0``    DAPO-Math-17k (17,917 training problems), DAPO prompt, ``dapo`` verifier.
+``dapo/AIME24-v0``         AIME 2024 (30), DAPO prompt, ``dapo`` verifier.
+``dapo/AIME25-v0``         AIME 2025 (30), DAPO prompt, ``dapo`` verifier.
+``dapo/MATH500-v0``        MATH-500 (500), ``\\boxed{}`` prompt, ``math_verify`` verifier.
+``dapo/GSM8K-v0``          GSM8K test (1,319), ``####`` prompt, ``gsm8k`` verifier.
+``dapo/Arithmetic-v0``     Procedural integer arithmetic (seeded, ``split="train"|"test"``), ``dapo``.
+=========================  =============================================================================
+
+Add your own task with :func:`register_reasoning_env` (or ``gymnasium.register`` with entry point
+``"dapo_envs.math:MathEnv"``) and your own verifier with :func:`register_verifier`. The trainer
+protocol (batched prompts and scoring) is documented in :mod:`dapo_envs.base`. No Ray needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import gymnasium
+
+# Submodules are attributes of the package (dapo_envs.datasets.load(...) works after `import dapo_envs`).
+from dapo_envs import arithmetic, base, datasets, math, prompts, scoring, verifiers  # noqa: F401
+from dapo_envs.base import Problem, ReasoningEnv, ResponseText
+from dapo_envs.verifiers import (
+    Verifier,
+    VerifierResult,
+    get_verifier,
+    list_verifiers,
+    register_verifier,
+    resolve_verifier,
+)
+
+__all__ = [
+    "ENV_IDS",
+    "Problem",
+    "ReasoningEnv",
+    "ResponseText",
+    "Verifier",
+    "VerifierResult",
+    "get_verifier",
+    "list_verifiers",
+    "register_reasoning_env",
+    "register_verifier",
+]
+
+_MATH_ENTRY_POINT = "dapo_envs.math:MathEnv"
+
+# id -> (entry point, kwargs). gymnasium.make(id, **overrides) may change any of the kwargs.
+_BUILTIN_ENVS: dict[str, tuple[str, dict[str, Any]]] = {
+    "dapo/Math-v0": (_MATH_ENTRY_POINT, {"dataset": "dapo_math_17k", "verifier": "dapo", "prompt_template": "dapo"}),
+    "dapo/DAPOMath17k-v0": (
+        _MATH_ENTRY_POINT,
+        {"dataset": "dapo_math_17k", "verifier": "dapo", "prompt_template": "dapo"},
+    ),
+    "dapo/AIME24-v0": (_MATH_ENTRY_POINT, {"dataset": "aime24", "verifier": "dapo", "prompt_template": "dapo"}),
+    "dapo/AIME25-v0": (_MATH_ENTRY_POINT, {"dataset": "aime25", "verifier": "dapo", "prompt_template": "dapo"}),
+    "dapo/MATH500-v0": (
+        _MATH_ENTRY_POINT,
+        {"dataset": "math500", "verifier": "math_verify", "prompt_template": "boxed"},
+    ),
+    "dapo/GSM8K-v0": (_MATH_ENTRY_POINT, {"dataset": "gsm8k", "verifier": "gsm8k", "prompt_template": "gsm8k"}),
+    "dapo/Arithmetic-v0": ("dapo_envs.arithmetic:ArithmeticEnv", {}),
+}
+
+#: The Gymnasium ids this package registers.
+ENV_IDS: tuple[str, ...] = tuple(_BUILTIN_ENVS)
+
+for _env_id, (_entry_point, _kwargs) in _BUILTIN_ENVS.items():
+    if _env_id not in gymnasium.registry:  # importing twice (e.g. a reload) must not warn or fail
+        gymnasium.register(id=_env_id, entry_point=_entry_point, kwargs=dict(_kwargs))
+
+
+def register_reasoning_env(
+    env_id: str,
+    *,
+    dataset: str | Any | Sequence[Mapping[str, Any]],
+    verifier: str | Verifier | Callable[[str, str], Any],
+    prompt_template: str,
+    **kwargs: Any,
+) -> None:
+    """Register a Gymnasium id for a reasoning task on your own data, so ``gymnasium.make(env_id)`` works.
+
+    Args:
+        env_id: The new id, e.g. ``"my/Capitals-v0"`` (Gymnasium's ``[namespace/]name-vN`` form).
+        dataset: What :func:`dapo_envs.datasets.load` accepts: a bundled name, a ``.parquet`` / ``.jsonl``
+            path, a ``pyarrow.Table`` or a list of ``{"prompt", "answer"}`` dicts.
+        verifier: A registered verifier name, a ``Verifier``, or a function
+            ``(response, reference) -> VerifierResult`` (bool, number or verl-style dict also accepted).
+        prompt_template: A template name (``dapo``, ``boxed``, ``gsm8k``, ``plain``) or a string containing
+            ``{problem}``.
+        **kwargs: Further ``dapo/Math-v0`` arguments (``verifier_timeout``, ``max_response_chars``) and
+            ``gymnasium.register`` options (``max_episode_steps``, ``order_enforce``, ...).
+
+    Raises:
+        ValueError: ``env_id`` is already registered, or the template or dataset path is invalid.
+        KeyError: ``verifier`` names no registered verifier.
+    """
+    if not isinstance(env_id, str) or not env_id:
+        raise ValueError(f"env_id must be a non-empty string, got {env_id!r}")
+    if env_id in gymnasium.registry:
+        raise ValueError(f"an environment with id '{env_id}' is already registered; choose another id or version")
+    # Fail here, at registration, rather than at the first make().
+    resolve_verifier(verifier)
+    prompts.resolve_template(prompt_template)
+    if isinstance(dataset, str) and dataset not in datasets.BUNDLED:
+        datasets.load(dataset)  # a path: check that it exists and parses (the result is cached for make)
+    register_options = {
+        key: kwargs.pop(key)
+        for key in ("max_episode_steps", "reward_threshold", "nondeterministic", "order_enforce", "disable_env_checker")
+        if key in kwargs
+    }
+    gymnasium.register(
+        id=env_id,
+        entry_point=_MATH_ENTRY_POINT,
+        kwargs={"dataset": dataset, "verifier": verifier, "prompt_template": prompt_template, **kwargs},
+        **register_options,
+    )
