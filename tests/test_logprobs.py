@@ -190,6 +190,24 @@ def test_bfloat16_upcast_cpu():
     torch.testing.assert_close(ent, ref_ent, rtol=0.05, atol=0.1)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_grads_cpu(dtype):
+    """bf16/fp16 backward (float32 grad_weight accumulation over 3 chunks) tracks float32."""
+    hidden, weight, tokens = make((2, 10), hsize=32, vocab=300, dtype=torch.float32, seed=13)
+    h_lo = hidden.detach().to(dtype).requires_grad_()
+    w_lo = weight.detach().to(dtype).requires_grad_()
+    out_lo = token_logprobs(h_lo, w_lo, tokens, chunk_size=7, temperature=0.8, return_entropy=True)
+    h32 = h_lo.detach().float().requires_grad_()
+    w32 = w_lo.detach().float().requires_grad_()
+    ref = reference(h32, w32, tokens, 0.8)
+    got = grads(out_lo, (h_lo, w_lo))
+    want = grads(ref, (h32, w32))
+    for a, b in zip(got, want):
+        assert a.dtype == dtype
+        rel = (a.float() - b).norm() / b.norm()
+        assert rel < 0.03, rel
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

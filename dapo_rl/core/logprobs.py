@@ -23,10 +23,12 @@ import torch
 
 __all__ = ["token_logprobs"]
 
-# 1024 rows x 151,936 vocab x 4 bytes = 0.6 GB of float32 logits per chunk: small next to the
-# naive path's several (N, V) tensors, yet each chunk's matmul is large enough to run near peak
-# BLAS throughput on CPU and GPU. Lower it to trade speed for memory (see benchmarks/logprobs.py).
-_DEFAULT_CHUNK_SIZE = 1024
+# 512 rows x 151,936 vocab x 4 bytes = 0.29 GiB of float32 logits per chunk (Qwen2.5 vocab).
+# Measured on CPU (benchmarks/results/logprobs_cpu.md): 512-row GEMMs run within ~5% of 1024-row
+# ones, while 1024 rows would double the chunk buffer, which (with the unavoidable (V, H) weight
+# gradient) is all the extra memory this path needs. On GPU every per-chunk op is a large kernel
+# either way. Lower it to trade speed for memory.
+_DEFAULT_CHUNK_SIZE = 512
 
 # Dtypes whose logits are upcast to float32 before any reduction: summing 150k exp() terms in
 # bf16/fp16 would lose most of the mantissa.
@@ -152,7 +154,8 @@ class _TokenLogprobs(torch.autograd.Function):
             return (grad_hidden, _cast(grad_weight, weight.dtype), None, None, None, None)
 
         inv_temp = ctx.inv_temp
-        bufs = _ChunkBuffers(min(ctx.chunk_size, n), vocab, hidden.dtype, hidden.device, grad_entropy is not None)
+        with_aux = grad_entropy is not None
+        bufs = _ChunkBuffers(min(ctx.chunk_size, n), vocab, hidden.dtype, hidden.device, with_aux)
         for s, e in _chunk_bounds(n, ctx.chunk_size):
             h = hidden[s:e]
             z = bufs.logits(h, weight, inv_temp)
