@@ -126,22 +126,35 @@ def load_policy(
         if torch_dtype is not None:
             policy = policy.to(torch_dtype)
         return policy, tokenizer
+    path = _checked_model_folder(model)
+    tokenizer = load_tokenizer(path)
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    policy = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return policy, tokenizer
+
+
+def load_tokenizer(model: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
+    """The tokenizer of a preset name or a local model folder, left-padding, with a pad token."""
+    if str(model) == TINY_PRESET:
+        return build_char_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(_checked_model_folder(model), local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        # Base checkpoints often ship without a pad token; padding positions are always masked.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def _checked_model_folder(model: str | os.PathLike[str]) -> str:
     path = os.fspath(model)
     if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
         raise ModelNotFoundError(
             f"model {str(model)!r} is neither the preset {TINY_PRESET!r} nor a local model folder with a "
             f"config.json (nothing is downloaded: give a path to a Hugging Face model folder)"
         )
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    kwargs: dict[str, Any] = {"local_files_only": True}
-    if torch_dtype is not None:
-        kwargs["dtype"] = torch_dtype
-    policy = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if tokenizer.pad_token_id is None:
-        # Base checkpoints often ship without a pad token; padding positions are always masked.
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return policy, tokenizer
+    return path
 
 
 def save_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: str | os.PathLike[str]) -> None:

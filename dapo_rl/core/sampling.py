@@ -8,6 +8,7 @@ overlong penalty) would let all-wrong groups through whenever their lengths diff
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -80,6 +81,13 @@ class SamplingRoundLimitError(RuntimeError):
             "and wrong answers. The data may be too hard (or too easy) for this model: set max_rounds <= 0 "
             "for unlimited rounds, or on_limit='train' to train on the prompts collected so far."
         )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The constructor is keyword-only, so the default (cls, self.args) would fail: copy.copy and
+        # pickle (Ray/Tune copy an exception raised in train() and send it between processes) need this.
+        kwargs = {"max_rounds": self.max_rounds, "rounds": self.rounds, "num_groups": self.num_groups,
+                  "target_groups": self.target_groups}
+        return (functools.partial(type(self), **kwargs), (), self.__dict__)
 
 
 class DynamicSamplingAccumulator:

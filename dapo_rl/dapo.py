@@ -1,0 +1,438 @@
+"""DAPO (arXiv 2503.14476) as an RLlib algorithm: ``DAPOConfig`` (settings, validate) and ``DAPO`` (training_step).
+
+One ``train()`` call is one rollout step of the paper:
+
+1. generate: G responses for each prompt, scored by the environment's verifier; with dynamic
+   sampling, rounds of ``generation_batch_prompts`` prompts until ``prompts_per_step`` prompts with
+   both correct and wrong answers are held;
+2. shape: soft overlong punishment added to the correctness reward; overlong filtering masks
+   truncated responses out of the loss;
+3. old log-probs recomputed by the learners under the weights that generated the responses;
+4. group-normalised advantages;
+5. ``num_epochs`` × (``prompts_per_step`` / ``minibatch_prompts``) gradient updates, each one
+   ``learner_group.update`` on a mini-batch of whole groups, with the mini-batch's global loss
+   normaliser (token-level loss exact under any sharding);
+6. weight sync to the env runners; metrics through RLlib's MetricsLogger.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from ray.rllib.algorithms.algorithm import Algorithm
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
+from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
+from ray.rllib.utils.metrics import (
+    ENV_RUNNER_RESULTS,
+    LEARNER_RESULTS,
+    NUM_ENV_STEPS_SAMPLED_LIFETIME,
+    TIMERS,
+)
+
+from dapo_rl.core import ADVANTAGE_SCALES, LOSS_AGGREGATIONS
+from dapo_rl.core.sampling import ON_LIMIT_CHOICES
+from dapo_rl.env_runner import DAPOEnvRunner, make_reasoning_env
+from dapo_rl.learner import DAPOTorchLearner
+from dapo_rl.models import TINY_PRESET, load_tokenizer, save_policy
+from dapo_rl.module import TEXT_SPACE, CausalLMModule
+from dapo_rl.training import (
+    PromptSampler,
+    build_train_batch,
+    collect_groups,
+    minibatch_indices,
+    take_rows,
+)
+
+#: DAPO's own settings and their defaults: the paper's 32B run where the paper sets them
+#: (DAPO_FACTS.md), else the reference scripts'. ``lr``, ``grad_clip`` and ``num_epochs`` are
+#: RLlib's own settings, with DAPO defaults set in ``DAPOConfig.__init__``.
+DAPO_SETTINGS: dict[str, Any] = {
+    "group_size": 16,  # G responses per prompt
+    "prompts_per_step": 512,  # prompts trained on per rollout step
+    "minibatch_prompts": 32,  # prompts per gradient update: 512/32 = 16 updates per step
+    "lr_warmup_steps": 320,  # linear warm-up, in optimizer steps (paper: 20 rollout steps x 16)
+    "weight_decay": 0.1,
+    "clip_low": 0.2,  # epsilon_low
+    "clip_high": 0.28,  # epsilon_high (Clip-Higher)
+    "dual_clip": None,  # dual-clip constant c > 1 (reference scripts: 10.0); None = off
+    "loss_agg": "token-mean",  # token-level loss; "seq-mean-token-mean" is GRPO's
+    "advantage_scale": "std",  # (R - mean) / std per group; "none" = Dr. GRPO
+    "dynamic_sampling": True,
+    "max_sampling_rounds": 10,  # generation rounds per step before giving up; <= 0 = unlimited
+    "on_sampling_limit": "error",  # at the round limit: "error" stops, "train" trains on what was kept
+    "generation_batch_prompts": 1536,  # prompts per generation round with dynamic sampling (3x)
+    "max_prompt_length": 2048,  # tokens; longer prompts are cut from the left
+    "max_response_length": 20480,  # tokens: 16384 expected + 4096 overlong cache
+    "overlong_cache_len": 4096,  # L_cache of the soft overlong punishment
+    "overlong_penalty_factor": 1.0,  # 0 switches the soft overlong punishment off
+    "overlong_filter": True,  # truncated responses carry no loss
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": -1,  # <= 0: off
+    "apply_chat_template": None,  # None: use the tokenizer's chat template when it has one
+    "generation_prompts_per_call": 64,  # prompts per batched generate() call on a runner
+    "logprob_chunk_size": 1024,  # tokens per chunk of the log-prob kernel
+    "logprob_batch_rows": 64,  # rows per forward pass when recomputing old log-probs
+    "compute_entropy": True,  # log the policy's token entropy (costs one extra pass per chunk)
+}
+
+
+class DAPOConfig(AlgorithmConfig):
+    """Settings of DAPO. Set DAPO's and RLlib's training settings alike through ``.training(...)``.
+
+    Example::
+
+        config = (DAPOConfig()
+                  .environment("dapo/Arithmetic-v0")
+                  .rl_module(model_config={"model": "tiny-qwen2"})
+                  .training(group_size=8, prompts_per_step=32, minibatch_prompts=8, lr=1e-4))
+        algo = config.build_algo()
+        result = algo.train()
+
+    The model comes from ``.rl_module(model_config={"model": PATH})``: a local Hugging Face model
+    folder, or ``"tiny-qwen2"`` (the default). DAPO's settings are the keys of ``DAPO_SETTINGS``.
+    """
+
+    def __init__(self, algo_class: type | None = None) -> None:
+        super().__init__(algo_class=algo_class or DAPO)
+        for name, default in DAPO_SETTINGS.items():
+            setattr(self, name, default)
+        self.lr = 1e-6
+        self.grad_clip = 1.0
+        self.grad_clip_by = "global_norm"
+        self.num_epochs = 1
+        self.env_runner_cls = DAPOEnvRunner
+        self.num_env_runners = 0
+        # RLlib asks for spaces before any env runner exists (e.g. build_learner); ours are text.
+        self.observation_space = TEXT_SPACE
+        self.action_space = TEXT_SPACE
+
+    def training(self, **kwargs: Any) -> DAPOConfig:
+        """Set training settings: any key of ``DAPO_SETTINGS``, or RLlib's own (``lr``, ``grad_clip``,
+        ``num_epochs``, ...). An unknown key raises TypeError naming it."""
+        for name in [key for key in kwargs if key in DAPO_SETTINGS]:
+            setattr(self, name, kwargs.pop(name))
+        super().training(**kwargs)
+        return self
+
+    def lr_schedule(self) -> float | list[list[float]]:
+        """The learning rate per optimizer step: linear warm-up over ``lr_warmup_steps``, then constant.
+
+        Update k (0-based) runs at lr * min(1, (k + 1) / lr_warmup_steps).
+        """
+        if self.lr_warmup_steps <= 1:
+            return self.lr
+        return [[0, self.lr / self.lr_warmup_steps], [self.lr_warmup_steps - 1, self.lr]]
+
+    def validate(self) -> None:
+        super().validate()
+        problems = self._dapo_problems()
+        if problems:
+            self._value_error("DAPOConfig is invalid:\n- " + "\n- ".join(problems))
+
+    def _dapo_problems(self) -> list[str]:
+        problems = []
+
+        def require(condition: bool, message: str) -> None:
+            if not condition:
+                problems.append(message)
+
+        def is_int(value: Any) -> bool:
+            return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+        for name in ("group_size", "prompts_per_step", "minibatch_prompts", "generation_batch_prompts",
+                     "max_prompt_length", "max_response_length", "generation_prompts_per_call",
+                     "logprob_chunk_size", "logprob_batch_rows", "num_epochs"):
+            value = getattr(self, name)
+            require(is_int(value) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
+        if problems:
+            return problems
+        require(self.group_size >= 2, f"group_size must be >= 2 (advantages need a group), got {self.group_size}")
+        require(
+            self.prompts_per_step % self.minibatch_prompts == 0,
+            f"minibatch_prompts ({self.minibatch_prompts}) must divide prompts_per_step ({self.prompts_per_step})",
+        )
+        num_learners = max(1, int(self.num_learners or 0))
+        rows = self.minibatch_prompts * self.group_size
+        require(
+            rows % num_learners == 0,
+            f"a mini-batch's rows (minibatch_prompts {self.minibatch_prompts} x group_size {self.group_size} = "
+            f"{rows}) must divide evenly over num_learners ({num_learners})",
+        )
+        require(
+            self.dynamic_sampling is False or self.generation_batch_prompts >= 1,
+            f"generation_batch_prompts must be >= 1, got {self.generation_batch_prompts}",
+        )
+        require(is_int(self.overlong_cache_len) and self.overlong_cache_len >= 0,
+                f"overlong_cache_len must be an integer >= 0, got {self.overlong_cache_len!r}")
+        require(
+            not is_int(self.overlong_cache_len) or self.max_response_length > self.overlong_cache_len,
+            f"max_response_length ({self.max_response_length}) must be greater than overlong_cache_len "
+            f"({self.overlong_cache_len})",
+        )
+        require(isinstance(self.overlong_penalty_factor, (int, float)) and self.overlong_penalty_factor >= 0,
+                f"overlong_penalty_factor must be >= 0, got {self.overlong_penalty_factor!r}")
+        require(isinstance(self.lr, (int, float)) and self.lr > 0,
+                f"lr must be a positive number (warm-up comes from lr_warmup_steps), got {self.lr!r}")
+        require(is_int(self.lr_warmup_steps) and self.lr_warmup_steps >= 0,
+                f"lr_warmup_steps must be an integer >= 0, got {self.lr_warmup_steps!r}")
+        require(isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0,
+                f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        require(isinstance(self.clip_low, (int, float)) and 0 <= self.clip_low < 1,
+                f"clip_low must be in [0, 1), got {self.clip_low!r}")
+        require(isinstance(self.clip_high, (int, float)) and self.clip_high >= 0,
+                f"clip_high must be >= 0, got {self.clip_high!r}")
+        require(self.dual_clip is None or (isinstance(self.dual_clip, (int, float)) and self.dual_clip > 1),
+                f"dual_clip must be None or > 1, got {self.dual_clip!r}")
+        require(self.loss_agg in LOSS_AGGREGATIONS,
+                f"loss_agg must be one of {sorted(LOSS_AGGREGATIONS)}, got {self.loss_agg!r}")
+        require(self.advantage_scale in ADVANTAGE_SCALES,
+                f"advantage_scale must be one of {list(ADVANTAGE_SCALES)}, got {self.advantage_scale!r}")
+        require(is_int(self.max_sampling_rounds),
+                f"max_sampling_rounds must be an integer (<= 0 for unlimited), got {self.max_sampling_rounds!r}")
+        require(self.on_sampling_limit in ON_LIMIT_CHOICES,
+                f"on_sampling_limit must be one of {list(ON_LIMIT_CHOICES)}, got {self.on_sampling_limit!r}")
+        require(isinstance(self.temperature, (int, float)) and self.temperature > 0,
+                f"temperature must be > 0, got {self.temperature!r}")
+        require(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
+        require(is_int(self.top_k), f"top_k must be an integer (<= 0 for off), got {self.top_k!r}")
+        require(self.apply_chat_template in (None, True, False),
+                f"apply_chat_template must be None, True or False, got {self.apply_chat_template!r}")
+        require(isinstance(self.env, str) and bool(self.env),
+                f"env must be a registered Gymnasium id such as 'dapo/Arithmetic-v0', got {self.env!r}")
+        return problems
+
+    def get_default_rl_module_spec(self) -> RLModuleSpec:
+        return RLModuleSpec(
+            module_class=CausalLMModule,
+            observation_space=TEXT_SPACE,
+            action_space=TEXT_SPACE,
+            model_config={
+                "temperature": self.temperature,
+                "logprob_chunk_size": self.logprob_chunk_size,
+                "compute_entropy": self.compute_entropy,
+            },
+        )
+
+    def get_default_learner_class(self) -> type:
+        return DAPOTorchLearner
+
+    @property
+    def policy_model(self) -> str:
+        """The model setting (a path or the preset name) this config trains."""
+        return str((self.model_config or {}).get("model") or TINY_PRESET)
+
+
+class DAPO(Algorithm):
+    """DAPO on RLlib's new API stack. See the module docstring for one ``train()`` step."""
+
+    @classmethod
+    def get_default_config(cls) -> DAPOConfig:
+        return DAPOConfig()
+
+    def setup(self, config: Any) -> None:
+        super().setup(config)
+        seed = int(self.config.seed or 0)
+        self._prompt_sampler = PromptSampler(make_reasoning_env(self.config), seed)
+        self._generation_rng = np.random.default_rng(seed + 1)
+        self._shuffle_generator = torch.Generator().manual_seed(seed + 2)
+        self._optimizer_steps = 0
+        self._pad_token_id = load_tokenizer(self.config.policy_model).pad_token_id
+
+    # -- one rollout step ----------------------------------------------------------------------------
+
+    def training_step(self) -> None:
+        config = self.config
+        step_start = time.perf_counter()
+        runner_metrics: list[Any] = []
+        with self.metrics.log_time((TIMERS, "generate_and_score")):
+            collected, stats, rounds = collect_groups(
+                lambda count: self._generate_round(count, runner_metrics),
+                prompts_per_step=config.prompts_per_step,
+                generation_batch_prompts=config.generation_batch_prompts,
+                dynamic_sampling=config.dynamic_sampling,
+                max_sampling_rounds=config.max_sampling_rounds,
+                on_sampling_limit=config.on_sampling_limit,
+            )
+        self.metrics.aggregate(runner_metrics, key=ENV_RUNNER_RESULTS)
+
+        with self.metrics.log_time((TIMERS, "old_logprobs")):
+            batch = build_train_batch(
+                collected,
+                pad_token_id=self._pad_token_id,
+                max_response_length=config.max_response_length,
+                overlong_cache_len=config.overlong_cache_len,
+                overlong_penalty_factor=config.overlong_penalty_factor,
+                overlong_filter=config.overlong_filter,
+                advantage_scale=config.advantage_scale,
+            )
+            batch["group_index"] = self._groups_fitting_learners(batch["group_index"])
+            # A step cut short by the round limit (on_sampling_limit="train") may keep no group at
+            # all: then there is nothing to train on (and a forward pass on zero rows would fail).
+            has_data = bool((batch["group_index"] >= 0).any())
+            if has_data:
+                batch["old_logprobs"] = self._old_logprobs(batch)
+
+        with self.metrics.log_time((TIMERS, "update")):
+            for _ in range(config.num_epochs if has_data else 0):
+                for rows in minibatch_indices(
+                    batch["group_index"], minibatch_prompts=config.minibatch_prompts, generator=self._shuffle_generator
+                ):
+                    self._update(take_rows(batch, rows, loss_agg=config.loss_agg,
+                                           max_response_length=config.max_response_length))
+
+        with self.metrics.log_time((TIMERS, "sync_weights")):
+            self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
+
+        self._log_step_metrics(batch, stats, rounds, time.perf_counter() - step_start)
+
+    def _generate_round(self, num_prompts: int, runner_metrics: list[Any]) -> dict[str, Any]:
+        problems = self._prompt_sampler.next(num_prompts)
+        seed = int(self._generation_rng.integers(2**31 - 1))
+        group = self.env_runner_group
+        if group.num_healthy_remote_env_runners() == 0:
+            rollout = self.env_runner.sample_groups(problems, seed)
+            runner_metrics.append(self.env_runner.get_metrics())
+            return rollout
+        runner_ids = group.healthy_env_runner_ids()
+        shares = np.array_split(np.arange(len(problems)), len(runner_ids))
+        calls = [
+            (lambda runner, part=[problems[i] for i in share], s=seed + k: (runner.sample_groups(part, s), runner.get_metrics()))
+            for k, share in enumerate(shares)
+        ]
+        results = group.foreach_env_runner(calls, remote_worker_ids=runner_ids, local_env_runner=False)
+        parts = []
+        offset = 0
+        for rollout, metrics in results:
+            rollout["group_index"] = rollout["group_index"] + offset
+            offset += len(rollout["group_index"]) // self.config.group_size
+            parts.append(rollout)
+            runner_metrics.append(metrics)
+        return _concatenate_rollouts(parts)
+
+    def _groups_fitting_learners(self, group_index: torch.Tensor) -> torch.Tensor:
+        """Mark groups that would leave a mini-batch unevenly split over learners as dropped (-1).
+
+        Only a step cut short by the round limit (``on_sampling_limit="train"``) can hold such a
+        remainder; an uneven shard would make DDP learners take different numbers of steps and hang.
+        """
+        num_learners = max(1, int(self.config.num_learners or 0))
+        if num_learners == 1:
+            return group_index
+        groups_per_unit = num_learners // math.gcd(self.config.group_size, num_learners)
+        num_groups = int(group_index.max()) + 1 if group_index.numel() else 0
+        usable = num_groups - num_groups % groups_per_unit
+        return torch.where(group_index < usable, group_index, torch.full_like(group_index, -1))
+
+    def _old_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        columns = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids", "response_mask")}
+        num_shards = max(1, int(self.config.num_learners or 0))
+        results = self.learner_group.foreach_learner(
+            lambda learner, b=columns, k=num_shards: learner.compute_old_logprobs(b, k)
+        )
+        shards = sorted((r.get() for r in results), key=lambda pair: pair[0])
+        return torch.cat([logprobs for _, logprobs in shards], dim=0)
+
+    def _update(self, minibatch: dict[str, torch.Tensor]) -> None:
+        rows = len(minibatch["input_ids"])
+        sample_batch = SampleBatch({key: value.numpy() for key, value in minibatch.items()})
+        results = self.learner_group.update(
+            batch=MultiAgentBatch({DEFAULT_MODULE_ID: sample_batch}, env_steps=rows),
+            # The lr schedule is keyed on this count; RLlib applies it after the update, so pass
+            # the count *after* this step for the next update to run at its own rate.
+            timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: self._optimizer_steps + 1},
+        )
+        self._optimizer_steps += 1
+        self.metrics.aggregate(results, key=LEARNER_RESULTS)
+
+    def _log_step_metrics(self, batch: dict[str, torch.Tensor], stats: Any, rounds: list[dict[str, Any]], seconds: float) -> None:
+        log = self.metrics.log_value
+        generated_acc = np.concatenate([r["acc"] for r in rounds]).astype(np.float64)
+        generated_lengths = np.concatenate([r["response_length"] for r in rounds])
+        generated_truncated = np.concatenate([r["truncated"] for r in rounds])
+        trained = batch["group_index"] >= 0
+
+        def over_trained(column: str, reduce: str) -> float:
+            # NaN when no group was trained on (a step cut short by the sampling round limit).
+            values = batch[column][trained].float()
+            return float(getattr(values, reduce)()) if values.numel() else float("nan")
+
+        values = {
+            "reward_mean": over_trained("rewards", "mean"),
+            "reward_max": over_trained("rewards", "max"),
+            "reward_min": over_trained("rewards", "min"),
+            "train_accuracy": over_trained("acc", "mean"),
+            "advantage_mean": over_trained("advantages", "mean"),
+            "advantage_max": over_trained("advantages", "max"),
+            "advantage_min": over_trained("advantages", "min"),
+            "generated_accuracy": generated_acc.mean(),
+            "response_length_mean": generated_lengths.mean(),
+            "response_length_max": generated_lengths.max(),
+            "response_length_min": generated_lengths.min(),
+            "response_clip_ratio": generated_truncated.mean(),
+            "sampling_rounds": stats.rounds,
+            "prompts_generated": stats.prompts_generated,
+            "prompts_trained": int(torch.unique(batch["group_index"][trained]).numel()),
+            "kept_group_ratio": stats.groups_kept / max(1, stats.prompts_generated),
+            "all_correct_group_ratio": stats.all_correct_groups / max(1, stats.prompts_generated),
+            "all_wrong_group_ratio": stats.all_wrong_groups / max(1, stats.prompts_generated),
+            "sampling_limit_reached": float(stats.limit_reached),
+            "optimizer_steps": self._optimizer_steps,
+            "data_epoch": self._prompt_sampler.epoch,
+            "generate_seconds": sum(r["generate_seconds"] for r in rounds),
+            "score_seconds": sum(r["score_seconds"] for r in rounds),
+            "generated_tokens_per_second": float(generated_lengths.sum()) / max(1e-9, sum(r["generate_seconds"] for r in rounds)),
+            "step_seconds": seconds,
+        }
+        for name, value in values.items():
+            log(("dapo", name), float(value), window=1)
+
+    # -- checkpoints and export ----------------------------------------------------------------------
+
+    def get_state(self, components: Any = None, *, not_components: Any = None, **kwargs: Any) -> dict[str, Any]:
+        state = super().get_state(components, not_components=not_components, **kwargs)
+        if self._check_component("dapo", components, not_components):
+            state["dapo"] = {
+                "prompt_sampler": self._prompt_sampler.get_state(),
+                "generation_rng": self._generation_rng.bit_generator.state,
+                "shuffle_generator": self._shuffle_generator.get_state(),
+                "optimizer_steps": self._optimizer_steps,
+            }
+        return state
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        super().set_state(state)
+        if "dapo" in state:
+            dapo_state = state["dapo"]
+            self._prompt_sampler.set_state(dapo_state["prompt_sampler"])
+            self._generation_rng.bit_generator.state = dapo_state["generation_rng"]
+            self._shuffle_generator.set_state(dapo_state["shuffle_generator"])
+            self._optimizer_steps = dapo_state["optimizer_steps"]
+
+    def export_policy(self, folder: str | os.PathLike[str]) -> str:
+        """Write the current policy as a Hugging Face model folder (weights, config, tokenizer)."""
+        module = self.config.get_rl_module_spec(
+            spaces={DEFAULT_MODULE_ID: (TEXT_SPACE, TEXT_SPACE)}, inference_only=False
+        ).build()
+        module.set_state(self.learner_group.get_weights()[DEFAULT_MODULE_ID])
+        save_policy(module.causal_lm, module.tokenizer, folder)
+        return os.fspath(folder)
+
+
+def _concatenate_rollouts(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, first in parts[0].items():
+        if isinstance(first, np.ndarray):
+            out[key] = np.concatenate([part[key] for part in parts])
+        elif isinstance(first, list):
+            out[key] = [item for part in parts for item in part[key]]
+        elif isinstance(first, (int, float)):
+            out[key] = sum(part[key] for part in parts) if key.endswith("_seconds") else first
+    return out

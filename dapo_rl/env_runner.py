@@ -1,0 +1,131 @@
+"""DAPOEnvRunner: RLlib's env runner for reasoning environments, generating whole responses in batches.
+
+RLlib's default runner steps an environment one action at a time; for an LLM that would mean one
+token per step. This runner instead takes a batch of problems, generates G responses per problem
+in one batched call of its generation backend, and scores them with the environment's vectorised
+verifier (:class:`dapo_rl.rollout.runner.GenerationRunner` does the work; this class adds RLlib's
+plumbing: module construction, weight sync, metrics, checkpoint state).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import ray
+from ray.rllib.core import COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
+from ray.rllib.env import INPUT_ENV_SPACES
+from ray.rllib.env.env_runner import EnvRunner
+from ray.rllib.utils.checkpoints import Checkpointable
+from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME, WEIGHTS_SEQ_NO
+
+import dapo_envs  # noqa: F401  (registers the dapo/ environment ids in this worker process)
+from dapo_rl.module import TEXT_SPACE
+from dapo_rl.rollout.base import SamplingSettings
+from dapo_rl.rollout.hf import HFGenerationBackend
+from dapo_rl.rollout.runner import GenerationRunner, PromptSettings
+
+
+def make_reasoning_env(config: Any) -> Any:
+    """The (unwrapped) reasoning environment a config names, with its ``env_config`` keywords."""
+    if not isinstance(config.env, str):
+        raise ValueError(f"env must be a registered Gymnasium id string (e.g. 'dapo/Arithmetic-v0'), got {config.env!r}")
+    return gym.make(config.env, **dict(config.env_config or {})).unwrapped
+
+
+class DAPOEnvRunner(EnvRunner, Checkpointable):
+    """Holds an inference copy of the policy, a generation backend and the environment."""
+
+    def __init__(self, *, config: Any, **kwargs: Any) -> None:
+        super().__init__(config=config, **kwargs)
+        self._weights_seq_no = 0
+        self.env = make_reasoning_env(self.config)
+        self.module = self.config.get_rl_module_spec(spaces=self.get_spaces(), inference_only=True).build()
+        tokenizer = self.module.tokenizer
+        backend = HFGenerationBackend(
+            self.module.causal_lm,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_ids=[tokenizer.eos_token_id],
+            prompts_per_call=self.config.generation_prompts_per_call,
+        )
+        self.generation = GenerationRunner(
+            self.env,
+            tokenizer,
+            backend,
+            PromptSettings(self.config.max_prompt_length, self.config.apply_chat_template),
+        )
+
+    # -- the work ------------------------------------------------------------------------------------
+
+    def sampling_settings(self) -> SamplingSettings:
+        config = self.config
+        return SamplingSettings(
+            n=config.group_size,
+            max_new_tokens=config.max_response_length,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            top_k=config.top_k,
+        )
+
+    def sample_groups(self, problems: list[Any], seed: int) -> dict[str, Any]:
+        """G scored responses for each problem (see ``GenerationRunner.sample`` for the columns)."""
+        rollout = self.generation.sample(problems, self.sampling_settings(), seed=seed)
+        num_responses = len(rollout["acc"])
+        rollout["weights_seq_no"] = self._weights_seq_no
+        self.num_env_steps_sampled_lifetime += num_responses
+        self.metrics.log_value(NUM_ENV_STEPS_SAMPLED_LIFETIME, num_responses, reduce="lifetime_sum")
+        return rollout
+
+    def sample(self, **kwargs: Any) -> Any:
+        """RLlib's entry point; DAPO's training step calls :meth:`sample_groups` with its problems."""
+        return self.sample_groups(**kwargs)
+
+    # -- EnvRunner API -------------------------------------------------------------------------------
+
+    def get_spaces(self) -> dict[str, Any]:
+        return {INPUT_ENV_SPACES: (TEXT_SPACE, TEXT_SPACE), DEFAULT_MODULE_ID: (TEXT_SPACE, TEXT_SPACE)}
+
+    def assert_healthy(self) -> None:
+        assert self.module is not None and self.env is not None, "DAPOEnvRunner has no module or environment"
+
+    def get_metrics(self) -> Any:
+        return self.metrics.reduce()
+
+    def stop(self) -> None:
+        pass
+
+    # -- Checkpointable API --------------------------------------------------------------------------
+
+    def get_state(self, components: Any = None, *, not_components: Any = None, **kwargs: Any) -> dict[str, Any]:
+        state: dict[str, Any] = {NUM_ENV_STEPS_SAMPLED_LIFETIME: self.num_env_steps_sampled_lifetime}
+        if self._check_component(COMPONENT_RL_MODULE, components, not_components):
+            state[COMPONENT_RL_MODULE] = {DEFAULT_MODULE_ID: self.module.get_state(**kwargs)}
+            state[WEIGHTS_SEQ_NO] = self._weights_seq_no
+        return state
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if isinstance(state, ray.ObjectRef):
+            state = ray.get(state)
+        if COMPONENT_RL_MODULE in state:
+            # Same protocol as RLlib's SingleAgentEnvRunner: seq_no 0 forces the update.
+            weights_seq_no = state.get(WEIGHTS_SEQ_NO, 0)
+            if weights_seq_no == 0 or self._weights_seq_no < weights_seq_no:
+                module_state = state[COMPONENT_RL_MODULE]
+                if isinstance(module_state, ray.ObjectRef):
+                    module_state = ray.get(module_state)
+                if isinstance(module_state, dict) and DEFAULT_MODULE_ID in module_state:
+                    module_state = module_state[DEFAULT_MODULE_ID]
+                self.module.set_state(module_state)
+            if weights_seq_no > 0:
+                self._weights_seq_no = weights_seq_no
+        if NUM_ENV_STEPS_SAMPLED_LIFETIME in state:
+            self.num_env_steps_sampled_lifetime = state[NUM_ENV_STEPS_SAMPLED_LIFETIME]
+
+    def get_ctor_args_and_kwargs(self) -> tuple[tuple, dict[str, Any]]:
+        return (), {"config": self.config}
+
+    def get_checkpointable_components(self) -> list:
+        return []
+
+
+__all__ = ["DAPOEnvRunner", "make_reasoning_env"]

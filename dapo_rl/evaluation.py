@@ -1,0 +1,103 @@
+"""avg@k, pass@k and cons@k of a policy on a reasoning environment. No Ray import.
+
+- avg@k: mean accuracy over all k samples of every problem (the paper's avg@32);
+- pass@k: share of problems with at least one correct sample among k;
+- cons@k: share of problems whose majority answer (most common extracted answer, ties to the
+  earliest) is correct.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+import dapo_envs  # noqa: F401  (registers the dapo/ environment ids)
+from dapo_rl.models import load_policy
+from dapo_rl.rollout.base import SamplingSettings
+from dapo_rl.rollout.hf import HFGenerationBackend
+from dapo_rl.rollout.runner import GenerationRunner, PromptSettings
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    avg_at_k: float
+    pass_at_k: float
+    cons_at_k: float
+    num_problems: int
+    samples: int
+    mean_response_length: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def evaluate_runner(
+    runner: GenerationRunner,
+    problems: Sequence[Any],
+    sampling: SamplingSettings,
+    *,
+    seed: int = 0,
+    batch_prompts: int = 256,
+) -> EvalResult:
+    """Sample ``sampling.n`` responses per problem with ``runner`` and score them."""
+    if not problems:
+        raise ValueError("evaluation needs at least one problem")
+    k = sampling.n
+    accuracy: list[np.ndarray] = []
+    predictions: list[str] = []
+    lengths: list[np.ndarray] = []
+    for start in range(0, len(problems), batch_prompts):
+        rollout = runner.sample(problems[start : start + batch_prompts], sampling, seed=seed + start)
+        accuracy.append(rollout["acc"])
+        predictions.extend(rollout["pred"])
+        lengths.append(rollout["response_length"])
+    correct = np.concatenate(accuracy).reshape(len(problems), k)
+    consensus = []
+    for index in range(len(problems)):
+        answers = predictions[index * k : (index + 1) * k]
+        votes = Counter(answer for answer in answers if answer)
+        if not votes:
+            consensus.append(False)
+            continue
+        majority = max(votes, key=lambda answer: (votes[answer], -answers.index(answer)))
+        consensus.append(bool(correct[index, answers.index(majority)]))
+    return EvalResult(
+        avg_at_k=float(correct.mean()),
+        pass_at_k=float(correct.any(axis=1).mean()),
+        cons_at_k=float(np.mean(consensus)),
+        num_problems=len(problems),
+        samples=k,
+        mean_response_length=float(np.concatenate(lengths).mean()),
+    )
+
+
+def evaluate_model(
+    model: str | os.PathLike[str],
+    env_id: str,
+    *,
+    env_config: dict[str, Any] | None = None,
+    samples: int = 4,
+    num_problems: int | None = None,
+    max_new_tokens: int = 1024,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = -1,
+    max_prompt_length: int = 2048,
+    apply_chat_template: bool | None = None,
+    seed: int = 0,
+) -> EvalResult:
+    """Evaluate a Hugging Face model folder (or the preset) on the first ``num_problems`` of an env."""
+    policy, tokenizer = load_policy(model)
+    env = gym.make(env_id, **(env_config or {})).unwrapped
+    count = env.num_problems if num_problems is None else min(num_problems, env.num_problems)
+    problems = [env.problem(i) for i in range(count)]
+    backend = HFGenerationBackend(policy, pad_token_id=tokenizer.pad_token_id, eos_token_ids=[tokenizer.eos_token_id])
+    runner = GenerationRunner(env, tokenizer, backend, PromptSettings(max_prompt_length, apply_chat_template))
+    sampling = SamplingSettings(n=samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
+    return evaluate_runner(runner, problems, sampling, seed=seed)

@@ -1,0 +1,56 @@
+"""The RLModule: any Hugging Face causal LM, whose training forward gives response-token log-probs.
+
+``model_config`` keys (set with ``DAPOConfig().rl_module(model_config={...})``):
+
+- ``model``: a local Hugging Face model folder, or ``"tiny-qwen2"`` (the default: the embedded
+  preset, random init).
+- ``init_seed``: seed of the preset's random initialisation (every copy of the module, on learners
+  and runners alike, starts identical).
+- ``dtype``: torch dtype name for a checkpoint (e.g. ``"bfloat16"``); default: as saved.
+- ``tiny_spec``: overrides of :class:`dapo_rl.models.TinyModelSpec` for the preset.
+
+DAPOConfig adds ``temperature``, ``logprob_chunk_size`` and ``compute_entropy`` from its training
+settings, so log-probs are of the distribution responses were sampled from.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
+
+from dapo_rl.models import TINY_PRESET, load_policy
+from dapo_rl.policy import response_logprobs
+
+#: Observation/action spaces of the module: text in, text out (the module never reads them).
+TEXT_SPACE = gym.spaces.Text(max_length=1_000_000)
+
+
+class CausalLMModule(TorchRLModule):
+    """Wraps ``AutoModelForCausalLM``; ``forward_train`` returns ``logprobs`` and ``entropy`` (B, R)."""
+
+    def setup(self) -> None:
+        config: dict[str, Any] = dict(self.model_config or {})
+        self.causal_lm, self.tokenizer = load_policy(
+            config.get("model") or TINY_PRESET,
+            seed=int(config.get("init_seed", 0)),
+            dtype=config.get("dtype"),
+            tiny_spec=config.get("tiny_spec"),
+        )
+        self.temperature = float(config.get("temperature", 1.0))
+        self.logprob_chunk_size = int(config.get("logprob_chunk_size", 1024))
+        self.compute_entropy = bool(config.get("compute_entropy", True))
+
+    def _forward(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        logprobs, entropy = response_logprobs(
+            self.causal_lm,
+            batch,
+            temperature=self.temperature,
+            return_entropy=self.compute_entropy,
+            chunk_size=self.logprob_chunk_size,
+        )
+        out = {"logprobs": logprobs}
+        if entropy is not None:
+            out["entropy"] = entropy
+        return out

@@ -1,0 +1,280 @@
+"""One DAPO rollout step, as Ray-free pieces the RLlib algorithm (and the plain-loop benchmark) compose.
+
+    collect_groups      generate in rounds; dynamic sampling keeps groups with mixed correctness
+    build_train_batch   shaped rewards -> group advantages; pack tokens; the loss mask
+    minibatch_indices   the rows of each gradient update (whole groups, shuffled per epoch)
+    take_rows           one mini-batch, trimmed of padding, with its global loss normaliser
+
+All tensors are on the CPU; the learner moves its mini-batch to its device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from dapo_rl.core import (
+    DynamicSamplingAccumulator,
+    group_advantages,
+    loss_normalizer,
+    overlong_mask,
+    soft_overlong_penalty,
+)
+from dapo_rl.rollout.batch import pack_sequences
+
+#: Columns of a learner batch (names avoid RLlib's reserved ``loss_mask`` and ``seq_lens``).
+LEARNER_COLUMNS = (
+    "input_ids",
+    "attention_mask",
+    "position_ids",
+    "response_mask",
+    "token_mask",
+    "advantages",
+    "old_logprobs",
+    "loss_normalizer",
+    "loss_tokens",
+)
+
+
+class PromptSampler:
+    """Draws problems from an environment in a reproducible, checkpointable order.
+
+    Data sets are read in epochs, each a fresh permutation (no problem repeats within an epoch);
+    index spaces too large to permute (procedural tasks) are sampled uniformly. ``get_state`` /
+    ``set_state`` carry the position and the RNG, so a restored run draws the same next prompts.
+    """
+
+    PERMUTE_LIMIT = 10_000_000
+
+    def __init__(self, env: Any, seed: int) -> None:
+        self.env = env
+        self.rng = np.random.default_rng(seed)
+        self.epoch = 0
+        self.position = 0
+        self._order: np.ndarray | None = None
+
+    def next(self, count: int) -> list[Any]:
+        size = self.env.num_problems
+        if size > self.PERMUTE_LIMIT:
+            return [self.env.problem(int(i)) for i in self.rng.integers(0, size, count)]
+        indices: list[int] = []
+        while len(indices) < count:
+            if self._order is None or self.position >= size:
+                if self._order is not None:
+                    self.epoch += 1
+                self._order = self.rng.permutation(size)
+                self.position = 0
+            take = self._order[self.position : self.position + count - len(indices)]
+            indices.extend(int(i) for i in take)
+            self.position += len(take)
+        return [self.env.problem(i) for i in indices]
+
+    def get_state(self) -> dict[str, Any]:
+        return {
+            "rng": self.rng.bit_generator.state,
+            "epoch": self.epoch,
+            "position": self.position,
+            "order": None if self._order is None else self._order.copy(),
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.epoch = state["epoch"]
+        self.position = state["position"]
+        self._order = None if state["order"] is None else np.asarray(state["order"])
+
+
+@dataclass
+class CollectionStats:
+    rounds: int
+    prompts_generated: int
+    responses_generated: int
+    groups_kept: int
+    limit_reached: bool
+    all_correct_groups: int
+    all_wrong_groups: int
+
+
+def collect_groups(
+    generate_round: Callable[[int], dict[str, Any]],
+    *,
+    prompts_per_step: int,
+    generation_batch_prompts: int,
+    dynamic_sampling: bool,
+    max_sampling_rounds: int,
+    on_sampling_limit: str,
+) -> tuple[dict[str, Any], CollectionStats, list[dict[str, Any]]]:
+    """Run generation rounds until the step's groups are collected.
+
+    ``generate_round(num_prompts)`` returns one round's rollouts (see ``GenerationRunner.sample``).
+    Without dynamic sampling, one round of ``prompts_per_step`` prompts is the batch. With it, rounds
+    of ``generation_batch_prompts`` prompts run until ``prompts_per_step`` groups with both correct
+    and wrong answers are held (filtered on correctness, not on the shaped reward); surplus groups
+    are dropped, and the round limit raises or stops as ``on_sampling_limit`` says.
+
+    Returns ``(batch, stats, rounds)``: the kept responses (group ids renumbered 0..K-1), the
+    counts, and every round's raw rollouts (for metrics over all that was generated).
+    """
+    rounds: list[dict[str, Any]] = []
+    if not dynamic_sampling:
+        rollout = generate_round(prompts_per_step)
+        rounds.append(rollout)
+        batch = _per_response_columns(rollout)
+        batch["group_index"] = torch.as_tensor(rollout["group_index"])
+        kept_groups = prompts_per_step
+        limit_reached = False
+    else:
+        accumulator = DynamicSamplingAccumulator(prompts_per_step, max_sampling_rounds, on_limit=on_sampling_limit)
+        while not accumulator.done:
+            rollout = generate_round(generation_batch_prompts)
+            rounds.append(rollout)
+            columns = _per_response_columns(rollout)
+            del columns["group_index"]
+            accumulator.add(columns, torch.as_tensor(rollout["acc"]), torch.as_tensor(rollout["group_index"]))
+        batch = accumulator.result()
+        kept_groups = accumulator.num_groups
+        limit_reached = accumulator.limit_reached
+    all_correct, all_wrong = _count_uniform_groups(rounds)
+    stats = CollectionStats(
+        rounds=len(rounds),
+        prompts_generated=sum(int(r["group_index"].max()) + 1 for r in rounds if len(r["group_index"])),
+        responses_generated=sum(len(r["group_index"]) for r in rounds),
+        groups_kept=kept_groups,
+        limit_reached=limit_reached,
+        all_correct_groups=all_correct,
+        all_wrong_groups=all_wrong,
+    )
+    return batch, stats, rounds
+
+
+def _per_response_columns(rollout: dict[str, Any]) -> dict[str, Any]:
+    """The per-response entries of a rollout (arrays as tensors, lists as they are); scalars such
+    as timings stay behind."""
+    return {
+        key: torch.as_tensor(value) if isinstance(value, np.ndarray) else value
+        for key, value in rollout.items()
+        if isinstance(value, (np.ndarray, list))
+    }
+
+
+def _count_uniform_groups(rounds: Sequence[dict[str, Any]]) -> tuple[int, int]:
+    all_correct = all_wrong = 0
+    for rollout in rounds:
+        groups = rollout["group_index"]
+        if len(groups) == 0:
+            continue
+        correct_per_group = np.bincount(groups, weights=rollout["acc"].astype(np.float64))
+        size_per_group = np.bincount(groups)
+        all_correct += int(np.sum(correct_per_group == size_per_group))
+        all_wrong += int(np.sum(correct_per_group == 0))
+    return all_correct, all_wrong
+
+
+def shaped_rewards(
+    score: torch.Tensor,
+    response_length: torch.Tensor,
+    *,
+    max_response_length: int,
+    overlong_cache_len: int,
+    overlong_penalty_factor: float,
+) -> torch.Tensor:
+    """Correctness reward plus the soft overlong punishment (paper Eq. 13); factor 0 switches it off."""
+    if overlong_penalty_factor == 0 or overlong_cache_len == 0:
+        return score.float()
+    penalty = soft_overlong_penalty(
+        response_length, max_len=max_response_length, cache_len=overlong_cache_len, factor=overlong_penalty_factor
+    )
+    return score.float() + penalty
+
+
+def build_train_batch(
+    collected: dict[str, Any],
+    *,
+    pad_token_id: int,
+    max_response_length: int,
+    overlong_cache_len: int,
+    overlong_penalty_factor: float,
+    overlong_filter: bool,
+    advantage_scale: str,
+) -> dict[str, torch.Tensor]:
+    """Pack the collected responses and attach rewards, advantages and the loss mask.
+
+    Returns (B = responses, P/R = prompt/response widths): ``input_ids``, ``attention_mask``,
+    ``position_ids`` (B, P+R); ``response_mask`` (B, R) real response tokens; ``token_mask`` (B, R)
+    the tokens that carry loss (overlong filtering zeroes truncated responses); ``rewards``,
+    ``advantages`` (B,) float32; ``group_index`` (B,) int64; ``truncated``, ``acc`` (B,) bool;
+    ``score`` (B,) float32 (the verifier's reward before shaping).
+    """
+    packed = pack_sequences(collected["prompt_token_ids"], collected["response_token_ids"], pad_token_id=pad_token_id)
+    rewards = shaped_rewards(
+        collected["score"],
+        collected["response_length"],
+        max_response_length=max_response_length,
+        overlong_cache_len=overlong_cache_len,
+        overlong_penalty_factor=overlong_penalty_factor,
+    )
+    group_index = collected["group_index"].long()
+    truncated = collected["truncated"].bool()
+    advantages = group_advantages(rewards, group_index, scale=advantage_scale)
+    token_mask = overlong_mask(truncated, packed["response_mask"]) if overlong_filter else packed["response_mask"]
+    return {
+        "input_ids": packed["input_ids"],
+        "attention_mask": packed["attention_mask"],
+        "position_ids": packed["position_ids"],
+        "response_mask": packed["response_mask"],
+        "token_mask": token_mask,
+        "rewards": rewards,
+        "advantages": advantages.float(),
+        "group_index": group_index,
+        "truncated": truncated,
+        "acc": collected["acc"].bool(),
+        "score": collected["score"].float(),
+    }
+
+
+def minibatch_indices(
+    group_index: torch.Tensor, *, minibatch_prompts: int, generator: torch.Generator
+) -> list[torch.Tensor]:
+    """Row indices of each mini-batch: whole groups, groups shuffled, ``minibatch_prompts`` per batch.
+
+    The last mini-batch holds the remainder when the group count is not a multiple (dynamic
+    sampling that stopped at its round limit with ``on_sampling_limit="train"``).
+    """
+    num_groups = int(group_index.max()) + 1 if group_index.numel() else 0
+    order = torch.randperm(num_groups, generator=generator)
+    batches = []
+    for start in range(0, num_groups, minibatch_prompts):
+        chosen = order[start : start + minibatch_prompts]
+        rows = torch.isin(group_index, chosen).nonzero().squeeze(-1)
+        batches.append(rows)
+    return batches
+
+
+def take_rows(
+    batch: dict[str, torch.Tensor], rows: torch.Tensor, *, loss_agg: str, max_response_length: int
+) -> dict[str, torch.Tensor]:
+    """One mini-batch: the learner columns of ``rows``, with padding trimmed to what they use.
+
+    ``loss_normalizer`` (repeated per row) is the mini-batch's global denominator for ``loss_agg``,
+    so however the learners split these rows, their losses add up to the mini-batch's loss;
+    ``loss_tokens`` (repeated per row) is its count of loss tokens, for per-token metrics.
+    """
+    picked = {key: batch[key][rows] for key in LEARNER_COLUMNS if key in batch}
+    response_width = max(1, int(picked["response_mask"].sum(dim=1).max())) if len(rows) else 1
+    prompt_width = batch["input_ids"].shape[1] - batch["response_mask"].shape[1]
+    prompt_lengths = picked["attention_mask"][:, :prompt_width].sum(dim=1)
+    left_pad = prompt_width - int(prompt_lengths.max()) if len(rows) else 0
+    for key in ("input_ids", "attention_mask", "position_ids"):
+        picked[key] = picked[key][:, left_pad : prompt_width + response_width]
+    for key in ("response_mask", "token_mask", "old_logprobs"):
+        if key in picked:
+            picked[key] = picked[key][:, :response_width]
+    normalizer = loss_normalizer(picked["token_mask"], loss_agg, max_len=max_response_length)
+    picked["loss_normalizer"] = torch.full((len(rows),), normalizer, dtype=torch.float32)
+    # The mini-batch's loss-token count, for learners to weight their shard's per-token metrics.
+    picked["loss_tokens"] = torch.full((len(rows),), float(picked["token_mask"].sum()), dtype=torch.float32)
+    return picked

@@ -1,0 +1,459 @@
+"""DAPO as an RLlib algorithm: config validation, Tune, DDP exactness, checkpoints, dynamic sampling,
+export and weight sync. Tiny settings (the random-init "tiny-qwen2" preset, 4 prompts x 4 responses
+of at most 8 tokens), one Ray instance for the whole file (``ray_session`` in conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import zlib
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("ray.rllib")
+
+from ray import tune  # noqa: E402
+from ray.rllib.core import DEFAULT_MODULE_ID  # noqa: E402
+
+import dapo_rl.dapo as dapo_module  # noqa: E402
+from dapo_rl import DAPOConfig  # noqa: E402
+from dapo_rl.core import policy_loss  # noqa: E402
+from dapo_rl.core.sampling import SamplingRoundLimitError  # noqa: E402
+from dapo_rl.rollout.batch import pack_sequences  # noqa: E402
+from dapo_rl.training import take_rows  # noqa: E402
+
+ENV = "dapo/Arithmetic-v0"
+ENV_CONFIG = {"operators": "+"}
+#: 4 prompts x 4 responses per step, 2 prompts (8 rows) per update: 2 updates per train().
+TINY = dict(
+    group_size=4,
+    prompts_per_step=4,
+    minibatch_prompts=2,
+    generation_batch_prompts=4,
+    max_response_length=8,
+    overlong_cache_len=4,
+    lr=1e-4,
+    lr_warmup_steps=0,
+    num_epochs=1,
+    dynamic_sampling=False,
+)
+
+
+def make_config(*, env: str | None = ENV, env_config: dict | None = None, seed: int = 0, **training) -> DAPOConfig:
+    config = DAPOConfig()
+    if env is not None:
+        config.environment(env, env_config=ENV_CONFIG if env_config is None else env_config)
+    return config.training(**{**TINY, **training}).debugging(seed=seed)
+
+
+def learner_weights(algo) -> dict[str, np.ndarray]:
+    return {key: np.array(value, copy=True) for key, value in algo.learner_group.get_weights()[DEFAULT_MODULE_ID].items()}
+
+
+def max_abs_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    assert set(a) == set(b)
+    return max(float(np.max(np.abs(np.asarray(a[k], np.float64) - np.asarray(b[k], np.float64)))) for k in a)
+
+
+def exception_text(exc: BaseException) -> str:
+    """The messages of an exception and of everything it wraps (RLlib/Tune may re-raise)."""
+    parts, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        parts.append(f"{type(exc).__name__}: {exc}")
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(parts)
+
+
+# -- 1. validate() -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        (dict(prompts_per_step=4, minibatch_prompts=3), ["minibatch_prompts (3)", "prompts_per_step (4)"]),
+        (dict(max_response_length=4, overlong_cache_len=4), ["max_response_length (4)", "overlong_cache_len (4)"]),
+        (dict(max_response_length=3, overlong_cache_len=5), ["max_response_length (3)", "overlong_cache_len (5)"]),
+        (dict(loss_agg="sequence-sum"), ["loss_agg", "'sequence-sum'", "token-mean"]),
+        (dict(group_size=1), ["group_size must be >= 2", "got 1"]),
+        (dict(env=None), ["env must be", "None"]),
+        # 1 prompt x 3 responses = 3 rows per update cannot be split over 2 learners.
+        (dict(group_size=3, minibatch_prompts=1, num_learners=2), ["= 3)", "num_learners (2)"]),
+    ],
+    ids=["minibatch", "overlong-equal", "overlong-greater", "loss-agg", "group-size", "no-env", "learner-rows"],
+)
+def test_validate_rejects_inconsistent_settings(settings, expected):
+    settings = dict(settings)
+    env = settings.pop("env", ENV)
+    num_learners = settings.pop("num_learners", None)
+    config = make_config(env=env, **settings)
+    if num_learners is not None:
+        config.learners(num_learners=num_learners)
+    with pytest.raises(ValueError) as info:
+        config.validate()
+    message = str(info.value)
+    for text in expected:
+        assert text in message, f"{text!r} not in: {message}"
+
+
+def test_validate_accepts_consistent_settings():
+    make_config().validate()
+    make_config(group_size=3, minibatch_prompts=2).learners(num_learners=2).validate()  # 6 rows / 2
+
+
+def test_training_rejects_unknown_key():
+    with pytest.raises(TypeError, match="unknown_key"):
+        DAPOConfig().training(unknown_key=1)
+    with pytest.raises(TypeError, match="group_sise"):
+        DAPOConfig().training(group_sise=4)
+
+
+# -- 2. Tune -----------------------------------------------------------------------------------------
+
+
+def test_tune_runs_two_iterations_with_metrics(ray_session, tmp_path):
+    tuner = tune.Tuner(
+        "DAPO",  # registered by `import dapo_rl`
+        param_space=make_config(),
+        run_config=tune.RunConfig(
+            name="dapo_tune_test", stop={"training_iteration": 2}, storage_path=str(tmp_path), verbose=0
+        ),
+    )
+    results = tuner.fit()
+    assert results.num_errors == 0, [str(r.error) for r in results]
+    metrics = results[0].metrics
+    assert metrics["training_iteration"] == 2
+    dapo = metrics["dapo"]
+    assert -2.0 <= dapo["reward_mean"] <= 1.0
+    assert dapo["prompts_trained"] == TINY["prompts_per_step"]
+    assert dapo["sampling_rounds"] == 1
+    assert dapo["optimizer_steps"] == 4  # 2 iterations x 2 mini-batches
+    assert 0 < dapo["response_length_mean"] <= TINY["max_response_length"]
+    assert 0.0 <= dapo["generated_accuracy"] <= 1.0
+    learner = metrics["learners"][DEFAULT_MODULE_ID]
+    for key in ("policy_loss", "clip_frac_high", "clip_frac_low", "entropy", "approx_kl"):
+        assert math.isfinite(learner[key]), key
+    assert 0.0 <= learner["clip_frac_high"] <= 1.0
+    assert learner["entropy"] > 0
+    assert learner["gradients_default_optimizer_global_norm"] > 0
+    assert learner["default_optimizer_learning_rate"] == pytest.approx(TINY["lr"])
+    assert metrics["env_runners"]["num_env_steps_sampled_lifetime"] == 2 * 4 * 4
+    for timer in ("generate_and_score", "old_logprobs", "update", "sync_weights", "training_iteration"):
+        assert metrics["timers"][timer] >= 0, timer
+
+
+# -- 3. num_learners=2 equals num_learners=0 -----------------------------------------------------------
+
+
+def _unequal_minibatch(algo) -> dict[str, torch.Tensor]:
+    """8 rows (2 groups of 4) with very unequal response lengths: shard 0 (rows 0-3) holds 7 loss
+    tokens, shard 1 (rows 4-7) 31, and their advantages have opposite signs, so a per-shard token
+    mean differs clearly from the mini-batch's token mean. Old log-probs are the current ones,
+    perturbed so that both clip sides are hit."""
+    generator = torch.Generator().manual_seed(7)
+    prompt_lengths = [3, 5, 4, 6, 2, 5, 3, 4]
+    response_lengths = [1, 2, 1, 3, 8, 8, 7, 8]
+    prompts = [torch.randint(2, 250, (n,), generator=generator).tolist() for n in prompt_lengths]
+    responses = [torch.randint(2, 250, (n,), generator=generator).tolist() for n in response_lengths]
+    packed = pack_sequences(prompts, responses, pad_token_id=algo._pad_token_id)
+    batch = {key: packed[key] for key in ("input_ids", "attention_mask", "position_ids", "response_mask")}
+    batch["token_mask"] = packed["response_mask"].clone()
+    batch["advantages"] = torch.tensor([1.5, 0.5, 1.0, 0.8, -1.0, -0.5, -1.2, -0.3])
+    current = algo._old_logprobs(batch)
+    noise = 0.4 * torch.randn(current.shape, generator=generator)
+    batch["old_logprobs"] = (current + noise) * batch["response_mask"]
+    config = algo.config
+    return take_rows(batch, torch.arange(8), loss_agg=config.loss_agg, max_response_length=config.max_response_length)
+
+
+def _minibatch_losses(algo, batch: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """(the mini-batch's token-mean loss, the average of the two shards' own token means)."""
+    module = algo.learner_group._learner.module[DEFAULT_MODULE_ID].unwrapped()
+    with torch.no_grad():
+        logprobs = module.forward_train(batch)["logprobs"]
+    config = algo.config
+
+    def loss(rows: slice, normalizer: float) -> float:
+        value, _ = policy_loss(
+            logprobs[rows], batch["old_logprobs"][rows], batch["advantages"][rows], batch["token_mask"][rows],
+            clip_low=config.clip_low, clip_high=config.clip_high, dual_clip=config.dual_clip,
+            agg=config.loss_agg, normalizer=normalizer,
+        )
+        return float(value)
+
+    total = float(batch["token_mask"].sum())
+    shards = [slice(0, 4), slice(4, 8)]
+    naive = sum(loss(rows, float(batch["token_mask"][rows].sum())) for rows in shards) / 2
+    return loss(slice(0, 8), total), naive
+
+
+def test_two_learners_match_one_learner(ray_session):
+    # Overlong filtering off: the random model's responses are mostly truncated, and filtering
+    # would leave almost no loss tokens.
+    settings = dict(overlong_filter=False, lr=1e-3)
+    algo_local = make_config(**settings).build_algo()
+    algo_ddp = make_config(**settings).learners(num_learners=2).build_algo()
+    try:
+        backends = [r.get() for r in algo_ddp.learner_group.foreach_learner(
+            lambda learner: (type(learner.module[DEFAULT_MODULE_ID]).__name__, torch.distributed.get_world_size()))]
+        assert backends == [("TorchDDPRLModule", 2)] * 2
+        initial = learner_weights(algo_local)
+        assert max_abs_diff(initial, learner_weights(algo_ddp)) == 0.0
+
+        # One whole train(): same generation (local env runner, same seed and weights), old log-probs
+        # computed in shards, 2 DDP updates.
+        result_local, result_ddp = algo_local.train(), algo_ddp.train()
+        for key in ("response_length_mean", "response_length_min", "reward_mean", "advantage_max"):
+            assert result_local["dapo"][key] == result_ddp["dapo"][key], key  # the very same batch
+        assert result_local["dapo"]["response_length_min"] < TINY["max_response_length"]  # unequal lengths
+        local, ddp = result_local["learners"][DEFAULT_MODULE_ID], result_ddp["learners"][DEFAULT_MODULE_ID]
+        # Metrics too: RLlib averages them over learners, the learner scales them for that.
+        for key in ("policy_loss", "total_loss", "entropy", "approx_kl", "approx_kl_k1", "ratio_mean",
+                    "clip_frac_high", "clip_frac_low"):
+            assert ddp[key] == pytest.approx(local[key], rel=1e-5, abs=1e-6), key
+        assert ddp["num_tokens"] == local["num_tokens"]  # summed over shards
+        grad_key = "gradients_default_optimizer_global_norm"
+        assert ddp[grad_key] == pytest.approx(local[grad_key], rel=1e-5)
+        after_local, after_ddp = learner_weights(algo_local), learner_weights(algo_ddp)
+        assert max_abs_diff(initial, after_local) > 1e-4  # the weights did move (by about lr)
+        assert max_abs_diff(after_local, after_ddp) < 1e-5
+
+        # One update on a mini-batch with very unequal shards, fed to both.
+        batch = _unequal_minibatch(algo_local)
+        global_loss, naive_loss = _minibatch_losses(algo_local, batch)
+        assert abs(global_loss - naive_loss) > 0.1  # a per-shard token mean would be wrong here
+        stats = []
+        for algo in (algo_local, algo_ddp):
+            algo._update({key: value.clone() for key, value in batch.items()})
+            stats.append(algo.metrics.reduce()["learners"][DEFAULT_MODULE_ID])
+        assert float(stats[0]["policy_loss"]) == pytest.approx(global_loss, rel=1e-5, abs=1e-6)
+        assert float(stats[1]["policy_loss"]) == pytest.approx(global_loss, rel=1e-5, abs=1e-6)
+        assert float(stats[0]["clip_frac_high"]) > 0 and float(stats[0]["clip_frac_low"]) > 0  # both clips hit
+        for key in ("entropy", "approx_kl", "ratio_mean", "clip_frac_high", "clip_frac_low",
+                    "gradients_default_optimizer_global_norm"):
+            assert float(stats[1][key]) == pytest.approx(float(stats[0][key]), rel=1e-5, abs=1e-6), key
+        assert max_abs_diff(learner_weights(algo_local), learner_weights(algo_ddp)) < 1e-5
+        # Both DDP ranks hold the same weights.
+        rank_weights = [r.get() for r in algo_ddp.learner_group.foreach_learner(
+            lambda learner: {k: v.detach().numpy().copy() for k, v in
+                             learner.module[DEFAULT_MODULE_ID].unwrapped().state_dict().items()})]
+        assert max_abs_diff(rank_weights[0], rank_weights[1]) == 0.0
+    finally:
+        algo_local.stop()
+        algo_ddp.stop()
+
+
+# -- 4. checkpoint, restored in a new process ----------------------------------------------------------
+
+_RESTORE_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    import numpy as np
+    import torch
+    torch.set_num_threads(1)
+    import ray
+    import ray.tune.trainable.trainable as trainable_module
+    trainable_module.DEFAULT_STORAGE_PATH = sys.argv[3]
+    ray.init(address=sys.argv[1], log_to_driver=False)
+    from ray.rllib.algorithms.algorithm import Algorithm
+    algo = Algorithm.from_checkpoint(sys.argv[2])
+    result = algo.train()
+    weights = algo.learner_group.get_weights()["default_policy"]
+    np.savez(sys.argv[4], **{k: np.asarray(v) for k, v in weights.items()})
+    learner = result["learners"]["default_policy"]
+    print("RESULT " + json.dumps({
+        "type": type(algo).__name__,
+        "training_iteration": int(result["training_iteration"]),
+        "dapo": {k: float(v) for k, v in result["dapo"].items() if not k.endswith("seconds")},
+        "policy_loss": float(learner["policy_loss"]),
+        "grad_norm": float(learner["gradients_default_optimizer_global_norm"]),
+    }))
+    algo.stop()
+    """
+)
+
+_TIMING_KEYS = ("generate_seconds", "score_seconds", "step_seconds", "generated_tokens_per_second")
+
+
+def test_checkpoint_restored_in_new_process_continues_identically(ray_session, tmp_path):
+    config = make_config(overlong_filter=False)
+    algo = config.build_algo()
+    try:
+        algo.train()
+        checkpoint = str(tmp_path / "checkpoint")
+        algo.save_to_path(checkpoint)
+        expected = algo.train()  # the uninterrupted run's iteration 2
+        expected_weights = learner_weights(algo)
+    finally:
+        algo.stop()
+
+    script = tmp_path / "restore.py"
+    script.write_text(_RESTORE_SCRIPT)
+    weights_file = tmp_path / "restored_weights.npz"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(
+        [sys.executable, str(script), ray_session["address"], checkpoint, ray_session["results"], str(weights_file)],
+        capture_output=True, text=True, timeout=240, env=env,
+    )
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
+    assert completed.returncode == 0 and lines, completed.stdout[-3000:] + completed.stderr[-5000:]
+    restored = json.loads(lines[-1][len("RESULT "):])
+
+    assert restored["type"] == "DAPO"
+    assert restored["training_iteration"] == 2
+    for key, value in expected["dapo"].items():
+        if key in _TIMING_KEYS:
+            continue
+        assert restored["dapo"][key] == pytest.approx(float(value), rel=1e-6, abs=1e-6), key
+    learner = expected["learners"][DEFAULT_MODULE_ID]
+    assert restored["policy_loss"] == pytest.approx(float(learner["policy_loss"]), rel=1e-6, abs=1e-6)
+    assert restored["grad_norm"] == pytest.approx(float(learner["gradients_default_optimizer_global_norm"]), rel=1e-6)
+    with np.load(weights_file) as restored_weights:
+        assert max_abs_diff(expected_weights, dict(restored_weights)) <= 1e-6
+
+
+# -- 5. dynamic sampling -----------------------------------------------------------------------------
+
+ALL_WRONG = dict(dynamic_sampling=True, max_sampling_rounds=2, generation_batch_prompts=4)
+
+
+def test_dynamic_sampling_limit_error_names_limit_rounds_and_kept(ray_session):
+    # The random model never answers an arithmetic problem right: every group is all wrong.
+    algo = make_config(**ALL_WRONG, on_sampling_limit="error").build_algo()
+    try:
+        with pytest.raises(Exception) as info:
+            algo.train()
+    finally:
+        algo.stop()
+    text = exception_text(info.value)
+    assert "SamplingRoundLimitError" in text, text
+    assert "max_rounds=2" in text and "after 2 generation rounds" in text, text
+    assert "kept 0 of the 4 prompts" in text, text
+
+
+def test_sampling_round_limit_error_survives_copy_and_pickle():
+    # Ray/Tune copy.copy an exception raised in train() and pickle it between processes.
+    import copy
+    import pickle
+
+    error = SamplingRoundLimitError(max_rounds=3, rounds=3, num_groups=1, target_groups=4)
+    for clone in (copy.copy(error), pickle.loads(pickle.dumps(error))):
+        assert type(clone) is SamplingRoundLimitError
+        assert str(clone) == str(error)
+        assert (clone.max_rounds, clone.rounds, clone.num_groups, clone.target_groups) == (3, 3, 1, 4)
+
+
+def test_dynamic_sampling_limit_train_with_nothing_kept(ray_session):
+    algo = make_config(**ALL_WRONG, on_sampling_limit="train").build_algo()
+    try:
+        before = learner_weights(algo)
+        result = algo.train()
+        dapo = result["dapo"]
+        assert dapo["sampling_rounds"] == 2
+        assert dapo["sampling_limit_reached"] == 1.0
+        assert dapo["prompts_trained"] == 0
+        assert dapo["prompts_generated"] == 8
+        assert dapo["all_wrong_group_ratio"] == 1.0
+        assert dapo["optimizer_steps"] == 0
+        assert math.isnan(dapo["reward_mean"])  # nothing trained on
+        assert max_abs_diff(before, learner_weights(algo)) == 0.0  # no update happened
+        assert algo.train()["training_iteration"] == 2  # and the run goes on
+    finally:
+        algo.stop()
+
+
+HASH_ENV = "dapo_test/HashCoin-v0"
+
+
+def _hash_coin(response: str, reference: str) -> bool:
+    """'Correct' for about one response in four, decided by a hash of its text: groups are mixed
+    or all wrong at random, whatever the model."""
+    return zlib.crc32(response.encode("utf-8")) % 4 == 0
+
+
+def test_dynamic_sampling_keeps_only_mixed_groups(ray_session, monkeypatch):
+    import dapo_envs
+
+    if HASH_ENV not in gym.registry:
+        dapo_envs.register_reasoning_env(
+            HASH_ENV,
+            dataset=[{"prompt": f"question {i}", "answer": str(i)} for i in range(32)],
+            verifier=dapo_envs.Verifier(name="hash_coin", fn=_hash_coin, isolate=False),
+            prompt_template="plain",
+        )
+    batches = []
+    real_build = dapo_module.build_train_batch
+
+    def spy(*args, **kwargs):
+        batch = real_build(*args, **kwargs)
+        batches.append(batch)
+        return batch
+
+    monkeypatch.setattr(dapo_module, "build_train_batch", spy)
+    algo = make_config(
+        env=HASH_ENV, env_config={}, dynamic_sampling=True, generation_batch_prompts=4,
+        max_sampling_rounds=8, on_sampling_limit="error",
+    ).build_algo()
+    try:
+        result = algo.train()
+    finally:
+        algo.stop()
+    dapo = result["dapo"]
+    assert dapo["prompts_trained"] == TINY["prompts_per_step"]
+    assert dapo["sampling_limit_reached"] == 0.0
+    assert 0.0 < dapo["train_accuracy"] < 1.0
+    assert dapo["all_wrong_group_ratio"] + dapo["all_correct_group_ratio"] > 0  # some groups were filtered out
+    assert dapo["prompts_generated"] > TINY["prompts_per_step"]
+    assert dapo["optimizer_steps"] == 2
+    (batch,) = batches
+    group_index, acc = batch["group_index"], batch["acc"].float()
+    assert sorted(torch.unique(group_index).tolist()) == [0, 1, 2, 3]
+    for group in range(4):
+        group_acc = acc[group_index == group]
+        assert len(group_acc) == TINY["group_size"]
+        assert 0 < float(group_acc.mean()) < 1, f"group {group} is not mixed: {group_acc.tolist()}"
+
+
+# -- 6 and 7. export and weight sync (one trained algorithm) -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_algo(ray_session):
+    algo = make_config(overlong_filter=False).build_algo()
+    initial = {k: np.array(v, copy=True) for k, v in algo.env_runner.module.get_state().items()}
+    algo.train()
+    yield algo, initial
+    algo.stop()
+
+
+def test_export_policy_loads_with_transformers(trained_algo, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    algo, _ = trained_algo
+    folder = algo.export_policy(tmp_path / "policy")
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    learner = {key.removeprefix("causal_lm."): value for key, value in learner_weights(algo).items()}
+    exported = {key: value.detach().numpy() for key, value in model.state_dict().items()}
+    assert set(learner) <= set(exported)
+    assert max_abs_diff(learner, {key: exported[key] for key in learner}) == 0.0
+    module_tokenizer = algo.env_runner.module.tokenizer
+    text = "What is 12 + 30? Answer: 42"
+    assert tokenizer(text).input_ids == module_tokenizer(text).input_ids
+    assert tokenizer.eos_token_id == module_tokenizer.eos_token_id
+    assert tokenizer.pad_token_id == module_tokenizer.pad_token_id
+
+
+def test_env_runner_weights_follow_the_learner(trained_algo):
+    algo, initial = trained_algo
+    learner = learner_weights(algo)
+    runner = {k: np.asarray(v) for k, v in algo.env_runner.module.get_state().items()}
+    assert max_abs_diff(initial, learner) > 0  # training changed the weights ...
+    assert max_abs_diff(runner, learner) == 0.0  # ... and the env runner has the new ones
