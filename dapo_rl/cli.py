@@ -40,10 +40,10 @@ DEFAULT_JOB: dict[str, Any] = {
     "env_config": {"operators": "+"},
     "model": "tiny-qwen2",
     "seed": 0,
-    "iterations": 100,
+    "iterations": 150,
     "num_learners": 0,
     "num_env_runners": 0,
-    "warmstart_steps": 800,
+    "warmstart_steps": 1200,
     "warmstart_batch_size": 64,
     "warmstart_lr": 1e-3,
     "warmstart_noise": 0.5,
@@ -53,7 +53,7 @@ DEFAULT_JOB: dict[str, Any] = {
         "group_size": 8,
         "prompts_per_step": 32,
         "minibatch_prompts": 8,
-        "lr": 2e-4,
+        "lr": 3e-4,
         "lr_warmup_steps": 0,
         "weight_decay": 0.0,
         "max_prompt_length": 64,
@@ -281,9 +281,16 @@ class ProgressCallback(tune.Callback):
     """A progress bar over iterations and a one-line summary per iteration."""
 
     def __init__(self, iterations: int) -> None:
-        self.bar = tqdm(total=iterations, desc="DAPO", unit="iter", file=sys.stderr)
+        self.iterations = iterations
+        self.bar: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks with the experiment state; a live bar (and its stream) cannot be.
+        return {"iterations": self.iterations, "bar": None}
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if self.bar is None:
+            self.bar = tqdm(total=self.iterations, desc="DAPO", unit="iter", file=sys.stderr)
         dapo = result.get("dapo", {})
         learner = result.get("learners", {}).get("default_policy", {})
         nan = float("nan")
@@ -297,7 +304,8 @@ class ProgressCallback(tune.Callback):
         )
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 # -- eval ------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ from ray.rllib.env.env_runner import EnvRunner
 from ray.rllib.utils.checkpoints import Checkpointable
 from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME, WEIGHTS_SEQ_NO
 
-import dapo_envs  # noqa: F401  (registers the dapo/ environment ids in this worker process)
+import dapo_envs  # registers the dapo/ environment ids in this worker process
+import dapo_envs.scoring
 from dapo_rl.module import TEXT_SPACE
 from dapo_rl.rollout.base import SamplingSettings
 from dapo_rl.rollout.hf import HFGenerationBackend
@@ -92,7 +93,8 @@ class DAPOEnvRunner(EnvRunner, Checkpointable):
         return self.metrics.reduce()
 
     def stop(self) -> None:
-        pass
+        # Verifier worker processes (math_verify, user verifiers); a later score() starts new ones.
+        dapo_envs.scoring.shutdown()
 
     # -- Checkpointable API --------------------------------------------------------------------------
 
