@@ -28,7 +28,7 @@ from tqdm import tqdm
 import dapo_envs  # noqa: F401  (registers the dapo/ environment ids)
 from dapo_rl.dapo import DAPO_SETTINGS, DAPOConfig
 from dapo_rl.evaluation import evaluate_model, evaluate_runner
-from dapo_rl.models import ModelNotFoundError, load_policy, save_policy
+from dapo_rl.models import TINY_PRESET, ModelNotFoundError, load_policy, save_policy
 from dapo_rl.rollout.base import SamplingSettings
 from dapo_rl.rollout.hf import HFGenerationBackend
 from dapo_rl.rollout.runner import GenerationRunner, PromptSettings
@@ -173,6 +173,10 @@ def build_config(job: dict[str, Any], model: str) -> Any:
 
 def train(job: dict[str, Any], output: Path) -> dict[str, Any]:
     start = time.perf_counter()
+    # Tune runs the trial with its own working directory: every path it gets must be absolute.
+    output = output.resolve()
+    if job["model"] != TINY_PRESET and os.path.exists(job["model"]):
+        job = {**job, "model": os.path.abspath(job["model"])}
     if job["env"] not in gym.registry:
         raise UserError(f"unknown environment id {job['env']!r}; registered dapo/ ids: {sorted(i for i in gym.registry if i.startswith('dapo/'))}")
     build_config(job, job["model"])  # fail on bad settings before any work

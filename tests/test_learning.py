@@ -5,6 +5,7 @@ asked for is well below what the run gains, so it does not hinge on one lucky sa
 """
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -12,9 +13,11 @@ from dapo_rl.cli import load_job, train
 
 
 @pytest.mark.slow
-def test_dapo_raises_held_out_accuracy(ray_session, tmp_path):
+def test_dapo_raises_held_out_accuracy(ray_session, tmp_path, monkeypatch):
     job = load_job(None, LEARNING_RUN)
-    summary = train(job, tmp_path / "run")
+    # A relative output folder, as README's command gives: Tune runs the trial in another directory.
+    monkeypatch.chdir(tmp_path)
+    summary = train(job, Path("run"))
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved["eval_accuracy_before"] == summary["eval_accuracy_before"]
     assert saved["iterations"] == job["iterations"]

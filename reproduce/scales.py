@@ -1,0 +1,215 @@
+"""Scales at which Table 1 can be run: the paper's, one GPU, and the CPU.
+
+A scale is a set of overrides applied on top of any Table-1 row (:func:`apply_scale`). Overrides
+never touch the settings the rows differ in (``reproduce.settings.TECHNIQUE_KEYS``), so the
+six rows keep exactly their differences at every scale.
+
+- ``"paper"``: nothing changes (Qwen2.5-32B, 512 prompts × 16, 20,480-token responses). Needs the
+  paper's cluster: see :func:`resource_plan`. Not run.
+- ``"gpu"``: one GPU, a small model (default Qwen2.5-1.5B from a local folder). Not run: see
+  :data:`GPU_TRAINING` for the reasoning and what is still missing.
+- ``"tiny"``: the CPU job of ``dapo-rl train`` (the embedded tiny model on ``dapo/Arithmetic-v0``).
+
+The learning-rate warm-up is kept as a number of *rollout steps* when a scale changes the number of
+updates per rollout step (the paper states it in rollout steps), unless the scale sets it itself.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from dapo_rl.cli import DEFAULT_JOB
+from dapo_rl.dapo import DAPOConfig
+from dapo_rl.models import TINY_PRESET
+from reproduce.settings import TECHNIQUE_KEYS, TRAIN_ENV, updates_per_rollout_step
+
+SCALES: tuple[str, ...] = ("paper", "gpu", "tiny")
+
+GPU_MODEL = "Qwen/Qwen2.5-1.5B"
+
+#: The "gpu" scale's training settings. Reasoning (estimates, NOT measured: this has not been run):
+#:
+#: - Model: Qwen2.5-1.5B base. 0.5B is expected to solve too few DAPO-Math-17k problems for dynamic
+#:   sampling to find prompts with both right and wrong answers; 1.5B can be trained in full (fp32
+#:   weights, gradients and AdamW state: ~25 GB) on one 80 GB GPU.
+#: - Per rollout step 64 prompts × G 8 = 512 responses (the paper: 8,192), in 4 mini-batches of 16
+#:   prompts (128 responses); 192 prompts per dynamic-sampling round keep the paper's 3× ratio.
+#: - Responses ≤ 2,048 tokens with a 512-token overlong cache (penalty from 1,536 tokens), the
+#:   paper's 4:1 expected-to-cache ratio: long enough for short solutions, short enough that a base
+#:   model's rambling hits the limit, so the overlong techniques have something to act on.
+#: - Cost per rollout step: training reads ≤ 512 × (2,048 + 2,048) ≈ 2.1M tokens (typically under
+#:   1M: prompts are a few hundred tokens); update + old log-prob pass ≈ 8 × 1.5e9 FLOP per token,
+#:   ≤ 2.5e16 FLOP: minutes in float32 (H100 fp32 peak ~67 TFLOP/s without TF32). Generation
+#:   dominates: ≤ 1,536 × 2,048 tokens per round, and with the Hugging Face ``generate`` backend (the
+#:   only one today) each call decodes until its longest row ends. Guess: 5-15 minutes per rollout
+#:   step with 1-2 rounds, so 20-40 steps (80-160 updates) per row in 3-8 hours. Ballpark only.
+#: - lr 1e-6 as in the paper. With ~100 updates instead of ~10k it may move the model little.
+#: - At the round limit, train on what was kept: a small model on competition problems can exhaust
+#:   10 rounds, and stopping a multi-hour row with an error wastes it.
+#: - Weights in float32: the learner has no fp32 master copy, and AdamW steps of ~1e-6 vanish in
+#:   bfloat16 weights (their spacing near 0.02 is ~1e-4).
+#: - Generation prompts per call 32 (256 rows): an fp32 KV cache of ~57 KB per token (28 layers, 2 KV
+#:   heads of 128) is ~35 GB for 256 rows of ~2,400 tokens.
+#:
+#: Before it can run on a GPU, the code needs: device placement of the env runner's model, and
+#: micro-batched (gradient-accumulated) updates: a 128-response mini-batch of up to 4k tokens each
+#: does not fit in one forward/backward pass.
+GPU_TRAINING: dict[str, Any] = {
+    "prompts_per_step": 64,
+    "group_size": 8,
+    "minibatch_prompts": 16,
+    "generation_batch_prompts": 192,
+    "max_response_length": 2048,
+    "overlong_cache_len": 512,
+    "lr": 1e-6,
+    "on_sampling_limit": "train",
+    "generation_prompts_per_call": 32,
+}
+
+#: The tiny model's longest correct response on the tiny job's problems (up to 99 + 99):
+#: "Answer: 198" and EOS, one token per character, 12 tokens.
+TINY_LONGEST_ANSWER_TOKENS = 12
+
+#: The "tiny" scale's response budget. The soft punishment starts after max - cache = 12 tokens, the
+#: longest correct answer, so no well-formed answer is punished, and bites on anything longer; past
+#: 16 tokens a response is truncated (and filtered). A cache of 4 with a 12-token limit would instead
+#: punish every answer (penalty from 8 tokens, while answers take 10-12).
+TINY_RESPONSE_BUDGET: dict[str, int] = {"max_response_length": 16, "overlong_cache_len": 4}
+
+#: The "tiny" scale's training settings: the CPU job's (dapo_rl.cli.DEFAULT_JOB) minus the technique
+#: settings the Table-1 rows set, plus the response budget above.
+TINY_TRAINING: dict[str, Any] = {
+    **{key: value for key, value in DEFAULT_JOB["training"].items() if key not in TECHNIQUE_KEYS},
+    **TINY_RESPONSE_BUDGET,
+}
+
+
+def scale_overrides(scale: str) -> dict[str, Any]:
+    """What a scale changes in a row: any of ``env``, ``env_config``, ``model``, ``dtype`` (None: the
+    checkpoint's own), ``training`` (``DAPOConfig.training`` settings), ``seed``, ``num_learners``,
+    ``num_env_runners``. ``"paper"`` changes nothing.
+
+    Raises:
+        ValueError: an unknown scale.
+    """
+    if scale == "paper":
+        return {}
+    if scale == "gpu":
+        return {
+            "env": TRAIN_ENV,
+            "env_config": {},
+            "model": GPU_MODEL,
+            "dtype": "float32",
+            "training": dict(GPU_TRAINING),
+        }
+    if scale == "tiny":
+        return {
+            "env": DEFAULT_JOB["env"],
+            "env_config": dict(DEFAULT_JOB["env_config"]),
+            "model": TINY_PRESET,
+            "dtype": None,  # the preset is built in float32
+            "training": dict(TINY_TRAINING),
+            "seed": DEFAULT_JOB["seed"],
+            "num_learners": DEFAULT_JOB["num_learners"],
+            "num_env_runners": DEFAULT_JOB["num_env_runners"],
+        }
+    raise ValueError(f"unknown scale {scale!r}; scales: {', '.join(SCALES)}")
+
+
+def apply_scale(config: DAPOConfig, scale: str, *, model_path: str | os.PathLike[str] | None = None) -> DAPOConfig:
+    """A new ``DAPOConfig``: ``config`` with the scale's overrides; ``config`` itself is not changed.
+
+    Args:
+        model_path: the model to train instead of the scale's default (e.g. a local Qwen2.5-1.5B
+            folder for ``"gpu"``, the warm-started tiny model for ``"tiny"``, another 32B path for
+            ``"paper"``).
+    """
+    overrides = scale_overrides(scale)
+    scaled = config.copy(copy_frozen=False)
+    if "env" in overrides:
+        scaled.environment(overrides["env"], env_config=dict(overrides["env_config"]))
+    model_config = dict(config.model_config or {})
+    if "model" in overrides:
+        model_config = {"model": overrides["model"]}
+        if overrides["dtype"] is not None:
+            model_config["dtype"] = overrides["dtype"]
+    if model_path is not None:
+        model_config["model"] = os.fspath(model_path)
+    scaled.rl_module(model_config=model_config)
+    training = dict(overrides.get("training", {}))
+    scaled.training(**training)
+    if "lr_warmup_steps" not in training:
+        scaled.training(lr_warmup_steps=_rescaled_warmup(config, scaled))
+    if "seed" in overrides:
+        scaled.debugging(seed=overrides["seed"])
+    if "num_learners" in overrides:
+        scaled.learners(num_learners=overrides["num_learners"])
+    if "num_env_runners" in overrides:
+        scaled.env_runners(num_env_runners=overrides["num_env_runners"])
+    return scaled
+
+
+def _rescaled_warmup(original: DAPOConfig, scaled: DAPOConfig) -> int:
+    """``original``'s warm-up, same number of rollout steps, in ``scaled``'s optimizer steps."""
+    return round(original.lr_warmup_steps * updates_per_rollout_step(scaled) / updates_per_rollout_step(original))
+
+
+# -- the paper's cluster -------------------------------------------------------------------------
+
+#: The reference scripts' cluster (DAPO_FACTS.md; the project page says 128 H20 GPUs).
+PAPER_CLUSTER: dict[str, Any] = {
+    "gpu": "H20",
+    "nodes": 16,
+    "gpus_per_node": 8,
+    "rollout_tensor_parallel": 4,  # vLLM
+    "sequence_parallel": 8,  # Ulysses, on the learners
+}
+
+
+def resource_plan(config: DAPOConfig) -> dict[str, Any]:
+    """GPUs per role for ``config`` on the paper's cluster, and the step sizes they must carry.
+
+    A PLAN, not a measured set-up: this code has not run at that scale, and has no vLLM backend or
+    FSDP sharding yet. As in the reference scripts (verl's hybrid engine), generation and training
+    take turns on the same GPUs. Sizes are derived from ``config``; token counts are upper bounds
+    (every prompt and response at its length limit).
+    """
+    cluster = PAPER_CLUSTER
+    gpus = cluster["nodes"] * cluster["gpus_per_node"]
+    engines = gpus // cluster["rollout_tensor_parallel"]
+    data_parallel_groups = gpus // cluster["sequence_parallel"]
+    responses_per_step = config.prompts_per_step * config.group_size
+    responses_per_round = (
+        config.generation_batch_prompts if config.dynamic_sampling else config.prompts_per_step
+    ) * config.group_size
+    minibatch_responses = config.minibatch_prompts * config.group_size
+    sequence_tokens = config.max_prompt_length + config.max_response_length
+    return {
+        "status": "plan: not run at this scale (no vLLM backend or FSDP in this code yet)",
+        "hardware": f"{gpus} {cluster['gpu']} GPUs = {cluster['nodes']} nodes x {cluster['gpus_per_node']}",
+        "gpus": gpus,
+        "colocated": True,  # rollout and learners share all GPUs, in turns
+        "rollout": {
+            "gpus": gpus,
+            "engine": "vLLM",
+            "tensor_parallel": cluster["rollout_tensor_parallel"],
+            "engines": engines,
+            "responses_per_round": responses_per_round,
+            "responses_per_engine_per_round": responses_per_round / engines,
+            "max_generated_tokens_per_round": responses_per_round * config.max_response_length,
+        },
+        "learners": {
+            "gpus": gpus,
+            "sharding": f"FSDP over {gpus} GPUs",
+            "sequence_parallel": cluster["sequence_parallel"],
+            "data_parallel_groups": data_parallel_groups,
+            "responses_per_group_per_update": minibatch_responses / data_parallel_groups,
+        },
+        "responses_per_step": responses_per_step,
+        "updates_per_step": updates_per_rollout_step(config),
+        "minibatch_responses": minibatch_responses,
+        "max_tokens_per_sequence": sequence_tokens,
+        "max_tokens_per_step": responses_per_step * sequence_tokens,
+        "max_tokens_per_update": minibatch_responses * sequence_tokens,
+    }
