@@ -42,6 +42,7 @@ from dapo_rl.env_runner import DAPOEnvRunner, make_reasoning_env
 from dapo_rl.learner import DAPOTorchLearner
 from dapo_rl.models import TINY_PRESET, load_tokenizer, save_policy
 from dapo_rl.module import TEXT_SPACE, CausalLMModule
+from dapo_rl.policy import MIXED_PRECISION_CHOICES
 from dapo_rl.training import (
     PromptSampler,
     build_train_batch,
@@ -81,6 +82,8 @@ DAPO_SETTINGS: dict[str, Any] = {
     "logprob_chunk_size": 1024,  # tokens per chunk of the log-prob kernel
     "logprob_batch_rows": 64,  # rows per forward pass when recomputing old log-probs
     "compute_entropy": True,  # log the policy's token entropy (costs one extra pass per chunk)
+    "mixed_precision": None,  # "bf16": bf16 compute, float32 master weights; None: the weights' dtype
+    "gradient_checkpointing": False,  # recompute layer activations in backward (long responses)
 }
 
 
@@ -203,6 +206,10 @@ class DAPOConfig(AlgorithmConfig):
                 f"temperature must be > 0, got {self.temperature!r}")
         require(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
         require(is_int(self.top_k), f"top_k must be an integer (<= 0 for off), got {self.top_k!r}")
+        require(self.mixed_precision in MIXED_PRECISION_CHOICES,
+                f"mixed_precision must be one of {list(MIXED_PRECISION_CHOICES)}, got {self.mixed_precision!r}")
+        require(isinstance(self.gradient_checkpointing, bool),
+                f"gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}")
         require(self.apply_chat_template in (None, True, False),
                 f"apply_chat_template must be None, True or False, got {self.apply_chat_template!r}")
         require(isinstance(self.env, str) and bool(self.env),
@@ -218,6 +225,8 @@ class DAPOConfig(AlgorithmConfig):
                 "temperature": self.temperature,
                 "logprob_chunk_size": self.logprob_chunk_size,
                 "compute_entropy": self.compute_entropy,
+                "mixed_precision": self.mixed_precision,
+                "gradient_checkpointing": self.gradient_checkpointing,
             },
         )
 

@@ -157,6 +157,14 @@ def _checked_model_folder(model: str | os.PathLike[str]) -> str:
     return path
 
 
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each layer's activations in backward (training mode only), non-reentrant."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def save_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: str | os.PathLike[str]) -> None:
     """Write a Hugging Face model folder that ``AutoModelForCausalLM.from_pretrained`` loads."""
     os.makedirs(folder, exist_ok=True)

@@ -9,8 +9,9 @@
 - ``dtype``: torch dtype name for a checkpoint (e.g. ``"bfloat16"``); default: as saved.
 - ``tiny_spec``: overrides of :class:`dapo_rl.models.TinyModelSpec` for the preset.
 
-DAPOConfig adds ``temperature``, ``logprob_chunk_size`` and ``compute_entropy`` from its training
-settings, so log-probs are of the distribution responses were sampled from.
+DAPOConfig adds ``temperature``, ``logprob_chunk_size``, ``compute_entropy``, ``mixed_precision``
+and ``gradient_checkpointing`` from its training settings, so log-probs are of the distribution
+responses were sampled from.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import gymnasium as gym
 from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
 
-from dapo_rl.models import TINY_PRESET, load_policy
+from dapo_rl.models import TINY_PRESET, enable_activation_checkpointing, load_policy
 from dapo_rl.policy import response_logprobs
 
 #: Observation/action spaces of the module: text in, text out (the module never reads them).
@@ -41,6 +42,10 @@ class CausalLMModule(TorchRLModule):
         self.temperature = float(config.get("temperature", 1.0))
         self.logprob_chunk_size = int(config.get("logprob_chunk_size", 1024))
         self.compute_entropy = bool(config.get("compute_entropy", True))
+        self.mixed_precision = config.get("mixed_precision")
+        if config.get("gradient_checkpointing"):
+            # Recompute each layer's activations in backward instead of holding them (training only).
+            enable_activation_checkpointing(self.causal_lm)
 
     def _forward(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         logprobs, entropy = response_logprobs(
@@ -49,6 +54,7 @@ class CausalLMModule(TorchRLModule):
             temperature=self.temperature,
             return_entropy=self.compute_entropy,
             chunk_size=self.logprob_chunk_size,
+            mixed_precision=self.mixed_precision,
         )
         out = {"logprobs": logprobs}
         if entropy is not None:

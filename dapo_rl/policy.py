@@ -15,6 +15,9 @@ from dapo_rl.core import token_logprobs
 
 # Config attributes that put a transform between hidden·Wᵀ and the logits; for these models the
 # projection must go through the model's own head (full logits), or log-probs would be wrong.
+#: Values of ``mixed_precision``: None (compute in the parameters' dtype) or "bf16".
+MIXED_PRECISION_CHOICES = (None, "bf16")
+
 _LOGIT_TRANSFORM_ATTRIBUTES = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
 
 
@@ -25,8 +28,13 @@ def response_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     chunk_size: int = 1024,
+    mixed_precision: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and entropies) of the response tokens of a packed batch.
+
+    ``mixed_precision="bf16"`` runs the backbone under bf16 autocast and the output projection in
+    bf16 (the chunked kernel reduces in float32), while the parameters, and so the optimizer's
+    master weights, stay in their own dtype (float32): a 1e-6 update is not lost to bf16 rounding.
 
     Args:
         batch: from :func:`dapo_rl.rollout.batch.pack_sequences`: ``input_ids``, ``attention_mask``,
@@ -46,16 +54,27 @@ def response_logprobs(
     # Column t of the response is predicted by the position one to its left.
     predicting = slice(prompt_width - 1, prompt_width - 1 + response_width)
 
+    if mixed_precision not in MIXED_PRECISION_CHOICES:
+        raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION_CHOICES}, got {mixed_precision!r}")
+    device_type = input_ids.device.type
+    autocast = torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
+
     if _has_logit_transform(model):
         # The model's own forward applies its soft-capping or scaling; this holds the full logits.
-        logits = _forward(model, batch).logits[:, predicting][response_mask].float() / temperature
+        with autocast:
+            logits = _forward(model, batch).logits[:, predicting][response_mask].float() / temperature
         log_softmax = torch.log_softmax(logits, dim=-1)
         flat_logprobs = log_softmax.gather(-1, response_tokens[:, None]).squeeze(-1)
         flat_entropy = -(log_softmax.exp() * log_softmax).sum(-1) if return_entropy else None
     else:
         backbone = model.get_decoder()
-        hidden = _forward(backbone, batch).last_hidden_state[:, predicting][response_mask]
+        with autocast:
+            hidden = _forward(backbone, batch).last_hidden_state[:, predicting][response_mask]
         weight = model.get_output_embeddings().weight
+        if mixed_precision == "bf16":
+            # Explicit casts (autocast stays off inside the custom kernel); gradients flow back
+            # through them to the float32 parameters.
+            hidden, weight = hidden.to(torch.bfloat16), weight.to(torch.bfloat16)
         result = token_logprobs(
             hidden, weight, response_tokens, temperature=temperature, chunk_size=chunk_size,
             return_entropy=return_entropy,

@@ -457,3 +457,17 @@ def test_env_runner_weights_follow_the_learner(trained_algo):
     runner = {k: np.asarray(v) for k, v in algo.env_runner.module.get_state().items()}
     assert max_abs_diff(initial, learner) > 0  # training changed the weights ...
     assert max_abs_diff(runner, learner) == 0.0  # ... and the env runner has the new ones
+
+
+def test_bf16_mixed_precision_with_activation_checkpointing_trains_float32_weights(ray_session):
+    algo = make_config(overlong_filter=False, mixed_precision="bf16", gradient_checkpointing=True).build_algo()
+    try:
+        before = learner_weights(algo)
+        result = algo.train()
+        after = learner_weights(algo)
+    finally:
+        algo.stop()
+    learner = result["learners"]["default_policy"]
+    assert np.isfinite(learner["policy_loss"])
+    assert all(value.dtype == np.float32 for value in after.values())
+    assert max_abs_diff(before, after) > 0

@@ -2,7 +2,7 @@
 
 import torch
 
-from dapo_rl.models import TINY_PRESET, load_policy
+from dapo_rl.models import TINY_PRESET, enable_activation_checkpointing, load_policy
 from dapo_rl.policy import response_logprobs
 from dapo_rl.rollout.batch import pack_sequences
 
@@ -45,3 +45,57 @@ def test_logprob_gradients_reach_the_model():
     logprobs.sum().backward()
     assert model.get_output_embeddings().weight.grad.abs().sum() > 0
     assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def _batch(tokenizer):
+    prompts = [tokenizer("What is 12 + 7?\n").input_ids, tokenizer("3+4=").input_ids]
+    responses = [tokenizer("Answer: 19").input_ids + [tokenizer.eos_token_id], tokenizer("Answer: 7").input_ids]
+    return pack_sequences(prompts, responses, pad_token_id=tokenizer.pad_token_id)
+
+
+def _logprobs_and_grads(model, batch, **kwargs):
+    model.zero_grad(set_to_none=True)
+    logprobs, _ = response_logprobs(model, batch, **kwargs)
+    (logprobs * batch["response_mask"]).sum().backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    return logprobs.detach(), grads
+
+
+def test_bf16_mixed_precision_keeps_float32_weights_and_tracks_float32():
+    model, tokenizer = load_policy(TINY_PRESET, seed=4)
+    batch = _batch(tokenizer)
+    full, full_grads = _logprobs_and_grads(model, batch)
+    mixed, mixed_grads = _logprobs_and_grads(model, batch, mixed_precision="bf16")
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert mixed.dtype == torch.float32
+    mask = batch["response_mask"].bool()
+    # bf16 has 8 bits of mantissa: log-probs agree to a few hundredths, not exactly.
+    assert (mixed[mask] - full[mask]).abs().max() < 0.1
+    assert not torch.equal(mixed[mask], full[mask])
+    assert set(mixed_grads) == set(full_grads)
+    for name, grad in mixed_grads.items():
+        assert grad.dtype == torch.float32, name
+    cosine = torch.nn.functional.cosine_similarity(
+        torch.cat([g.flatten() for g in mixed_grads.values()]), torch.cat([g.flatten() for g in full_grads.values()]), dim=0
+    )
+    assert cosine > 0.99
+
+
+def test_gradient_checkpointing_gives_the_same_logprobs_and_gradients():
+    model, tokenizer = load_policy(TINY_PRESET, seed=4)
+    batch = _batch(tokenizer)
+    model.train()
+    plain, plain_grads = _logprobs_and_grads(model, batch)
+    enable_activation_checkpointing(model)
+    checkpointed, checkpointed_grads = _logprobs_and_grads(model, batch)
+    torch.testing.assert_close(checkpointed, plain)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, atol=1e-6, rtol=1e-5)
+
+
+def test_unknown_mixed_precision_is_named():
+    model, tokenizer = load_policy(TINY_PRESET, seed=4)
+    import pytest
+
+    with pytest.raises(ValueError, match="fp8"):
+        response_logprobs(model, _batch(tokenizer), mixed_precision="fp8")
