@@ -47,8 +47,8 @@ GPU_MODEL = "Qwen/Qwen2.5-1.5B"
 #: - lr 1e-6 as in the paper. With ~100 updates instead of ~10k it may move the model little.
 #: - At the round limit, train on what was kept: a small model on competition problems can exhaust
 #:   10 rounds, and stopping a multi-hour row with an error wastes it.
-#: - Weights in float32: the learner has no fp32 master copy, and AdamW steps of ~1e-6 vanish in
-#:   bfloat16 weights (their spacing near 0.02 is ~1e-4).
+#: - Weights in float32 with bf16 compute (mixed_precision, from the 32B settings): AdamW steps of
+#:   ~1e-6 would vanish in bfloat16 weights (their spacing near 0.02 is ~1e-4).
 #: - Generation prompts per call 32 (256 rows): an fp32 KV cache of ~57 KB per token (28 layers, 2 KV
 #:   heads of 128) is ~35 GB for 256 rows of ~2,400 tokens.
 #:

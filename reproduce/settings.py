@@ -75,6 +75,9 @@ COMMON_32B: dict[str, Any] = {
     "temperature": 1.0,
     "top_p": 1.0,
     "top_k": -1,  # off
+    # verl's FSDP workers compute in bf16 with float32 master weights, and checkpoint activations.
+    "mixed_precision": "bf16",
+    "gradient_checkpointing": True,
 }
 
 #: Linear warm-up lengths, in rollout steps (train() calls).
@@ -118,8 +121,9 @@ def dapo_32b(variant: str = "paper", model_path: str | os.PathLike[str] = PAPER_
         variant: ``"paper"`` (warm-up 20 rollout steps, overlong filtering, no dual clip) or
             ``"reference-script"`` (the authors' verl script: warm-up 10 rollout steps, no overlong
             filtering, dual-clip c = 10).
-        model_path: a local Hugging Face folder of the model (nothing is downloaded). Loaded as
-            bfloat16, the checkpoint's own precision.
+        model_path: a local Hugging Face folder of the model (nothing is downloaded). Loaded in
+            float32 (the master weights); compute runs in bf16 (``mixed_precision="bf16"``), so
+            1e-6 updates are not lost to bf16 rounding.
 
     Raises:
         ValueError: an unknown ``variant``.
@@ -129,7 +133,7 @@ def dapo_32b(variant: str = "paper", model_path: str | os.PathLike[str] = PAPER_
     return (
         DAPOConfig()
         .environment(TRAIN_ENV)
-        .rl_module(model_config={"model": os.fspath(model_path), "dtype": "bfloat16"})
+        .rl_module(model_config={"model": os.fspath(model_path), "dtype": "float32"})
         .training(**{**COMMON_32B, **ALL_TECHNIQUES, **VARIANTS[variant]})
     )
 

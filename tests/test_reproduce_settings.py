@@ -94,7 +94,9 @@ def test_32b_settings_match_the_facts(variant, column):
     }
     assert wrong == {}
     assert config.env == "dapo/DAPOMath17k-v0"
-    assert config.model_config == {"model": "Qwen/Qwen2.5-32B", "dtype": "bfloat16"}
+    assert config.model_config == {"model": "Qwen/Qwen2.5-32B", "dtype": "float32"}
+    # float32 master weights, bf16 compute, activation checkpointing: as verl's FSDP workers run it.
+    assert (config.mixed_precision, config.gradient_checkpointing) == ("bf16", True)
     assert settings.updates_per_rollout_step(config) == 16
     config.validate()
 
@@ -106,7 +108,7 @@ def test_variants_differ_in_warmup_overlong_filter_and_dual_clip_only():
 
 def test_model_path_is_used():
     config = dapo_32b(model_path="/models/qwen32b")
-    assert config.model_config == {"model": "/models/qwen32b", "dtype": "bfloat16"}
+    assert config.model_config == {"model": "/models/qwen32b", "dtype": "float32"}
 
 
 def test_unknown_variant_names_the_variants():
@@ -193,7 +195,7 @@ def test_paper_scale_changes_nothing():
     assert settings_of(scaled) == settings_of(config)
     assert (scaled.env, scaled.model_config) == (config.env, config.model_config)
     moved = apply_scale(config, "paper", model_path="/elsewhere")
-    assert moved.model_config == {"model": "/elsewhere", "dtype": "bfloat16"}
+    assert moved.model_config == {"model": "/elsewhere", "dtype": "float32"}
 
 
 def test_gpu_scale():
