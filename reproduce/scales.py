@@ -82,6 +82,9 @@ TINY_RESPONSE_BUDGET: dict[str, int] = {"max_response_length": 16, "overlong_cac
 TINY_TRAINING: dict[str, Any] = {
     **{key: value for key, value in DEFAULT_JOB["training"].items() if key not in TECHNIQUE_KEYS},
     **TINY_RESPONSE_BUDGET,
+    # The CPU job computes in float32 without activation checkpointing, as `dapo-rl train` does.
+    "mixed_precision": None,
+    "gradient_checkpointing": False,
 }
 
 

@@ -253,3 +253,9 @@ def test_resource_plan_of_the_paper_run():
     assert plan["rollout"]["responses_per_round"] == 1536 * 16
     assert plan["max_tokens_per_step"] == 512 * 16 * (2048 + 20480)
     assert plan["max_tokens_per_update"] == 32 * 16 * (2048 + 20480)
+
+
+def test_tiny_scale_computes_like_the_cpu_job():
+    for config in settings.table1_rows().values():
+        tiny = scales.apply_scale(config, "tiny")
+        assert (tiny.mixed_precision, tiny.gradient_checkpointing) == (None, False)
