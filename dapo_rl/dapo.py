@@ -84,6 +84,8 @@ DAPO_SETTINGS: dict[str, Any] = {
     "compute_entropy": True,  # log the policy's token entropy (costs one extra pass per chunk)
     "mixed_precision": None,  # "bf16": bf16 compute, float32 master weights; None: the weights' dtype
     "gradient_checkpointing": False,  # recompute layer activations in backward (long responses)
+    "micro_batch_tokens": 0,  # > 0: split each learner's update into micro-batches of at most this
+    # many padded tokens, accumulating gradients (the token-mean stays exact); 0: one pass
 }
 
 
@@ -208,6 +210,8 @@ class DAPOConfig(AlgorithmConfig):
         require(is_int(self.top_k), f"top_k must be an integer (<= 0 for off), got {self.top_k!r}")
         require(self.mixed_precision in MIXED_PRECISION_CHOICES,
                 f"mixed_precision must be one of {list(MIXED_PRECISION_CHOICES)}, got {self.mixed_precision!r}")
+        require(is_int(self.micro_batch_tokens) and self.micro_batch_tokens >= 0,
+                f"micro_batch_tokens must be an integer >= 0 (0: no micro-batching), got {self.micro_batch_tokens!r}")
         require(isinstance(self.gradient_checkpointing, bool),
                 f"gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}")
         require(self.apply_chat_template in (None, True, False),

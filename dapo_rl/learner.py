@@ -11,6 +11,7 @@ entropy) are weighted by the shard's share of the mini-batch's tokens (``loss_to
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 
 from dapo_rl.core import policy_loss
+from dapo_rl.training import token_budget_micro_batches, trim_padding
 
 
 def _world_size() -> int:
@@ -47,6 +49,11 @@ class DAPOTorchLearner(TorchLearner):
             lr_or_lr_schedule=config.lr_schedule(),
         )
 
+    def build(self) -> None:
+        super().build()
+        # Loss parts of the update in progress: one per micro-batch; logged once per update.
+        self._loss_parts: list[tuple[float, dict[str, float], float]] = []
+
     def compute_loss_for_module(self, *, module_id: str, config: Any, batch: dict[str, Any], fwd_out: dict[str, Any]):
         token_mask = batch["token_mask"]
         loss, metrics = policy_loss(
@@ -61,22 +68,69 @@ class DAPOTorchLearner(TorchLearner):
             normalizer=float(batch["loss_normalizer"][0]) if len(token_mask) else 0.0,
         )
         # DDP averages gradients over learners; the normaliser is already global (see module doc).
-        world = _world_size()
-        loss = loss * world
-        # RLlib averages a metric over learners. Scaled so that the average is the mini-batch's value:
-        # the loss by the world size (as above), per-token means by this shard's share of the tokens.
-        local_tokens = metrics.pop("num_tokens")
-        global_tokens = float(batch["loss_tokens"][0]) if "loss_tokens" in batch and len(token_mask) else local_tokens * world
-        self.metrics.log_value((module_id, "num_tokens"), local_tokens, reduce="sum")
-        self.metrics.log_value((module_id, "policy_loss"), float(loss.detach()), window=1)
-        if global_tokens > 0:  # a mini-batch without loss tokens has no per-token metrics
-            share = local_tokens * world / global_tokens
-            if "entropy" in fwd_out:
-                mask = token_mask.bool()
-                metrics["entropy"] = float(fwd_out["entropy"].detach()[mask].mean()) if mask.any() else 0.0
-            for name, value in metrics.items():
-                self.metrics.log_value((module_id, name), value * share, window=1)
+        loss = loss * _world_size()
+        if "entropy" in fwd_out and metrics["num_tokens"] > 0:
+            metrics["entropy"] = float(fwd_out["entropy"].detach()[token_mask.bool()].mean())
+        mini_batch_tokens = float(batch["loss_tokens"][0]) if "loss_tokens" in batch and len(token_mask) else None
+        self._loss_parts.append((float(loss.detach()), metrics, mini_batch_tokens))
         return loss
+
+    def _log_loss_metrics(self, module_id: str) -> None:
+        """Log the update's loss (the sum of its micro-batches') and its token-weighted metrics.
+
+        RLlib averages a metric over learners: the loss is already scaled by the world size, and
+        per-token means are weighted by this learner's share of the mini-batch's tokens, so the
+        averages are the mini-batch's values.
+        """
+        parts, self._loss_parts = self._loss_parts, []
+        if not parts:
+            return
+        world = _world_size()
+        local_tokens = sum(metrics["num_tokens"] for _, metrics, _ in parts)
+        global_tokens = parts[0][2] if parts[0][2] is not None else local_tokens * world
+        self.metrics.log_value((module_id, "policy_loss"), sum(loss for loss, _, _ in parts), window=1)
+        self.metrics.log_value((module_id, "num_tokens"), local_tokens, reduce="sum")
+        if global_tokens <= 0 or local_tokens <= 0:
+            return  # a mini-batch without loss tokens has no per-token metrics
+        names = [name for name in parts[0][1] if name != "num_tokens"]
+        for name in names:
+            local_sum = sum(metrics.get(name, 0.0) * metrics["num_tokens"] for _, metrics, _ in parts)
+            self.metrics.log_value((module_id, name), local_sum * world / global_tokens, window=1)
+
+    def _uncompiled_update(self, batch: dict, **kwargs: Any):
+        """One optimizer step; with ``micro_batch_tokens`` set, over token-budget micro-batches.
+
+        The micro-batches' gradients accumulate before the one clip-and-step; each carries the
+        mini-batch's global normaliser, so the accumulated gradient is the whole mini-batch's exactly.
+        Under DDP only the last backward synchronises (each learner runs exactly one synced
+        backward, whatever its number of micro-batches).
+        """
+        budget = self.config.micro_batch_tokens
+        module_batch = batch[DEFAULT_MODULE_ID]
+        micro_batches = token_budget_micro_batches(module_batch, budget) if budget else []
+        if len(micro_batches) <= 1:
+            result = super()._uncompiled_update(batch, **kwargs)
+            self._log_loss_metrics(DEFAULT_MODULE_ID)
+            return result
+        self._compute_off_policyness(batch)
+        for optimizer in self._optimizer_parameters:
+            optimizer.zero_grad(set_to_none=True)
+        module = self.module[DEFAULT_MODULE_ID]
+        distributed = self.config.num_learners > 1
+        for index, rows in enumerate(micro_batches):
+            micro = {DEFAULT_MODULE_ID: trim_padding({key: value[rows] for key, value in module_batch.items()})}
+            synchronise = not distributed or index == len(micro_batches) - 1
+            with contextlib.nullcontext() if synchronise else module.no_sync():
+                fwd_out = self.module.forward_train(micro)
+                loss_per_module = self.compute_losses(fwd_out=fwd_out, batch=micro)
+                sum(loss_per_module.values()).backward()
+        gradients = {param_id: param.grad for param_id, param in self._params.items()}
+        with contextlib.ExitStack() as stack:
+            if distributed:
+                stack.enter_context(module.no_sync())
+            self.apply_gradients(self.postprocess_gradients(gradients))
+        self._log_loss_metrics(DEFAULT_MODULE_ID)
+        return fwd_out, loss_per_module, {}
 
     # Called on every learner through LearnerGroup.foreach_learner.
     def compute_old_logprobs(self, batch: dict[str, torch.Tensor], num_shards: int) -> tuple[int, torch.Tensor]:

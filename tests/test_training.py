@@ -137,3 +137,22 @@ def test_take_rows_trims_padding_and_carries_the_global_normaliser():
     assert mini["input_ids"].shape[1] == 2 + 2
     assert torch.equal(mini["old_logprobs"], batch["old_logprobs"][rows][:, :2])
     assert float(mini["loss_normalizer"][0]) == loss_normalizer(batch["token_mask"][rows], "token-mean") == 4.0
+
+
+def test_token_budget_micro_batches_respect_the_budget_and_cover_every_row():
+    from dapo_rl.rollout.batch import pack_sequences
+    from dapo_rl.training import token_budget_micro_batches, trim_padding
+
+    prompts = [[1] * n for n in (3, 5, 2, 4, 6, 1)]
+    responses = [[2] * n for n in (4, 1, 7, 2, 3, 5)]
+    batch = pack_sequences(prompts, responses, pad_token_id=0)
+    micro = token_budget_micro_batches(batch, max_tokens=20)
+    assert torch.equal(torch.cat(micro).sort().values, torch.arange(6))
+    lengths = batch["attention_mask"].sum(dim=1)
+    for rows in micro:
+        assert len(rows) == 1 or len(rows) * int(lengths[rows].max()) <= 20
+        trimmed = trim_padding({key: value[rows] for key, value in batch.items()})
+        assert trimmed["input_ids"].shape[1] == int(lengths[rows].max()) or len(rows) > 1
+    assert [len(rows) for rows in token_budget_micro_batches(batch, max_tokens=1)] == [1] * 6
+    with pytest.raises(ValueError, match="max_tokens must be >= 1, got 0"):
+        token_budget_micro_batches(batch, max_tokens=0)

@@ -1,0 +1,67 @@
+"""reproduce.table1: the quick Table-1 run end to end (train, resume, table, plots) and the paper-scale plan."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from reproduce import table1
+from reproduce.settings import PAPER_TABLE1, TECHNIQUE_KEYS, table1_rows
+
+
+def test_paper_scale_prints_plan_and_trains_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert table1.main(["--scale", "paper"]) == 0
+    out = capsys.readouterr().out
+    assert "ray start --head" in out and "ray start --address=" in out
+    assert "python -m reproduce.table1 --scale paper" in out
+    assert "128 H20 GPUs" in out
+    assert "responses_per_step" in out
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_row_jobs_carry_the_rows_settings():
+    rows = table1.scaled_rows("tiny")
+    assert list(rows) == list(table1_rows())
+    for name, config in rows.items():
+        job = table1.row_job(config, 2, scale="tiny", quick=False)
+        assert job["seed"] == 2 and job["env"] == "dapo/Arithmetic-v0"
+        for key in TECHNIQUE_KEYS:
+            assert job["training"][key] == getattr(config, key), (name, key)
+    assert table1.select_rows(list(rows), None, quick=True) == [list(rows)[0], list(rows)[-1]]
+    assert table1.select_rows(list(rows), ["clip-higher", "Naive GRPO"], quick=True) == ["Naive GRPO", "+ Clip-Higher"]
+
+
+@pytest.mark.slow
+def test_quick_table1_runs_and_resumes(ray_session, tmp_path, capsys):
+    out = tmp_path / "t1"
+    argv = ["--scale", "tiny", "--seeds", "1", "--quick", "--output", str(out)]
+    assert table1.main(argv) == 0
+    selected = table1.select_rows(list(PAPER_TABLE1), None, quick=True)
+
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["row"], r["seed"]) for r in results] == [(row, 0) for row in selected]
+    for entry in results:
+        assert entry["scale"] == "tiny" and entry["iterations"] == table1.QUICK_JOB["iterations"]
+        assert set(entry["techniques"]) == set(TECHNIQUE_KEYS)
+        assert 0.0 <= entry["eval_accuracy_after"] <= 1.0
+    assert results[0]["techniques"]["dynamic_sampling"] is False
+    assert results[-1]["techniques"]["dynamic_sampling"] is True
+
+    table = (out / "table1.md").read_text()
+    for row in selected:
+        line = next(line for line in table.splitlines() if line.startswith(f"| {row} |"))
+        assert f"| {PAPER_TABLE1[row]} |" in line
+    assert "not AIME" in table and "python -m reproduce.table1 --scale tiny" in table
+    for stem, *_ in table1.CURVES:
+        assert (out / f"{stem}.png").stat().st_size > 1000
+
+    summaries = sorted(out.glob("runs/*/seed0/summary.json"))
+    assert len(summaries) == len(selected)
+    mtimes = [path.stat().st_mtime_ns for path in summaries]
+    capsys.readouterr()
+    assert table1.main(argv) == 0
+    assert f"0 run(s) trained, {len(selected)} skipped" in capsys.readouterr().out
+    assert [path.stat().st_mtime_ns for path in summaries] == mtimes
+    assert all(r["skipped"] for r in json.loads((out / "results.json").read_text()))
