@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -246,9 +247,7 @@ def train(job: dict[str, Any], output: Path) -> dict[str, Any]:
     if result.error is not None:
         raise RuntimeError(f"the Tune trial failed: {result.error}") from result.error
     rl_seconds = time.perf_counter() - rl_start
-    algo = Algorithm.from_checkpoint(result.checkpoint.path)
-    algo.export_policy(output / "model")
-    algo.stop()
+    export_checkpoint(result.checkpoint.path, output / "model")
     model, tokenizer = load_policy(output / "model")
     accuracy_after = evaluate_current()
     print(f"held-out accuracy after DAPO:  {accuracy_after:.3f}", flush=True)
@@ -268,6 +267,19 @@ def train(job: dict[str, Any], output: Path) -> dict[str, Any]:
     }
     (output / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
     return summary
+
+
+def export_checkpoint(checkpoint: str | os.PathLike[str], folder: str | os.PathLike[str]) -> None:
+    """Write the policy of an RLlib DAPO checkpoint as a Hugging Face model folder."""
+    algo = Algorithm.from_checkpoint(os.fspath(checkpoint))
+    try:
+        algo.export_policy(folder)
+    finally:
+        algo.stop()
+
+
+def is_rllib_checkpoint(path: str | os.PathLike[str]) -> bool:
+    return os.path.isfile(os.path.join(path, "rllib_checkpoint.json"))
 
 
 def _test_split(env_id: str) -> dict[str, Any]:
@@ -326,9 +338,15 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         env_config[key] = yaml.safe_load(raw)
     if args.samples < 1:
         raise UserError(f"--samples must be >= 1, got {args.samples}")
+    model = args.model
+    if is_rllib_checkpoint(model):
+        # A training checkpoint: export its policy to a temporary Hugging Face folder first.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        model = tempfile.mkdtemp(prefix="dapo-eval-")
+        export_checkpoint(args.model, model)
     try:
         result = evaluate_model(
-            args.model, args.env, env_config=env_config, samples=args.samples, num_problems=args.problems,
+            model, args.env, env_config=env_config, samples=args.samples, num_problems=args.problems,
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
         )
     except ModelNotFoundError as error:
@@ -347,7 +365,7 @@ def parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
     train_parser.add_argument("--output", help="output folder (default: runs/train-<time>)")
     eval_parser = commands.add_parser("eval", help="avg@k / pass@k / cons@k of a Hugging Face model folder")
-    eval_parser.add_argument("--model", required=True, help="a local model folder, or tiny-qwen2")
+    eval_parser.add_argument("--model", required=True, help="a local model folder, a DAPO training checkpoint, or tiny-qwen2")
     eval_parser.add_argument("--env", required=True, help="a registered environment id, e.g. dapo/AIME24-v0")
     eval_parser.add_argument("--samples", type=int, default=4, help="samples per problem (k)")
     eval_parser.add_argument("--problems", type=int, default=None, help="evaluate the first N problems only")

@@ -515,3 +515,19 @@ def test_two_learners_with_micro_batches_match_one_learner(ray_session):
     finally:
         algo_local.stop()
         algo_ddp.stop()
+
+
+def test_eval_command_reads_a_training_checkpoint(trained_algo, tmp_path, capsys):
+    """`dapo-rl eval --model CHECKPOINT` evaluates the checkpoint's policy (exported on the fly)."""
+    import json
+
+    from dapo_rl.cli import main
+
+    checkpoint = tmp_path / "checkpoint"
+    algo, _ = trained_algo
+    algo.save_to_path(str(checkpoint))
+    assert main(["eval", "--model", str(checkpoint), "--env", "dapo/Arithmetic-v0", "--samples", "2",
+                 "--problems", "3", "--max-new-tokens", "4", "--env-config", "split=test"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("{\n") :])
+    assert result["num_problems"] == 3 and result["samples"] == 2
