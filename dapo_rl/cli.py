@@ -40,6 +40,7 @@ DEFAULT_JOB: dict[str, Any] = {
     "env": "dapo/Arithmetic-v0",
     "env_config": {"operators": "+"},
     "model": "tiny-qwen2",
+    "dtype": None,  # torch dtype name for a checkpoint's weights (None: as saved; the preset: float32)
     "seed": 0,
     "iterations": 150,
     "num_learners": 0,
@@ -48,6 +49,7 @@ DEFAULT_JOB: dict[str, Any] = {
     "warmstart_batch_size": 64,
     "warmstart_lr": 1e-3,
     "warmstart_noise": 0.5,
+    "eval_env": None,  # environment id for held-out evaluation (None: the training env's test split)
     "eval_problems": 200,
     "eval_samples": 4,
     "training": {
@@ -156,7 +158,7 @@ def build_config(job: dict[str, Any], model: str) -> Any:
     config = (
         DAPOConfig()
         .environment(job["env"], env_config=dict(job["env_config"]))
-        .rl_module(model_config={"model": model})
+        .rl_module(model_config={"model": model, **({"dtype": job["dtype"]} if job.get("dtype") else {})})
         .training(**job["training"])
         .learners(num_learners=job["num_learners"])
         .env_runners(num_env_runners=job["num_env_runners"])
@@ -184,12 +186,19 @@ def train(job: dict[str, Any], output: Path) -> dict[str, Any]:
     output.mkdir(parents=True, exist_ok=True)
     training = job["training"]
     try:
-        model, tokenizer = load_policy(job["model"], seed=job["seed"])
+        model, tokenizer = load_policy(job["model"], seed=job["seed"], dtype=job["dtype"])
     except ModelNotFoundError as error:
         raise UserError(str(error)) from None
+    except ValueError as error:  # a bad dtype name
+        raise UserError(str(error)) from None
+    if job["eval_env"] is not None and job["eval_env"] not in gym.registry:
+        raise UserError(f"unknown evaluation environment id {job['eval_env']!r}")
     try:
         train_env = gym.make(job["env"], **job["env_config"]).unwrapped
-        test_env = gym.make(job["env"], **{**job["env_config"], **_test_split(job["env"])}).unwrapped
+        if job["eval_env"] is None:
+            test_env = gym.make(job["env"], **{**job["env_config"], **_test_split(job["env"])}).unwrapped
+        else:
+            test_env = gym.make(job["eval_env"]).unwrapped
     except (TypeError, ValueError) as error:
         raise UserError(f"cannot make environment {job['env']!r} with env_config {job['env_config']}: {error}") from None
     prompt_settings = PromptSettings(training.get("max_prompt_length", 2048), training.get("apply_chat_template"))
@@ -255,7 +264,7 @@ def train(job: dict[str, Any], output: Path) -> dict[str, Any]:
         "eval_accuracy_before": accuracy_before,
         "eval_accuracy_after": accuracy_after,
         "eval_metric": f"avg@{job['eval_samples']} on the first {min(job['eval_problems'], test_env.num_problems)} "
-        f"problems of {job['env']} (test split), temperature {training.get('temperature', 1.0)}",
+        f"problems of {job['eval_env'] or job['env'] + ' (test split)'}, temperature {training.get('temperature', 1.0)}",
         "iterations": int(result.metrics["training_iteration"]),
         "wall_seconds": time.perf_counter() - start,
         "warmstart_seconds": warmstart_seconds,

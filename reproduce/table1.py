@@ -58,7 +58,11 @@ QUICK_JOB: dict[str, Any] = {"iterations": 3, "warmstart_steps": 150, "eval_prob
 
 #: The job settings of the gpu scale other than the training ones (estimates; never run). No
 #: warm-start: the base model is trained directly, as in the paper.
-GPU_JOB: dict[str, Any] = {"iterations": 30, "warmstart_steps": 0, "eval_problems": 100, "eval_samples": 4}
+# Evaluated on MATH-500 (the training problems have no held-out split; AIME is likely near 0 for a
+# small model after a few hours).
+GPU_JOB: dict[str, Any] = {
+    "iterations": 30, "warmstart_steps": 0, "eval_env": "dapo/MATH500-v0", "eval_problems": 100, "eval_samples": 4,
+}
 
 #: RLlib optimizer settings copied from a row's config into the job, next to DAPO_SETTINGS.
 OPTIMIZER_KEYS = ("lr", "grad_clip", "num_epochs")
@@ -109,6 +113,7 @@ def row_job(config: DAPOConfig, seed: int, *, scale: str, quick: bool) -> dict[s
     job["env"] = config.env
     job["env_config"] = dict(config.env_config or {})
     job["model"] = (config.model_config or {})["model"]
+    job["dtype"] = (config.model_config or {}).get("dtype")
     job["seed"] = seed
     job["num_learners"] = config.num_learners
     job["num_env_runners"] = config.num_env_runners

@@ -53,6 +53,8 @@ def test_inconsistent_settings_fail_validation_with_values():
         (["train", "--set", "env=dapo/Nope-v0"], "unknown environment id 'dapo/Nope-v0'"),
         (["train", "--set", "model=/no/such/model"], "'/no/such/model' is neither the preset"),
         (["train", "--config", "/no/such.yaml"], "cannot read config file /no/such.yaml"),
+        (["train", "--set", "dtype=float33"], "dtype 'float33' is not a torch dtype name"),
+        (["train", "--set", "eval_env=dapo/Nope-v0"], "unknown evaluation environment id 'dapo/Nope-v0'"),
         (["eval", "--model", "/no/such/model", "--env", "dapo/AIME24-v0"], "'/no/such/model' is neither the preset"),
         (["eval", "--model", "tiny-qwen2", "--env", "dapo/Nope-v0"], "unknown environment id"),
     ],
@@ -77,3 +79,10 @@ def test_eval_command_reports_avg_pass_cons(capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["num_problems"] == 3 and result["samples"] == 2
     assert 0.0 <= result["avg_at_k"] <= result["pass_at_k"] <= 1.0
+
+
+def test_dtype_reaches_the_module_config():
+    job = load_job(None, ["dtype=bfloat16"])
+    assert build_config(job, job["model"]).model_config["model"] == "tiny-qwen2"
+    assert build_config(job, job["model"]).model_config["dtype"] == "bfloat16"
+    assert "dtype" not in build_config(load_job(None, []), "tiny-qwen2").model_config

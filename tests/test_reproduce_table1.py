@@ -31,6 +31,14 @@ def test_row_jobs_carry_the_rows_settings():
             assert job["training"][key] == getattr(config, key), (name, key)
     assert table1.select_rows(list(rows), None, quick=True) == [list(rows)[0], list(rows)[-1]]
     assert table1.select_rows(list(rows), ["clip-higher", "Naive GRPO"], quick=True) == ["Naive GRPO", "+ Clip-Higher"]
+    assert job["dtype"] is None  # the preset is built in float32
+
+
+def test_gpu_row_jobs_keep_float32_weights_and_evaluate_elsewhere():
+    for config in table1.scaled_rows("gpu", model_path="/models/qwen1.5b").values():
+        job = table1.row_job(config, 0, scale="gpu", quick=False)
+        assert job["model"] == "/models/qwen1.5b" and job["dtype"] == "float32"
+        assert job["eval_env"] == "dapo/MATH500-v0"
 
 
 @pytest.mark.slow
