@@ -370,6 +370,7 @@ class DAPO(Algorithm):
         generated_acc = np.concatenate([r["acc"] for r in rounds]).astype(np.float64)
         generated_lengths = np.concatenate([r["response_length"] for r in rounds])
         generated_truncated = np.concatenate([r["truncated"] for r in rounds])
+        generate_seconds = sum(r["generate_seconds"] for r in rounds)
         trained = batch["group_index"] >= 0
 
         def over_trained(column: str, reduce: str) -> float:
@@ -399,9 +400,9 @@ class DAPO(Algorithm):
             "sampling_limit_reached": float(stats.limit_reached),
             "optimizer_steps": self._optimizer_steps,
             "data_epoch": self._prompt_sampler.epoch,
-            "generate_seconds": sum(r["generate_seconds"] for r in rounds),
+            "generate_seconds": generate_seconds,
             "score_seconds": sum(r["score_seconds"] for r in rounds),
-            "generated_tokens_per_second": float(generated_lengths.sum()) / max(1e-9, sum(r["generate_seconds"] for r in rounds)),
+            "generated_tokens_per_second": float(generated_lengths.sum()) / max(1e-9, generate_seconds),
             "step_seconds": seconds,
         }
         for name, value in values.items():

@@ -104,8 +104,9 @@ def test_validate_rejects_inconsistent_settings(settings, expected):
 
 
 def test_validate_accepts_consistent_settings():
-    make_config().validate()
-    make_config(group_size=3, minibatch_prompts=2).learners(num_learners=2).validate()  # 6 rows / 2
+    for config in (make_config(), make_config(group_size=3, minibatch_prompts=2).learners(num_learners=2)):  # 6 rows / 2
+        assert config._dapo_problems() == []
+        config.validate()  # RLlib's own checks pass too
 
 
 def test_training_rejects_unknown_key():
