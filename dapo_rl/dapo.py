@@ -20,13 +20,15 @@ from __future__ import annotations
 import math
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
-from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.core import COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 from ray.rllib.utils.metrics import (
@@ -38,6 +40,7 @@ from ray.rllib.utils.metrics import (
 
 from dapo_rl.core import ADVANTAGE_SCALES, LOSS_AGGREGATIONS
 from dapo_rl.core.sampling import ON_LIMIT_CHOICES
+from dapo_rl.distributed import DATA_PARALLEL_CHOICES
 from dapo_rl.env_runner import DAPOEnvRunner, make_reasoning_env
 from dapo_rl.learner import DAPOTorchLearner
 from dapo_rl.models import TINY_PRESET, load_tokenizer, save_policy
@@ -86,7 +89,12 @@ DAPO_SETTINGS: dict[str, Any] = {
     "gradient_checkpointing": False,  # recompute layer activations in backward (long responses)
     "micro_batch_tokens": 0,  # > 0: split each learner's update into micro-batches of at most this
     # many padded tokens, accumulating gradients (the token-mean stays exact); 0: one pass
+    "data_parallel": "ddp",  # with num_learners > 1: "ddp" replicates the weights, "fsdp2" shards them
 }
+
+
+#: Checkpoint sub-folder with the sharded learners' weights and optimizer state (torch DCP format).
+SHARDED_STATE_FOLDER = "sharded_learner_state"
 
 
 class DAPOConfig(AlgorithmConfig):
@@ -214,6 +222,12 @@ class DAPOConfig(AlgorithmConfig):
                 f"micro_batch_tokens must be an integer >= 0 (0: no micro-batching), got {self.micro_batch_tokens!r}")
         require(isinstance(self.gradient_checkpointing, bool),
                 f"gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}")
+        require(self.data_parallel in DATA_PARALLEL_CHOICES,
+                f"data_parallel must be one of {list(DATA_PARALLEL_CHOICES)}, got {self.data_parallel!r}")
+        require(
+            self.data_parallel != "fsdp2" or self.grad_clip is None or self.grad_clip_by == "global_norm",
+            f"data_parallel='fsdp2' clips gradients by global norm only, got grad_clip_by={self.grad_clip_by!r}",
+        )
         require(self.apply_chat_template in (None, True, False),
                 f"apply_chat_template must be None, True or False, got {self.apply_chat_template!r}")
         require(isinstance(self.env, str) and bool(self.env),
@@ -302,7 +316,7 @@ class DAPO(Algorithm):
                                            max_response_length=config.max_response_length))
 
         with self.metrics.log_time((TIMERS, "sync_weights")):
-            self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
+            self.sync_runner_weights()
 
         self._log_step_metrics(batch, stats, rounds, time.perf_counter() - step_start)
 
@@ -408,7 +422,46 @@ class DAPO(Algorithm):
         for name, value in values.items():
             log(("dapo", name), float(value), window=1)
 
-    # -- checkpoints and export ----------------------------------------------------------------------
+    # -- weights, checkpoints and export -------------------------------------------------------------
+
+    @property
+    def _sharded_learners(self) -> bool:
+        return self.config.data_parallel == "fsdp2" and self.config.num_learners > 1
+
+    def sync_runner_weights(self) -> None:
+        """Send the learners' current weights to every env runner (and the local one)."""
+        if not self._sharded_learners:
+            self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
+            return
+        # Sharded: every learner takes part in gathering the full weights; rank 0 returns them.
+        state_ref = ray.put(self._gathered_learner_state())
+        self.env_runner_group.foreach_env_runner(
+            lambda runner, ref=state_ref: runner.set_state(ray.get(ref)), local_env_runner=True
+        )
+
+    def _gathered_learner_state(self) -> dict[str, Any]:
+        results = self.learner_group.foreach_learner(lambda learner: learner.gather_weights())
+        return next(state for rank, state in (r.get() for r in results) if rank == 0)
+
+    def save_to_path(self, path: Any = None, **kwargs: Any) -> str:
+        """RLlib's checkpoint; sharded learners add their shards under ``sharded_learner_state/``."""
+        path = super().save_to_path(path, **kwargs)
+        if self._sharded_learners:
+            folder = os.fspath(Path(path, SHARDED_STATE_FOLDER).resolve())
+            self.learner_group.foreach_learner(lambda learner, f=folder: learner.save_sharded_state(f))
+        return path
+
+    def restore_from_path(self, path: Any, *args: Any, **kwargs: Any) -> None:
+        super().restore_from_path(path, *args, **kwargs)
+        folder = Path(path, SHARDED_STATE_FOLDER)
+        if self._sharded_learners and "component" not in kwargs:
+            if not folder.is_dir():
+                raise FileNotFoundError(
+                    f"{path} holds no {SHARDED_STATE_FOLDER}/: it was not saved by sharded learners "
+                    "(data_parallel='fsdp2'), so their weights cannot be restored from it"
+                )
+            self.learner_group.foreach_learner(lambda learner, f=os.fspath(folder.resolve()): learner.load_sharded_state(f))
+            self.sync_runner_weights()
 
     def get_state(self, components: Any = None, *, not_components: Any = None, **kwargs: Any) -> dict[str, Any]:
         state = super().get_state(components, not_components=not_components, **kwargs)
@@ -435,7 +488,10 @@ class DAPO(Algorithm):
         module = self.config.get_rl_module_spec(
             spaces={DEFAULT_MODULE_ID: (TEXT_SPACE, TEXT_SPACE)}, inference_only=False
         ).build()
-        module.set_state(self.learner_group.get_weights()[DEFAULT_MODULE_ID])
+        if self._sharded_learners:
+            module.set_state(self._gathered_learner_state()[COMPONENT_RL_MODULE][DEFAULT_MODULE_ID])
+        else:
+            module.set_state(self.learner_group.get_weights()[DEFAULT_MODULE_ID])
         save_policy(module.causal_lm, module.tokenizer, folder)
         return os.fspath(folder)
 

@@ -7,19 +7,35 @@ shard's loss by the world size: the average of ``world · Σ_shard / N_global`` 
 ``Σ_all / N_global``, the mini-batch's token mean, exactly. RLlib likewise averages logged metrics
 over learners, so the logged loss is the scaled one and per-token metrics (clip fractions, KL,
 entropy) are weighted by the shard's share of the mini-batch's tokens (``loss_tokens``).
+
+Sharded learners (``data_parallel="fsdp2"``): the module's weights and the optimizer's state are
+sharded over the learners, so no single learner can hand RLlib its state. The driver instead
+calls the collective methods below on every learner (:meth:`gather_weights`,
+:meth:`save_sharded_state`, :meth:`load_sharded_state`), and ``get_state`` leaves the module and
+the optimizer out. FSDP2 gathers each block's weights in every forward pass, so every learner
+must run the same number of forward passes: updates and old-log-prob passes pad the learners
+with fewer micro-batches or chunks with passes that contribute nothing.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.core import COMPONENT_OPTIMIZER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
+from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
+from ray.rllib.utils.torch_utils import clip_gradients
 
 from dapo_rl.core import policy_loss
+from dapo_rl.distributed import (
+    clip_gradients_by_global_norm,
+    full_state_dict,
+    gradient_sync,
+    load_sharded,
+    save_sharded,
+)
 from dapo_rl.training import token_budget_micro_batches, trim_padding
 
 
@@ -38,6 +54,34 @@ def shard_rows(num_rows: int, num_shards: int, shard: int) -> slice:
 
 
 class DAPOTorchLearner(TorchLearner):
+    @property
+    def sharded(self) -> bool:
+        """Whether the weights are sharded over learners (FSDP2) rather than replicated (DDP)."""
+        return self.config.data_parallel == "fsdp2" and self.config.num_learners > 1
+
+    def _make_module(self):
+        module = super()._make_module()
+        if self.sharded:
+            # Before the optimizer is built (Learner.build): sharding replaces the parameters.
+            module[DEFAULT_MODULE_ID].shard()
+        return module
+
+    def _make_modules_ddp_if_necessary(self) -> None:
+        if not self.sharded:
+            super()._make_modules_ddp_if_necessary()
+
+    def _get_clip_function(self):
+        if not self.sharded:
+            return clip_gradients
+
+        def clip(gradients: dict, *, grad_clip: float | None = None, grad_clip_by: str = "global_norm"):
+            # RLlib's global norm would add up DTensor shards as if they were whole tensors.
+            if grad_clip is None:
+                return None
+            return clip_gradients_by_global_norm(list(gradients.values()), grad_clip)
+
+        return clip
+
     def configure_optimizers_for_module(self, module_id: str, config: Any = None) -> None:
         module = self._module[module_id]
         params = self.get_parameters(module)
@@ -102,32 +146,37 @@ class DAPOTorchLearner(TorchLearner):
 
         The micro-batches' gradients accumulate before the one clip-and-step; each carries the
         mini-batch's global normaliser, so the accumulated gradient is the whole mini-batch's exactly.
-        Under DDP only the last backward synchronises (each learner runs exactly one synced
-        backward, whatever its number of micro-batches).
+        Only the last backward reduces gradients over learners (DDP all-reduce or FSDP2
+        reduce-scatter); sharded learners first agree on the number of micro-batches.
         """
         budget = self.config.micro_batch_tokens
         module_batch = batch[DEFAULT_MODULE_ID]
-        micro_batches = token_budget_micro_batches(module_batch, budget) if budget else []
-        if len(micro_batches) <= 1:
+        num_rows = len(module_batch["token_mask"])
+        micro_batches = token_budget_micro_batches(module_batch, budget) if budget else [torch.arange(num_rows)]
+        if len(micro_batches) <= 1 and not self.sharded:
             result = super()._uncompiled_update(batch, **kwargs)
             self._log_loss_metrics(DEFAULT_MODULE_ID)
             return result
+        # (rows, carries loss): padding passes reuse row 0 with an empty token mask.
+        passes = [(rows, True) for rows in micro_batches]
+        if self.sharded:
+            passes += [(torch.zeros(1, dtype=torch.long), False)] * (_max_over_learners(len(passes)) - len(passes))
         self._compute_off_policyness(batch)
         for optimizer in self._optimizer_parameters:
             optimizer.zero_grad(set_to_none=True)
         module = self.module[DEFAULT_MODULE_ID]
         distributed = self.config.num_learners > 1
-        for index, rows in enumerate(micro_batches):
-            micro = {DEFAULT_MODULE_ID: trim_padding({key: value[rows] for key, value in module_batch.items()})}
-            synchronise = not distributed or index == len(micro_batches) - 1
-            with contextlib.nullcontext() if synchronise else module.no_sync():
-                fwd_out = self.module.forward_train(micro)
-                loss_per_module = self.compute_losses(fwd_out=fwd_out, batch=micro)
+        for index, (rows, carries_loss) in enumerate(passes):
+            micro = trim_padding({key: value[rows] for key, value in module_batch.items()})
+            if not carries_loss:
+                micro["token_mask"] = torch.zeros_like(micro["token_mask"])
+            synchronise = not distributed or index == len(passes) - 1
+            with gradient_sync(module, synchronise):
+                fwd_out = self.module.forward_train({DEFAULT_MODULE_ID: micro})
+                loss_per_module = self.compute_losses(fwd_out=fwd_out, batch={DEFAULT_MODULE_ID: micro})
                 sum(loss_per_module.values()).backward()
         gradients = {param_id: param.grad for param_id, param in self._params.items()}
-        with contextlib.ExitStack() as stack:
-            if distributed:
-                stack.enter_context(module.no_sync())
+        with gradient_sync(module, not distributed or self.sharded):
             self.apply_gradients(self.postprocess_gradients(gradients))
         self._log_loss_metrics(DEFAULT_MODULE_ID)
         return fwd_out, loss_per_module, {}
@@ -139,22 +188,73 @@ class DAPOTorchLearner(TorchLearner):
         Returns ``(rank, logprobs (rows, R))``; the driver orders the shards by rank.
         """
         rank = _rank()
-        rows = shard_rows(len(batch["input_ids"]), num_shards, rank)
+        num_rows = len(batch["input_ids"])
+        rows = shard_rows(num_rows, num_shards, rank)
         module = self.module[DEFAULT_MODULE_ID].unwrapped()
         device = next(module.parameters()).device
         shard = {key: value[rows] for key, value in batch.items()}
         chunk_rows = self.config.logprob_batch_rows
+        num_passes = -(-len(shard["input_ids"]) // chunk_rows)
+        if self.sharded:
+            # Every learner runs as many forward passes as the largest shard (rank 0's) needs.
+            largest_shard = shard_rows(num_rows, num_shards, 0)
+            num_passes = -(-(largest_shard.stop - largest_shard.start) // chunk_rows)
         was_training = module.training
         module.eval()
         pieces = []
         # Chunks of rows bound the activations held at once (one forward pass per chunk).
         with torch.no_grad():
-            for start in range(0, len(shard["input_ids"]), chunk_rows):
-                chunk = {key: value[start : start + chunk_rows].to(device) for key, value in shard.items()}
-                pieces.append(module.forward_inference(chunk)["logprobs"].cpu())
+            for index in range(num_passes):
+                start = index * chunk_rows
+                source = shard if start < len(shard["input_ids"]) else {key: value[:1] for key, value in batch.items()}
+                chunk = {key: value[start : start + chunk_rows] if source is shard else value for key, value in source.items()}
+                logprobs = module.forward_inference({key: value.to(device) for key, value in chunk.items()})["logprobs"]
+                if source is shard:
+                    pieces.append(logprobs.cpu())
         module.train(was_training)
         width = shard["response_mask"].shape[1]
         return rank, torch.cat(pieces, dim=0) if pieces else torch.zeros((0, width))
+
+    # -- state of sharded learners (collectives: the driver calls them on every learner) -------------
+
+    def get_state(self, components: Any = None, *, not_components: Any = None, **kwargs: Any) -> dict[str, Any]:
+        if self.sharded:
+            # One learner holds only its shards; see save_sharded_state / gather_weights.
+            excluded = [COMPONENT_RL_MODULE, COMPONENT_OPTIMIZER]
+            not_components = excluded + ([not_components] if isinstance(not_components, str) else list(not_components or []))
+        return super().get_state(components, not_components=not_components, **kwargs)
+
+    def get_checkpointable_components(self) -> list:
+        return [] if self.sharded else super().get_checkpointable_components()
+
+    def gather_weights(self) -> tuple[int, dict[str, Any] | None]:
+        """``(rank, state)``: rank 0 gets RLlib's weight state of the full module, the others None."""
+        module = self.module[DEFAULT_MODULE_ID].unwrapped()
+        weights = full_state_dict(module)
+        if _rank() != 0:
+            return _rank(), None
+        return 0, {COMPONENT_RL_MODULE: {DEFAULT_MODULE_ID: weights}, WEIGHTS_SEQ_NO: self._weights_seq_no}
+
+    def save_sharded_state(self, folder: str) -> None:
+        """Write this learner's shards of the weights and the optimizer state into ``folder``."""
+        save_sharded(self.module[DEFAULT_MODULE_ID].unwrapped(), self._only_optimizer(), folder)
+
+    def load_sharded_state(self, folder: str) -> None:
+        load_sharded(self.module[DEFAULT_MODULE_ID].unwrapped(), self._only_optimizer(), folder)
+
+    def _only_optimizer(self) -> torch.optim.Optimizer:
+        optimizers = list(self._named_optimizers.values())
+        if len(optimizers) != 1:
+            raise RuntimeError(f"DAPOTorchLearner expects one optimizer, has {len(optimizers)}")
+        return optimizers[0]
+
+
+def _max_over_learners(value: int) -> int:
+    if _world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.long, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
 
 
 __all__ = ["DAPOTorchLearner", "shard_rows"]

@@ -22,7 +22,8 @@ import gymnasium as gym
 from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
 
 from dapo_rl.models import TINY_PRESET, enable_activation_checkpointing, load_policy
-from dapo_rl.policy import response_logprobs
+from dapo_rl.distributed import shard_causal_lm
+from dapo_rl.policy import ResponseLogprobs
 
 #: Observation/action spaces of the module: text in, text out (the module never reads them).
 TEXT_SPACE = gym.spaces.Text(max_length=1_000_000)
@@ -39,23 +40,28 @@ class CausalLMModule(TorchRLModule):
             dtype=config.get("dtype"),
             tiny_spec=config.get("tiny_spec"),
         )
-        self.temperature = float(config.get("temperature", 1.0))
-        self.logprob_chunk_size = int(config.get("logprob_chunk_size", 1024))
         self.compute_entropy = bool(config.get("compute_entropy", True))
-        self.mixed_precision = config.get("mixed_precision")
         if config.get("gradient_checkpointing"):
             # Recompute each layer's activations in backward instead of holding them (training only).
             enable_activation_checkpointing(self.causal_lm)
+        # Kept out of the module tree (``__dict__``, not a submodule) so the state dict keeps the
+        # ``causal_lm.`` names and lists each weight once.
+        self.__dict__["logprob_forward"] = ResponseLogprobs(
+            self.causal_lm,
+            temperature=float(config.get("temperature", 1.0)),
+            chunk_size=int(config.get("logprob_chunk_size", 1024)),
+            mixed_precision=config.get("mixed_precision"),
+        )
+
+    def shard(self) -> None:
+        """Shard the weights over the learners' process group with FSDP2 (``data_parallel="fsdp2"``).
+
+        Call before the optimizer is built: sharding replaces the parameters with DTensors.
+        """
+        shard_causal_lm(self.logprob_forward, self.causal_lm)
 
     def _forward(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-        logprobs, entropy = response_logprobs(
-            self.causal_lm,
-            batch,
-            temperature=self.temperature,
-            return_entropy=self.compute_entropy,
-            chunk_size=self.logprob_chunk_size,
-            mixed_precision=self.mixed_precision,
-        )
+        logprobs, entropy = self.logprob_forward(batch, return_entropy=self.compute_entropy)
         out = {"logprobs": logprobs}
         if entropy is not None:
             out["entropy"] = entropy

@@ -86,6 +86,39 @@ def response_logprobs(
     return logprobs, entropy
 
 
+class ResponseLogprobs(torch.nn.Module):
+    """:func:`response_logprobs` as a module, so that its ``forward`` is the one entry point.
+
+    Sharded data parallelism (FSDP2) gathers a unit's weights in hooks around its ``forward``; with
+    this module as the root unit, the output head's weight, which the chunked kernel reads
+    directly, is gathered for the whole computation (see :mod:`dapo_rl.distributed`).
+    """
+
+    def __init__(
+        self,
+        causal_lm: PreTrainedModel,
+        *,
+        temperature: float = 1.0,
+        chunk_size: int = 1024,
+        mixed_precision: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.causal_lm = causal_lm
+        self.temperature = temperature
+        self.chunk_size = chunk_size
+        self.mixed_precision = mixed_precision
+
+    def forward(self, batch: dict[str, torch.Tensor], return_entropy: bool = False):
+        return response_logprobs(
+            self.causal_lm,
+            batch,
+            temperature=self.temperature,
+            return_entropy=return_entropy,
+            chunk_size=self.chunk_size,
+            mixed_precision=self.mixed_precision,
+        )
+
+
 def _forward(module: torch.nn.Module, batch: dict[str, torch.Tensor]):
     return module(
         input_ids=batch["input_ids"],

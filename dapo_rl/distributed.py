@@ -1,0 +1,162 @@
+"""Sharded data parallelism (FSDP2) for a causal LM: sharding, full-weight gathers, sharded checkpoints.
+
+Pure torch (no Ray import), so the same functions run inside RLlib's learners and in a plain
+``torchrun`` job. Every function here except :func:`transformer_blocks` is a *collective* once
+the model is sharded: all ranks must call it, in the same order.
+
+Sharding plan (the one verl and torchtitan use): each transformer block is its own FSDP unit
+(its parameters are all-gathered just before the block runs and freed after), and a root unit
+holds the rest (embeddings, final norm, output head). The root unit is the module whose
+``forward`` computes the log-probs, so the output head's weight is gathered around the chunked
+log-prob kernel, which reads the weight directly instead of calling the head.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
+
+#: Values of the ``data_parallel`` setting: replicate weights (DDP) or shard them (FSDP2).
+DATA_PARALLEL_CHOICES = ("ddp", "fsdp2")
+
+
+def transformer_blocks(causal_lm: nn.Module) -> list[nn.Module]:
+    """The model's transformer blocks: modules of the classes it lists in ``_no_split_modules``.
+
+    Hugging Face models name their block class there (``Qwen2DecoderLayer``, ...), which is what
+    makes this work for any architecture without a per-model table.
+    """
+    block_classes = set(getattr(causal_lm, "_no_split_modules", None) or ())
+    blocks = [module for module in causal_lm.modules() if type(module).__name__ in block_classes]
+    if not blocks:
+        raise ValueError(
+            f"cannot shard {type(causal_lm).__name__}: it names no transformer block class in "
+            f"_no_split_modules (got {sorted(block_classes)}), so there is nothing to wrap per block"
+        )
+    return blocks
+
+
+def shard_causal_lm(root: nn.Module, causal_lm: nn.Module, *, reshard_after_forward: bool = True) -> None:
+    """Shard ``causal_lm``'s parameters over the default process group, in place.
+
+    Args:
+        root: the module whose ``forward`` runs the model (it holds ``causal_lm``); it becomes the
+            root FSDP unit, owning every parameter outside the transformer blocks.
+        causal_lm: the Hugging Face model inside ``root``.
+        reshard_after_forward: free each block's gathered weights after its forward (ZeRO-3);
+            False keeps them until backward (ZeRO-2: more memory, one all-gather fewer per block).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("shard_causal_lm needs an initialised torch.distributed process group")
+    for block in transformer_blocks(causal_lm):
+        fully_shard(block, reshard_after_forward=reshard_after_forward)
+    fully_shard(root, reshard_after_forward=reshard_after_forward)
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether any parameter of ``module`` is a sharded DTensor."""
+    return any(isinstance(parameter, DTensor) for parameter in module.parameters())
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's full (unsharded) weights on the CPU on rank 0; an empty dict on other ranks.
+
+    One parameter is gathered at a time, so no rank ever holds more than one full tensor on its
+    device beyond its own shards.
+    """
+    is_rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    state = {}
+    for name, tensor in module.state_dict().items():
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        if is_rank0:
+            state[name] = full.detach().to("cpu", copy=True)
+        del full
+    return state
+
+
+def clip_gradients_by_global_norm(gradients: list[torch.Tensor | None], max_norm: float) -> float:
+    """Scale gradients in place so their global L2 norm is at most ``max_norm``; return the norm before.
+
+    Works for plain tensors and for sharded DTensors alike: the norm of DTensor gradients is
+    reduced over their shards, so every rank computes, and applies, the same coefficient.
+    """
+    present = [gradient for gradient in gradients if gradient is not None]
+    if not present:
+        return 0.0
+    total = torch.nn.utils.get_total_norm(present)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    total_norm = float(total)
+    coefficient = min(1.0, max_norm / (total_norm + 1e-6))
+    if coefficient < 1.0:
+        for gradient in present:
+            gradient.detach().mul_(coefficient)
+    return total_norm
+
+
+@contextmanager
+def gradient_sync(module: nn.Module, enabled: bool) -> Iterator[None]:
+    """Run backward passes with (or without) the gradient reduction of DDP or FSDP2.
+
+    Without it, gradients accumulate locally; the last micro-batch's backward runs with it on and
+    reduces the accumulated sum. A module that is neither (a single learner) is left alone.
+    """
+    if enabled:
+        yield
+        return
+    if isinstance(module, FSDPModule):
+        module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+        return
+    no_sync = getattr(module, "no_sync", None)
+    if no_sync is None:
+        yield
+        return
+    with no_sync():
+        yield
+
+
+def save_sharded(module: nn.Module, optimizer: torch.optim.Optimizer, folder: str | os.PathLike[str]) -> None:
+    """Write the module's and optimizer's sharded state with torch.distributed.checkpoint.
+
+    Every rank writes its own shards into ``folder`` (on several nodes it must be shared storage);
+    the checkpoint loads onto any number of ranks (DCP reshards on load).
+    """
+    model_state, optimizer_state = get_state_dict(module, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=os.fspath(folder))
+
+
+def load_sharded(module: nn.Module, optimizer: torch.optim.Optimizer, folder: str | os.PathLike[str]) -> None:
+    """Load what :func:`save_sharded` wrote into the (already sharded) module and its optimizer."""
+    if not Path(folder, ".metadata").is_file():
+        raise FileNotFoundError(f"no sharded checkpoint at {folder} (its .metadata file is missing)")
+    model_state, optimizer_state = get_state_dict(module, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=os.fspath(folder))
+    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+__all__ = [
+    "DATA_PARALLEL_CHOICES",
+    "clip_gradients_by_global_norm",
+    "full_state_dict",
+    "gradient_sync",
+    "is_sharded",
+    "load_sharded",
+    "save_sharded",
+    "shard_causal_lm",
+    "transformer_blocks",
+]
