@@ -41,6 +41,7 @@ from ray.rllib.utils.metrics import (
 from dapo_rl.core import ADVANTAGE_SCALES, LOSS_AGGREGATIONS
 from dapo_rl.core.sampling import ON_LIMIT_CHOICES
 from dapo_rl.distributed import DATA_PARALLEL_CHOICES
+from dapo_rl.rollout.vllm_backend import INSTALL_HINT, vllm_available
 from dapo_rl.env_runner import DAPOEnvRunner, make_reasoning_env
 from dapo_rl.learner import DAPOTorchLearner
 from dapo_rl.models import TINY_PRESET, load_tokenizer, save_policy
@@ -90,7 +91,17 @@ DAPO_SETTINGS: dict[str, Any] = {
     "micro_batch_tokens": 0,  # > 0: split each learner's update into micro-batches of at most this
     # many padded tokens, accumulating gradients (the token-mean stays exact); 0: one pass
     "data_parallel": "ddp",  # with num_learners > 1: "ddp" replicates the weights, "fsdp2" shards them
+    "generation_backend": "hf",  # "hf": transformers generate; "vllm": a vLLM engine per env runner
+    "generation_device": "auto",  # hf backend: "auto" (the GPU when the runner sees one), "cpu", "cuda"
+    "vllm_tensor_parallel_size": 1,  # GPUs per engine (= num_gpus_per_env_runner)
+    "vllm_dtype": "bfloat16",  # engine weights; the sync casts the learner's weights to it
+    "vllm_gpu_memory_utilization": 0.6,  # share of each GPU the engine may take (weights + KV cache)
+    "vllm_enforce_eager": False,  # True: no CUDA graphs (faster start, slower decode)
+    "vllm_sleep": False,  # release the engine's GPU memory between rounds (engines sharing GPUs)
 }
+
+#: Values of ``generation_backend``.
+GENERATION_BACKENDS = ("hf", "vllm")
 
 
 #: Checkpoint sub-folder with the sharded learners' weights and optimizer state (torch DCP format).
@@ -228,10 +239,41 @@ class DAPOConfig(AlgorithmConfig):
             self.data_parallel != "fsdp2" or self.grad_clip is None or self.grad_clip_by == "global_norm",
             f"data_parallel='fsdp2' clips gradients by global norm only, got grad_clip_by={self.grad_clip_by!r}",
         )
+        problems += self._generation_problems()
         require(self.apply_chat_template in (None, True, False),
                 f"apply_chat_template must be None, True or False, got {self.apply_chat_template!r}")
         require(isinstance(self.env, str) and bool(self.env),
                 f"env must be a registered Gymnasium id such as 'dapo/Arithmetic-v0', got {self.env!r}")
+        return problems
+
+    def _generation_problems(self) -> list[str]:
+        if self.generation_backend not in GENERATION_BACKENDS:
+            return [f"generation_backend must be one of {list(GENERATION_BACKENDS)}, got {self.generation_backend!r}"]
+        if self.generation_backend == "hf":
+            device = self.generation_device
+            if device not in ("auto", "cpu") and not (isinstance(device, str) and device.startswith("cuda")):
+                return [f"generation_device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}"]
+            return []
+        if not vllm_available():
+            return [INSTALL_HINT]
+        problems = []
+        tensor_parallel = self.vllm_tensor_parallel_size
+        if not (isinstance(tensor_parallel, int) and tensor_parallel >= 1):
+            problems.append(f"vllm_tensor_parallel_size must be an integer >= 1, got {tensor_parallel!r}")
+        if int(self.num_env_runners or 0) < 1:
+            problems.append(
+                "generation_backend='vllm' runs its engines in remote env runners: set "
+                f"env_runners(num_env_runners=N >= 1), got num_env_runners={self.num_env_runners}"
+            )
+        if self.num_gpus_per_env_runner != tensor_parallel:
+            problems.append(
+                f"num_gpus_per_env_runner ({self.num_gpus_per_env_runner}) must equal vllm_tensor_parallel_size "
+                f"({tensor_parallel}): each env runner holds one engine on its own GPUs"
+            )
+        if not (isinstance(self.vllm_gpu_memory_utilization, float) and 0 < self.vllm_gpu_memory_utilization <= 1):
+            problems.append(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization!r}")
+        if self.vllm_dtype not in ("bfloat16", "float16", "float32"):
+            problems.append(f"vllm_dtype must be 'bfloat16', 'float16' or 'float32', got {self.vllm_dtype!r}")
         return problems
 
     def get_default_rl_module_spec(self) -> RLModuleSpec:
@@ -271,6 +313,7 @@ class DAPO(Algorithm):
         self._generation_rng = np.random.default_rng(seed + 1)
         self._shuffle_generator = torch.Generator().manual_seed(seed + 2)
         self._optimizer_steps = 0
+        self._engine_sync_ready = False  # vLLM: the NCCL group is formed at the first sync
         self._pad_token_id = load_tokenizer(self.config.policy_model).pad_token_id
 
     # -- one rollout step ----------------------------------------------------------------------------
@@ -430,6 +473,9 @@ class DAPO(Algorithm):
 
     def sync_runner_weights(self) -> None:
         """Send the learners' current weights to every env runner (and the local one)."""
+        if self.config.generation_backend == "vllm":
+            self._sync_engine_weights()
+            return
         if not self._sharded_learners:
             self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
             return
@@ -438,6 +484,40 @@ class DAPO(Algorithm):
         self.env_runner_group.foreach_env_runner(
             lambda runner, ref=state_ref: runner.set_state(ray.get(ref)), local_env_runner=True
         )
+
+    def _sync_engine_weights(self) -> None:
+        """Broadcast the weights from learner rank 0 to every vLLM engine over NCCL.
+
+        Each runner starts its receive in a thread and returns; then the learners send (sharded
+        learners gather each tensor first); then the driver waits for the runners to finish.
+        """
+        group = self.env_runner_group
+        runner_ids = group.healthy_env_runner_ids()
+
+        def on_runners(calls: Any) -> None:
+            group.foreach_env_runner(calls, remote_worker_ids=runner_ids, local_env_runner=False)
+
+        def from_rank0(results: Any) -> Any:
+            return next(value for rank, value in (r.get() for r in results) if rank == 0)
+
+        if not self._engine_sync_ready:
+            address, port = from_rank0(self.learner_group.foreach_learner(lambda learner: learner.engine_sync_address()))
+            tensor_parallel = self.config.vllm_tensor_parallel_size
+            world_size = 1 + len(runner_ids) * tensor_parallel
+            on_runners([
+                lambda runner, offset=1 + k * tensor_parallel: runner.begin_weight_sync_group(address, port, offset, world_size)
+                for k in range(len(runner_ids))
+            ])
+            self.learner_group.foreach_learner(lambda learner: learner.init_engine_weight_sync(address, port, world_size))
+            on_runners(lambda runner: runner.finish_weight_transfer())
+            self._engine_sync_ready = True
+        dtype_name = self.config.vllm_dtype
+        # The same on every learner (full shapes even when sharded).
+        metadata = next(iter(self.learner_group.foreach_learner(
+            lambda learner: learner.engine_weight_metadata(dtype_name)))).get()
+        on_runners(lambda runner, m=metadata: runner.begin_receive_weights(m))
+        self.learner_group.foreach_learner(lambda learner, m=metadata: learner.broadcast_weights_to_engines(m))
+        on_runners(lambda runner: runner.finish_weight_transfer())
 
     def _gathered_learner_state(self) -> dict[str, Any]:
         results = self.learner_group.foreach_learner(lambda learner: learner.gather_weights())

@@ -5,14 +5,25 @@ token per step. This runner instead takes a batch of problems, generates G respo
 in one batched call of its generation backend, and scores them with the environment's vectorised
 verifier (:class:`dapo_rl.rollout.runner.GenerationRunner` does the work; this class adds RLlib's
 plumbing: module construction, weight sync, metrics, checkpoint state).
+
+Backends (``generation_backend``):
+
+- ``"hf"``: Hugging Face ``generate`` on an inference copy of the RLModule, on the GPU when this
+  process sees one (a remote runner with ``num_gpus_per_env_runner > 0``, or the driver's local
+  runner on a GPU machine), else on the CPU; ``generation_device`` overrides. Weights arrive
+  through RLlib's weight sync.
+- ``"vllm"``: a ``vllm.LLM`` engine and no RLModule; weights arrive over NCCL from learner rank 0
+  (``begin_*`` / ``finish_weight_transfer``, driven by ``DAPO.sync_runner_weights``).
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import gymnasium as gym
 import ray
+import torch
 from ray.rllib.core import COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 from ray.rllib.env import INPUT_ENV_SPACES
 from ray.rllib.env.env_runner import EnvRunner
@@ -21,10 +32,20 @@ from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME, WEIGHTS_SEQ_
 
 import dapo_envs  # registers the dapo/ environment ids in this worker process
 import dapo_envs.scoring
+from dapo_rl.models import load_tokenizer
 from dapo_rl.module import TEXT_SPACE
 from dapo_rl.rollout.base import SamplingSettings
 from dapo_rl.rollout.hf import HFGenerationBackend
 from dapo_rl.rollout.runner import GenerationRunner, PromptSettings
+from dapo_rl.rollout.vllm_backend import VLLMEngineSettings, VLLMGenerationBackend
+from dapo_rl.rollout.weight_sync import WeightMetadata
+
+
+def generation_device(setting: str) -> torch.device:
+    """The device of the HF backend: ``"auto"`` is the GPU when this process sees one."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
 
 
 def make_reasoning_env(config: Any) -> Any:
@@ -41,14 +62,35 @@ class DAPOEnvRunner(EnvRunner, Checkpointable):
         super().__init__(config=config, **kwargs)
         self._weights_seq_no = 0
         self.env = make_reasoning_env(self.config)
-        self.module = self.config.get_rl_module_spec(spaces=self.get_spaces(), inference_only=True).build()
-        tokenizer = self.module.tokenizer
-        backend = HFGenerationBackend(
-            self.module.causal_lm,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_ids=[tokenizer.eos_token_id],
-            prompts_per_call=self.config.generation_prompts_per_call,
-        )
+        self._transfer: tuple[threading.Thread, list[BaseException]] | None = None
+        config = self.config
+        if config.generation_backend == "vllm":
+            self.module = None
+            tokenizer = load_tokenizer(config.policy_model)
+            backend = VLLMGenerationBackend(
+                VLLMEngineSettings(
+                    model=config.policy_model,
+                    tensor_parallel_size=config.vllm_tensor_parallel_size,
+                    dtype=config.vllm_dtype,
+                    gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+                    max_model_len=config.max_prompt_length + config.max_response_length,
+                    enable_sleep_mode=config.vllm_sleep,
+                    enforce_eager=config.vllm_enforce_eager,
+                    seed=int(config.seed or 0) + (self.worker_index or 0),
+                ),
+                eos_token_ids=[tokenizer.eos_token_id],
+            )
+        else:
+            self.module = config.get_rl_module_spec(spaces=self.get_spaces(), inference_only=True).build()
+            self.module.to(generation_device(config.generation_device))
+            tokenizer = self.module.tokenizer
+            backend = HFGenerationBackend(
+                self.module.causal_lm,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_ids=[tokenizer.eos_token_id],
+                prompts_per_call=config.generation_prompts_per_call,
+            )
+        self.backend = backend
         self.generation = GenerationRunner(
             self.env,
             tokenizer,
@@ -81,13 +123,52 @@ class DAPOEnvRunner(EnvRunner, Checkpointable):
         """RLlib's entry point; DAPO's training step calls :meth:`sample_groups` with its problems."""
         return self.sample_groups(**kwargs)
 
+    # -- weight transfer to a vLLM engine: started here, completed while the learners send --------
+
+    def begin_weight_sync_group(self, address: str, port: int, rank_offset: int, world_size: int) -> None:
+        """Start joining learner rank 0's broadcast group (returns at once; see finish_weight_transfer)."""
+        self._begin_transfer(self.backend.init_weight_sync, address, port, rank_offset, world_size)
+
+    def begin_receive_weights(self, metadata: list[WeightMetadata]) -> None:
+        """Start receiving the weights learner rank 0 is about to broadcast (returns at once)."""
+        self._begin_transfer(self.backend.receive_weights, metadata)
+
+    def finish_weight_transfer(self, timeout_seconds: float = 1800.0) -> None:
+        """Wait for the transfer begun last; re-raise its error here."""
+        if self._transfer is None:
+            raise RuntimeError("finish_weight_transfer without a transfer begun")
+        (thread, errors), self._transfer = self._transfer, None
+        thread.join(timeout_seconds)
+        if thread.is_alive():
+            raise TimeoutError(f"weight transfer to the vLLM engine did not finish within {timeout_seconds} s")
+        if errors:
+            raise errors[0]
+        self._weights_seq_no += 1
+
+    def _begin_transfer(self, function: Any, *args: Any) -> None:
+        # A thread, because the receive blocks until the learners send, and the driver can only
+        # ask the learners to send once this call has returned.
+        if self._transfer is not None:
+            raise RuntimeError("a weight transfer is already under way")
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                function(*args)
+            except BaseException as error:  # noqa: BLE001 - re-raised in finish_weight_transfer
+                errors.append(error)
+
+        thread = threading.Thread(target=run, name="dapo-weight-transfer", daemon=True)
+        thread.start()
+        self._transfer = (thread, errors)
+
     # -- EnvRunner API -------------------------------------------------------------------------------
 
     def get_spaces(self) -> dict[str, Any]:
         return {INPUT_ENV_SPACES: (TEXT_SPACE, TEXT_SPACE), DEFAULT_MODULE_ID: (TEXT_SPACE, TEXT_SPACE)}
 
     def assert_healthy(self) -> None:
-        assert self.module is not None and self.env is not None, "DAPOEnvRunner has no module or environment"
+        assert self.backend is not None and self.env is not None, "DAPOEnvRunner has no backend or environment"
 
     def get_metrics(self) -> Any:
         return self.metrics.reduce()
@@ -100,7 +181,8 @@ class DAPOEnvRunner(EnvRunner, Checkpointable):
 
     def get_state(self, components: Any = None, *, not_components: Any = None, **kwargs: Any) -> dict[str, Any]:
         state: dict[str, Any] = {NUM_ENV_STEPS_SAMPLED_LIFETIME: self.num_env_steps_sampled_lifetime}
-        if self._check_component(COMPONENT_RL_MODULE, components, not_components):
+        # A vLLM runner holds no RLModule: its engine's weights are the learners', sent over NCCL.
+        if self.module is not None and self._check_component(COMPONENT_RL_MODULE, components, not_components):
             state[COMPONENT_RL_MODULE] = {DEFAULT_MODULE_ID: self.module.get_state(**kwargs)}
             state[WEIGHTS_SEQ_NO] = self._weights_seq_no
         return state
@@ -108,7 +190,7 @@ class DAPOEnvRunner(EnvRunner, Checkpointable):
     def set_state(self, state: dict[str, Any]) -> None:
         if isinstance(state, ray.ObjectRef):
             state = ray.get(state)
-        if COMPONENT_RL_MODULE in state:
+        if COMPONENT_RL_MODULE in state and self.module is not None:
             # Same protocol as RLlib's SingleAgentEnvRunner: seq_no 0 forces the update.
             weights_seq_no = state.get(WEIGHTS_SEQ_NO, 0)
             if weights_seq_no == 0 or self._weights_seq_no < weights_seq_no:

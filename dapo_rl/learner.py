@@ -19,14 +19,17 @@ with fewer micro-batches or chunks with passes that contribute nothing.
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
+import ray
 import torch
 import torch.distributed as dist
 from ray.rllib.core import COMPONENT_OPTIMIZER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
 from ray.rllib.utils.torch_utils import clip_gradients
+from torch.distributed.tensor import DTensor
 
 from dapo_rl.core import policy_loss
 from dapo_rl.distributed import (
@@ -36,6 +39,8 @@ from dapo_rl.distributed import (
     load_sharded,
     save_sharded,
 )
+from dapo_rl.rollout.vllm_backend import learner_broadcaster
+from dapo_rl.rollout.weight_sync import WeightMetadata, send_weights, weight_metadata
 from dapo_rl.training import token_budget_micro_batches, trim_padding
 
 
@@ -241,6 +246,42 @@ class DAPOTorchLearner(TorchLearner):
 
     def load_sharded_state(self, folder: str) -> None:
         load_sharded(self.module[DEFAULT_MODULE_ID].unwrapped(), self._only_optimizer(), folder)
+
+    # -- weight sync to vLLM engines (generation_backend="vllm"; collectives over all learners) -----
+
+    def engine_sync_address(self) -> tuple[int, tuple[str, int]]:
+        """``(rank, (address, free port))`` for the broadcast group rank 0 will host."""
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            port = probe.getsockname()[1]
+        return _rank(), (ray.util.get_node_ip_address(), port)
+
+    def init_engine_weight_sync(self, address: str, port: int, world_size: int) -> None:
+        """Rank 0 hosts the group the engines join (their joins must be under way: this blocks)."""
+        if _rank() == 0:
+            self._engine_broadcast = learner_broadcaster(address, port, world_size, self._device)
+
+    def engine_weight_metadata(self, dtype_name: str) -> list[WeightMetadata]:
+        """What :meth:`broadcast_weights_to_engines` sends: every state-dict entry in ``dtype_name``."""
+        module = self.module[DEFAULT_MODULE_ID].unwrapped()
+        return weight_metadata(module.state_dict().items(), getattr(torch, dtype_name))
+
+    def broadcast_weights_to_engines(self, metadata: list[WeightMetadata]) -> int:
+        """Stream the full weights from rank 0 to the engines, one tensor at a time.
+
+        Sharded learners all take part: each parameter is gathered (all ranks) just before rank 0
+        sends it. Returns the bytes sent (0 on other ranks).
+        """
+        module = self.module[DEFAULT_MODULE_ID].unwrapped()
+        full_tensors = (
+            (name, tensor.full_tensor() if isinstance(tensor, DTensor) else tensor)
+            for name, tensor in module.state_dict().items()
+        )
+        if _rank() != 0:
+            for _ in full_tensors:  # join each gather
+                pass
+            return 0
+        return send_weights(full_tensors, metadata, self._engine_broadcast, device=self._device)
 
     def _only_optimizer(self) -> torch.optim.Optimizer:
         optimizers = list(self._named_optimizers.values())

@@ -1,0 +1,251 @@
+"""The vLLM backend's own logic, without vLLM: sampling settings, output conversion, sleep/wake
+bookkeeping, the weight-transfer protocol (over a gloo broadcast between two processes) and the
+config checks. The engine itself is exercised only where vllm imports and CUDA exists (skipped
+otherwise; see README "Scale-out" for what has and has not run)."""
+
+from __future__ import annotations
+
+import socket
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import dapo_rl.dapo as dapo_module
+import dapo_rl.rollout.vllm_backend as vllm_backend
+from dapo_rl import DAPOConfig
+from dapo_rl.models import load_policy, save_policy
+from dapo_rl.rollout.base import SamplingSettings
+from dapo_rl.rollout.vllm_backend import (
+    INSTALL_HINT,
+    VLLMEngineSettings,
+    VLLMGenerationBackend,
+    responses_from_outputs,
+    sampling_params_kwargs,
+)
+from dapo_rl.rollout.weight_sync import engine_name, receive_weights, send_weights, weight_metadata
+
+EOS = 7
+
+
+# -- sampling settings and outputs ---------------------------------------------------------------------
+
+
+def test_sampling_params_carry_dapo_settings_and_switch_top_k_off_portably():
+    settings = SamplingSettings(n=16, max_new_tokens=20480, temperature=1.0, top_p=0.7, top_k=0)
+    kwargs = sampling_params_kwargs(settings, eos_token_ids=[EOS, 9], seed=123)
+    assert kwargs == {
+        "n": 16, "temperature": 1.0, "top_p": 0.7, "top_k": -1, "max_tokens": 20480, "seed": 123,
+        "stop_token_ids": [EOS, 9], "detokenize": False,
+    }
+    assert sampling_params_kwargs(SamplingSettings(n=2, max_new_tokens=4, top_k=20), eos_token_ids=[EOS], seed=0)["top_k"] == 20
+
+
+def _completion(index, token_ids, reason, stop_reason=None):
+    return SimpleNamespace(index=index, token_ids=tuple(token_ids), finish_reason=reason, stop_reason=stop_reason)
+
+
+def test_outputs_become_prompt_major_responses_with_their_stop_token():
+    outputs = [
+        # Completions may arrive out of index order; responses keep the index order.
+        SimpleNamespace(outputs=[_completion(1, [4, 5, 6], "length"), _completion(0, [1, 2, EOS], "stop")]),
+        # A stop token vLLM left out of token_ids is put back, so the loss teaches stopping.
+        SimpleNamespace(outputs=[_completion(0, [3], "stop", stop_reason=9), _completion(1, [], "stop", None)]),
+    ]
+    responses = responses_from_outputs(outputs, n=2, eos_token_ids=[EOS, 9])
+    assert responses.token_ids == [[1, 2, EOS], [4, 5, 6], [3, 9], [EOS]]
+    assert responses.finished == [True, False, True, True]
+
+
+@pytest.mark.parametrize(
+    ("outputs", "message"),
+    [
+        ([SimpleNamespace(outputs=[_completion(0, [1], "stop")])], "1 responses for prompt 0, expected n=2"),
+        ([SimpleNamespace(outputs=[_completion(0, [1], "abort"), _completion(1, [1], "stop")])], "finish_reason='abort'"),
+    ],
+)
+def test_unusable_outputs_are_refused_by_name(outputs, message):
+    with pytest.raises(RuntimeError, match=message):
+        responses_from_outputs(outputs, n=2, eos_token_ids=[EOS])
+
+
+def test_engine_kwargs_pick_the_executor_and_ignore_the_checkpoints_sampling_defaults():
+    single = VLLMEngineSettings(model="/models/m").engine_kwargs()
+    assert single["distributed_executor_backend"] == "uni"
+    assert single["generation_config"] == "vllm"
+    assert single["worker_extension_cls"] == "dapo_rl.rollout.vllm_worker.WeightSyncWorkerExtension"
+    assert VLLMEngineSettings(model="/models/m", tensor_parallel_size=4).engine_kwargs()["distributed_executor_backend"] == "mp"
+
+
+@pytest.mark.skipif(vllm_backend.vllm_available(), reason="vllm is installed here")
+def test_backend_without_vllm_names_the_extra_to_install():
+    with pytest.raises(ImportError, match=r"pip install 'dapo-rl\[vllm\]'"):
+        VLLMGenerationBackend(VLLMEngineSettings(model="/models/m"), eos_token_ids=[EOS])
+
+
+# -- sleep / wake bookkeeping --------------------------------------------------------------------------
+
+
+class _RecordingEngine:
+    """Records the engine calls the backend makes (stands in for vllm.LLM's sleep-mode methods)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def sleep(self, level):
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags=None):
+        self.calls.append(("wake_up", tags))
+
+    def reset_prefix_cache(self):
+        self.calls.append(("reset_prefix_cache",))
+
+    def collective_rpc(self, method, args=()):
+        self.calls.append(("collective_rpc", method))
+
+
+def _backend_with(engine, sleep_mode):
+    backend = object.__new__(VLLMGenerationBackend)
+    backend.settings = VLLMEngineSettings(model="/models/m", enable_sleep_mode=sleep_mode)
+    backend.llm, backend.asleep = engine, set()
+    return backend
+
+
+def test_sleep_mode_wakes_weights_for_the_update_and_never_wakes_them_twice():
+    engine = _RecordingEngine()
+    backend = _backend_with(engine, sleep_mode=True)
+    backend._sleep()  # after generation
+    backend.receive_weights([("w", "bfloat16", (2,))])
+    backend._wake(None)  # before the next generation: only the KV cache is still asleep
+    assert engine.calls == [
+        ("sleep", 1),
+        ("wake_up", ["weights"]),
+        ("collective_rpc", "receive_weights"),
+        ("wake_up", ["kv_cache"]),  # waking the weights again would restore the pre-sleep copy
+    ]
+
+
+def test_without_sleep_mode_an_update_resets_the_prefix_cache():
+    engine = _RecordingEngine()
+    backend = _backend_with(engine, sleep_mode=False)
+    backend._sleep()
+    backend.receive_weights([("w", "bfloat16", (2,))])
+    assert engine.calls == [("collective_rpc", "receive_weights"), ("reset_prefix_cache",)]
+
+
+# -- the weight-transfer protocol over a real broadcast --------------------------------------------------
+
+
+def _transfer_worker(rank: int, port: int, results: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    try:
+        def broadcast(tensor, src):
+            dist.broadcast(tensor, src=src)
+
+        if rank == 0:
+            model, _ = load_policy("tiny-qwen2", seed=0)
+            state = {f"causal_lm.{name}": tensor for name, tensor in model.state_dict().items()}
+            metadata = weight_metadata(state.items(), torch.bfloat16)
+            results["metadata"] = metadata
+            # A generator, as sharded learners produce it (one gathered tensor at a time).
+            results["sent"] = send_weights(((n, t) for n, t in state.items()), metadata, broadcast, device="cpu")
+        else:
+            while "metadata" not in results:  # the driver hands the metadata over in DAPO
+                time.sleep(0.01)
+            received = {name: tensor.clone() for name, tensor in receive_weights(results["metadata"], broadcast, device="cpu")}
+            results["received"] = received
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_weights_stream_from_rank0_to_an_engine_in_the_engine_dtype():
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_transfer_worker, args=(_free_port(), results), nprocs=2, join=True)
+        received, sent = dict(results["received"]), results["sent"]
+    model, _ = load_policy("tiny-qwen2", seed=0)
+    expected = model.state_dict()
+    assert set(received) == set(expected)  # Hugging Face names: the causal_lm. prefix is gone
+    for name, tensor in expected.items():
+        assert received[name].dtype == torch.bfloat16
+        assert torch.equal(received[name], tensor.to(torch.bfloat16)), name
+    assert sent == sum(t.numel() * 2 for t in expected.values())
+
+
+def test_sender_refuses_tensors_out_of_the_announced_order_or_shape():
+    tensors = [("a", torch.zeros(2)), ("b", torch.zeros(3))]
+    metadata = weight_metadata(tensors)
+    assert metadata == [("a", "float32", (2,)), ("b", "float32", (3,))]
+    sent = []
+    with pytest.raises(RuntimeError, match="sending 'b', announced 'a'"):
+        send_weights(reversed(tensors), metadata, lambda tensor, src: sent.append(tensor), device="cpu")
+    with pytest.raises(RuntimeError, match=r"'a' has shape \(4,\), announced \(2,\)"):
+        send_weights([("a", torch.zeros(4))], metadata, lambda tensor, src: None, device="cpu")
+    with pytest.raises(RuntimeError, match="sent 1 tensors, announced 2"):
+        send_weights(tensors[:1], metadata, lambda tensor, src: None, device="cpu")
+    assert engine_name("causal_lm.model.norm.weight") == "model.norm.weight"
+
+
+# -- configuration -------------------------------------------------------------------------------------
+
+
+def _vllm_config(**training):
+    return DAPOConfig().environment("dapo/Arithmetic-v0").training(generation_backend="vllm", **training)
+
+
+@pytest.mark.skipif(vllm_backend.vllm_available(), reason="vllm is installed here")
+def test_validate_refuses_vllm_when_it_is_not_installed():
+    with pytest.raises(ValueError) as refused:
+        _vllm_config().validate()
+    assert INSTALL_HINT in str(refused.value)
+
+
+def test_validate_names_the_vllm_placement_it_needs(monkeypatch):
+    monkeypatch.setattr(dapo_module, "vllm_available", lambda: True)
+    config = _vllm_config(vllm_tensor_parallel_size=2, vllm_gpu_memory_utilization=1.5)
+    problems = config._dapo_problems()
+    assert any("num_env_runners=0" in p for p in problems)
+    assert any("num_gpus_per_env_runner (0) must equal vllm_tensor_parallel_size (2)" in p for p in problems)
+    assert any("vllm_gpu_memory_utilization must be in (0, 1], got 1.5" in p for p in problems)
+    placed = _vllm_config(vllm_tensor_parallel_size=2).env_runners(num_env_runners=4, num_gpus_per_env_runner=2)
+    assert placed._dapo_problems() == []
+
+
+def test_validate_names_a_bad_generation_device():
+    config = DAPOConfig().environment("dapo/Arithmetic-v0").training(generation_device="tpu")
+    assert config._dapo_problems() == ["generation_device must be 'auto', 'cpu' or 'cuda[:N]', got 'tpu'"]
+
+
+# -- a real engine, where vLLM and a GPU exist ---------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_vllm_engine_generates_groups_and_takes_new_weights(tmp_path):
+    pytest.importorskip("vllm")
+    if not torch.cuda.is_available():
+        pytest.skip("vLLM needs CUDA")
+    model, tokenizer = load_policy("tiny-qwen2", seed=0)
+    folder = tmp_path / "tiny"
+    save_policy(model, tokenizer, folder)
+    backend = VLLMGenerationBackend(
+        VLLMEngineSettings(model=str(folder), dtype="float32", gpu_memory_utilization=0.2, enforce_eager=True),
+        eos_token_ids=[tokenizer.eos_token_id],
+    )
+    prompts = [tokenizer.encode("1+1="), tokenizer.encode("22+33=")]
+    responses = backend.generate(prompts, SamplingSettings(n=4, max_new_tokens=8), seed=0)
+    assert len(responses) == 8 and all(1 <= len(r) <= 8 for r in responses.token_ids)
+    # Zeroed weights give degenerate (constant-logit) output: the load reached the engine.
+    backend.load_weights({name: torch.zeros_like(t) for name, t in model.state_dict().items()})
+    again = backend.generate(prompts, SamplingSettings(n=4, max_new_tokens=8, temperature=1e-3), seed=0)
+    assert len({tuple(r) for r in again.token_ids}) == 1
