@@ -13,6 +13,7 @@ import copy
 import json
 import logging
 import os
+import pickle
 import sys
 import tempfile
 import time
@@ -24,14 +25,17 @@ import ray
 import yaml
 from ray import tune
 from ray.rllib.algorithms.algorithm import Algorithm
+from ray.rllib.core import DEFAULT_MODULE_ID
 from tqdm import tqdm
 
 import dapo_envs  # noqa: F401  (registers the dapo/ environment ids)
-from dapo_rl.dapo import DAPO_SETTINGS, DAPOConfig
+from dapo_rl.dapo import DAPO_SETTINGS, SHARDED_STATE_FOLDER, DAPOConfig
+from dapo_rl.distributed import load_sharded_weights_unsharded
 from dapo_rl.evaluation import evaluate_model, evaluate_runner
 from dapo_rl.models import TINY_PRESET, ModelNotFoundError, load_policy, save_policy
+from dapo_rl.module import TEXT_SPACE
 from dapo_rl.rollout.base import SamplingSettings
-from dapo_rl.rollout.hf import HFGenerationBackend
+from dapo_rl.rollout.hf import HFGenerationBackend, generation_device
 from dapo_rl.rollout.runner import GenerationRunner, PromptSettings
 from dapo_rl.warmstart import WarmStartSettings, supervised_warmstart
 
@@ -44,7 +48,9 @@ DEFAULT_JOB: dict[str, Any] = {
     "seed": 0,
     "iterations": 150,
     "num_learners": 0,
+    "num_gpus_per_learner": 0,  # > 0 with num_learners 0: the local learner trains on the GPU
     "num_env_runners": 0,
+    "num_gpus_per_env_runner": 0,
     "warmstart_steps": 1200,
     "warmstart_batch_size": 64,
     "warmstart_lr": 1e-3,
@@ -160,8 +166,8 @@ def build_config(job: dict[str, Any], model: str) -> Any:
         .environment(job["env"], env_config=dict(job["env_config"]))
         .rl_module(model_config={"model": model, **({"dtype": job["dtype"]} if job.get("dtype") else {})})
         .training(**job["training"])
-        .learners(num_learners=job["num_learners"])
-        .env_runners(num_env_runners=job["num_env_runners"])
+        .learners(num_learners=job["num_learners"], num_gpus_per_learner=job["num_gpus_per_learner"])
+        .env_runners(num_env_runners=job["num_env_runners"], num_gpus_per_env_runner=job["num_gpus_per_env_runner"])
         .debugging(seed=job["seed"], log_level="ERROR")
     )
     try:
@@ -204,14 +210,21 @@ def train(job: dict[str, Any], output: Path) -> dict[str, Any]:
     prompt_settings = PromptSettings(training.get("max_prompt_length", 2048), training.get("apply_chat_template"))
 
     def evaluate_current() -> float:
-        backend = HFGenerationBackend(model, pad_token_id=tokenizer.pad_token_id, eos_token_ids=[tokenizer.eos_token_id])
-        runner = GenerationRunner(test_env, tokenizer, backend, prompt_settings)
-        count = min(job["eval_problems"], test_env.num_problems)
-        sampling = SamplingSettings(
-            n=job["eval_samples"], max_new_tokens=training["max_response_length"],
-            temperature=training.get("temperature", 1.0), top_p=training.get("top_p", 1.0), top_k=training.get("top_k", -1),
-        )
-        return evaluate_runner(runner, [test_env.problem(i) for i in range(count)], sampling, seed=job["seed"]).avg_at_k
+        # On the GPU when there is one, and back to the CPU after: training needs that memory.
+        model.to(generation_device())
+        try:
+            backend = HFGenerationBackend(model, pad_token_id=tokenizer.pad_token_id, eos_token_ids=[tokenizer.eos_token_id])
+            runner = GenerationRunner(test_env, tokenizer, backend, prompt_settings)
+            count = min(job["eval_problems"], test_env.num_problems)
+            sampling = SamplingSettings(
+                n=job["eval_samples"], max_new_tokens=training["max_response_length"],
+                temperature=training.get("temperature", 1.0), top_p=training.get("top_p", 1.0),
+                top_k=training.get("top_k", -1),
+            )
+            problems = [test_env.problem(i) for i in range(count)]
+            return evaluate_runner(runner, problems, sampling, seed=job["seed"]).avg_at_k
+        finally:
+            model.to("cpu")
 
     policy_for_rl = job["model"]
     warmstart_seconds = 0.0
@@ -279,7 +292,20 @@ def train(job: dict[str, Any], output: Path) -> dict[str, Any]:
 
 
 def export_checkpoint(checkpoint: str | os.PathLike[str], folder: str | os.PathLike[str]) -> None:
-    """Write the policy of an RLlib DAPO checkpoint as a Hugging Face model folder."""
+    """Write the policy of an RLlib DAPO checkpoint as a Hugging Face model folder.
+
+    A checkpoint of sharded learners is consolidated in this process from its shards (no cluster
+    needed); any other is restored as an Algorithm, which exports its learners' weights.
+    """
+    sharded = Path(checkpoint, SHARDED_STATE_FOLDER)
+    if sharded.is_dir():
+        with open(Path(checkpoint, "class_and_ctor_args.pkl"), "rb") as file:
+            config_state = pickle.load(file)["ctor_args_and_kwargs"][0][0]
+        config = DAPOConfig.from_state(config_state)
+        module = config.get_rl_module_spec(spaces={DEFAULT_MODULE_ID: (TEXT_SPACE, TEXT_SPACE)}).build()
+        load_sharded_weights_unsharded(module, sharded)
+        save_policy(module.causal_lm, module.tokenizer, folder)
+        return
     algo = Algorithm.from_checkpoint(os.fspath(checkpoint))
     try:
         algo.export_policy(folder)
@@ -357,8 +383,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         result = evaluate_model(
             model, args.env, env_config=env_config, samples=args.samples, num_problems=args.problems,
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+            backend=args.backend, tensor_parallel_size=args.tensor_parallel_size,
         )
-    except ModelNotFoundError as error:
+    except (ModelNotFoundError, ImportError) as error:  # ImportError: --backend vllm without vLLM
         raise UserError(str(error)) from None
     return result.as_dict()
 
@@ -383,6 +410,9 @@ def parser() -> argparse.ArgumentParser:
     eval_parser.add_argument("--top-p", type=float, default=1.0)
     eval_parser.add_argument("--seed", type=int, default=0)
     eval_parser.add_argument("--env-config", action="append", default=[], metavar="KEY=VALUE")
+    eval_parser.add_argument("--backend", choices=("hf", "vllm"), default="hf",
+                             help="hf: transformers generate (on the GPU when there is one); vllm: a vLLM engine")
+    eval_parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs of the vLLM engine")
     return root
 
 

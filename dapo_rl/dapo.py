@@ -156,12 +156,17 @@ class DAPOConfig(AlgorithmConfig):
         return [[0, self.lr / self.lr_warmup_steps], [self.lr_warmup_steps - 1, self.lr]]
 
     def validate(self) -> None:
+        self.validate_settings(require_installed=True)
+
+    def validate_settings(self, *, require_installed: bool = True) -> None:
+        """RLlib's checks and DAPO's; ``require_installed=False`` skips whether optional packages
+        (vLLM) are installed here, to check a cluster's configuration from another machine."""
         super().validate()
-        problems = self._dapo_problems()
+        problems = self._dapo_problems(require_installed=require_installed)
         if problems:
             self._value_error("DAPOConfig is invalid:\n- " + "\n- ".join(problems))
 
-    def _dapo_problems(self) -> list[str]:
+    def _dapo_problems(self, *, require_installed: bool = True) -> list[str]:
         problems = []
 
         def require(condition: bool, message: str) -> None:
@@ -239,14 +244,14 @@ class DAPOConfig(AlgorithmConfig):
             self.data_parallel != "fsdp2" or self.grad_clip is None or self.grad_clip_by == "global_norm",
             f"data_parallel='fsdp2' clips gradients by global norm only, got grad_clip_by={self.grad_clip_by!r}",
         )
-        problems += self._generation_problems()
+        problems += self._generation_problems(require_installed)
         require(self.apply_chat_template in (None, True, False),
                 f"apply_chat_template must be None, True or False, got {self.apply_chat_template!r}")
         require(isinstance(self.env, str) and bool(self.env),
                 f"env must be a registered Gymnasium id such as 'dapo/Arithmetic-v0', got {self.env!r}")
         return problems
 
-    def _generation_problems(self) -> list[str]:
+    def _generation_problems(self, require_installed: bool) -> list[str]:
         if self.generation_backend not in GENERATION_BACKENDS:
             return [f"generation_backend must be one of {list(GENERATION_BACKENDS)}, got {self.generation_backend!r}"]
         if self.generation_backend == "hf":
@@ -254,7 +259,7 @@ class DAPOConfig(AlgorithmConfig):
             if device not in ("auto", "cpu") and not (isinstance(device, str) and device.startswith("cuda")):
                 return [f"generation_device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}"]
             return []
-        if not vllm_available():
+        if require_installed and not vllm_available():
             return [INSTALL_HINT]
         problems = []
         tensor_parallel = self.vllm_tensor_parallel_size
@@ -533,14 +538,18 @@ class DAPO(Algorithm):
 
     def restore_from_path(self, path: Any, *args: Any, **kwargs: Any) -> None:
         super().restore_from_path(path, *args, **kwargs)
+        if "component" in kwargs:
+            return
         folder = Path(path, SHARDED_STATE_FOLDER)
-        if self._sharded_learners and "component" not in kwargs:
+        if self._sharded_learners:
             if not folder.is_dir():
                 raise FileNotFoundError(
                     f"{path} holds no {SHARDED_STATE_FOLDER}/: it was not saved by sharded learners "
                     "(data_parallel='fsdp2'), so their weights cannot be restored from it"
                 )
             self.learner_group.foreach_learner(lambda learner, f=os.fspath(folder.resolve()): learner.load_sharded_state(f))
+        if self._sharded_learners or self.config.generation_backend == "vllm":
+            # RLlib's own sync after a restore reaches neither sharded learners' weights nor engines.
             self.sync_runner_weights()
 
     def get_state(self, components: Any = None, *, not_components: Any = None, **kwargs: Any) -> dict[str, Any]:

@@ -149,8 +149,22 @@ def load_sharded(module: nn.Module, optimizer: torch.optim.Optimizer, folder: st
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
+def load_sharded_weights_unsharded(module: nn.Module, folder: str | os.PathLike[str]) -> None:
+    """Fill a plain (unsharded) module, in place, with the weights :func:`save_sharded` wrote.
+
+    Runs in one process without a process group (DCP reads every shard), and reads only the weights,
+    not the optimizer state: this is how a sharded checkpoint becomes a Hugging Face folder.
+    """
+    if not Path(folder, ".metadata").is_file():
+        raise FileNotFoundError(f"no sharded checkpoint at {folder} (its .metadata file is missing)")
+    state = {"model": module.state_dict()}
+    dcp.load(state, checkpoint_id=os.fspath(folder), no_dist=True)
+    module.load_state_dict(state["model"])
+
+
 __all__ = [
     "DATA_PARALLEL_CHOICES",
+    "load_sharded_weights_unsharded",
     "clip_gradients_by_global_norm",
     "full_state_dict",
     "gradient_sync",

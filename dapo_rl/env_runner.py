@@ -23,7 +23,6 @@ from typing import Any
 
 import gymnasium as gym
 import ray
-import torch
 from ray.rllib.core import COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 from ray.rllib.env import INPUT_ENV_SPACES
 from ray.rllib.env.env_runner import EnvRunner
@@ -35,17 +34,10 @@ import dapo_envs.scoring
 from dapo_rl.models import load_tokenizer
 from dapo_rl.module import TEXT_SPACE
 from dapo_rl.rollout.base import SamplingSettings
-from dapo_rl.rollout.hf import HFGenerationBackend
+from dapo_rl.rollout.hf import HFGenerationBackend, generation_device
 from dapo_rl.rollout.runner import GenerationRunner, PromptSettings
 from dapo_rl.rollout.vllm_backend import VLLMEngineSettings, VLLMGenerationBackend
 from dapo_rl.rollout.weight_sync import WeightMetadata
-
-
-def generation_device(setting: str) -> torch.device:
-    """The device of the HF backend: ``"auto"`` is the GPU when this process sees one."""
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
 
 
 def make_reasoning_env(config: Any) -> Any:
@@ -67,19 +59,9 @@ class DAPOEnvRunner(EnvRunner, Checkpointable):
         if config.generation_backend == "vllm":
             self.module = None
             tokenizer = load_tokenizer(config.policy_model)
-            backend = VLLMGenerationBackend(
-                VLLMEngineSettings(
-                    model=config.policy_model,
-                    tensor_parallel_size=config.vllm_tensor_parallel_size,
-                    dtype=config.vllm_dtype,
-                    gpu_memory_utilization=config.vllm_gpu_memory_utilization,
-                    max_model_len=config.max_prompt_length + config.max_response_length,
-                    enable_sleep_mode=config.vllm_sleep,
-                    enforce_eager=config.vllm_enforce_eager,
-                    seed=int(config.seed or 0) + (self.worker_index or 0),
-                ),
-                eos_token_ids=[tokenizer.eos_token_id],
-            )
+            # The driver's local runner (worker index 0) never generates with remote runners
+            # around (validate() requires them), so it holds no engine and no GPU.
+            backend = self._vllm_engine(tokenizer) if self.worker_index else None
         else:
             self.module = config.get_rl_module_spec(spaces=self.get_spaces(), inference_only=True).build()
             self.module.to(generation_device(config.generation_device))
@@ -98,6 +80,22 @@ class DAPOEnvRunner(EnvRunner, Checkpointable):
             PromptSettings(self.config.max_prompt_length, self.config.apply_chat_template),
         )
 
+    def _vllm_engine(self, tokenizer: Any) -> VLLMGenerationBackend:
+        config = self.config
+        return VLLMGenerationBackend(
+            VLLMEngineSettings(
+                model=config.policy_model,
+                tensor_parallel_size=config.vllm_tensor_parallel_size,
+                dtype=config.vllm_dtype,
+                gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+                max_model_len=config.max_prompt_length + config.max_response_length,
+                enable_sleep_mode=config.vllm_sleep,
+                enforce_eager=config.vllm_enforce_eager,
+                seed=int(config.seed or 0) + self.worker_index,
+            ),
+            eos_token_ids=[tokenizer.eos_token_id],
+        )
+
     # -- the work ------------------------------------------------------------------------------------
 
     def sampling_settings(self) -> SamplingSettings:
@@ -112,6 +110,9 @@ class DAPOEnvRunner(EnvRunner, Checkpointable):
 
     def sample_groups(self, problems: list[Any], seed: int) -> dict[str, Any]:
         """G scored responses for each problem (see ``GenerationRunner.sample`` for the columns)."""
+        if self.backend is None:
+            raise RuntimeError("this is the driver's local env runner, which holds no vLLM engine: "
+                               "with generation_backend='vllm' the remote env runners generate")
         rollout = self.generation.sample(problems, self.sampling_settings(), seed=seed)
         num_responses = len(rollout["acc"])
         rollout["weights_seq_no"] = self._weights_seq_no
@@ -168,7 +169,7 @@ class DAPOEnvRunner(EnvRunner, Checkpointable):
         return {INPUT_ENV_SPACES: (TEXT_SPACE, TEXT_SPACE), DEFAULT_MODULE_ID: (TEXT_SPACE, TEXT_SPACE)}
 
     def assert_healthy(self) -> None:
-        assert self.backend is not None and self.env is not None, "DAPOEnvRunner has no backend or environment"
+        assert self.env is not None, "DAPOEnvRunner has no environment"
 
     def get_metrics(self) -> Any:
         return self.metrics.reduce()

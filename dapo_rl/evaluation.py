@@ -18,10 +18,11 @@ import gymnasium as gym
 import numpy as np
 
 import dapo_envs  # noqa: F401  (registers the dapo/ environment ids)
-from dapo_rl.models import load_policy
+from dapo_rl.models import load_policy, load_tokenizer
 from dapo_rl.rollout.base import SamplingSettings
-from dapo_rl.rollout.hf import HFGenerationBackend
+from dapo_rl.rollout.hf import HFGenerationBackend, generation_device
 from dapo_rl.rollout.runner import GenerationRunner, PromptSettings
+from dapo_rl.rollout.vllm_backend import VLLMEngineSettings, VLLMGenerationBackend
 
 
 @dataclass(frozen=True)
@@ -91,13 +92,28 @@ def evaluate_model(
     max_prompt_length: int = 2048,
     apply_chat_template: bool | None = None,
     seed: int = 0,
+    backend: str = "hf",
+    tensor_parallel_size: int = 1,
 ) -> EvalResult:
-    """Evaluate a Hugging Face model folder (or the preset) on the first ``num_problems`` of an env."""
-    policy, tokenizer = load_policy(model)
+    """Evaluate a Hugging Face model folder (or the preset) on the first ``num_problems`` of an env.
+
+    ``backend="hf"`` generates with ``transformers`` on the GPU when there is one (else the CPU);
+    ``"vllm"`` with a vLLM engine over ``tensor_parallel_size`` GPUs (a model folder, not the preset).
+    """
     env = gym.make(env_id, **(env_config or {})).unwrapped
     count = env.num_problems if num_problems is None else min(num_problems, env.num_problems)
     problems = [env.problem(i) for i in range(count)]
-    backend = HFGenerationBackend(policy, pad_token_id=tokenizer.pad_token_id, eos_token_ids=[tokenizer.eos_token_id])
-    runner = GenerationRunner(env, tokenizer, backend, PromptSettings(max_prompt_length, apply_chat_template))
+    if backend == "vllm":
+        tokenizer = load_tokenizer(model)
+        engine = VLLMEngineSettings(model=os.fspath(model), tensor_parallel_size=tensor_parallel_size, seed=seed,
+                                    max_model_len=max_prompt_length + max_new_tokens)
+        generator = VLLMGenerationBackend(engine, eos_token_ids=[tokenizer.eos_token_id])
+    elif backend == "hf":
+        policy, tokenizer = load_policy(model)
+        policy.to(generation_device())
+        generator = HFGenerationBackend(policy, pad_token_id=tokenizer.pad_token_id, eos_token_ids=[tokenizer.eos_token_id])
+    else:
+        raise ValueError(f"backend must be 'hf' or 'vllm', got {backend!r}")
+    runner = GenerationRunner(env, tokenizer, generator, PromptSettings(max_prompt_length, apply_chat_template))
     sampling = SamplingSettings(n=samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
     return evaluate_runner(runner, problems, sampling, seed=seed)

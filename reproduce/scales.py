@@ -4,10 +4,12 @@ A scale is a set of overrides applied on top of any Table-1 row (:func:`apply_sc
 never touch the settings the rows differ in (``reproduce.settings.TECHNIQUE_KEYS``), so the
 six rows keep exactly their differences at every scale.
 
-- ``"paper"``: nothing changes (Qwen2.5-32B, 512 prompts × 16, 20,480-token responses). Needs the
-  paper's cluster: see :func:`resource_plan`. Not run.
-- ``"gpu"``: one GPU, a small model (default Qwen2.5-1.5B from a local folder). Not run: see
-  :data:`GPU_TRAINING` for the reasoning and what is still missing.
+- ``"paper"``: the algorithm's settings do not change (Qwen2.5-32B, 512 prompts × 16, 20,480-token
+  responses); the scale adds the placement on 128 GPUs (:data:`PAPER_PLACEMENT`, vLLM engines and
+  FSDP2 learners). Launched by ``python -m reproduce.table1 --scale paper --run`` on a Ray
+  cluster (:mod:`reproduce.cluster`). Never run: see :func:`resource_plan`.
+- ``"gpu"``: one GPU, a small model (default Qwen2.5-1.5B from a local folder). Never run: see
+  :data:`GPU_TRAINING` for the reasoning.
 - ``"tiny"``: the CPU job of ``dapo-rl train`` (the embedded tiny model on ``dapo/Arithmetic-v0``).
 
 The learning-rate warm-up is kept as a number of *rollout steps* when a scale changes the number of
@@ -51,10 +53,10 @@ GPU_MODEL = "Qwen/Qwen2.5-1.5B"
 #:   ~1e-6 would vanish in bfloat16 weights (their spacing near 0.02 is ~1e-4).
 #: - Generation prompts per call 32 (256 rows): an fp32 KV cache of ~57 KB per token (28 layers, 2 KV
 #:   heads of 128) is ~35 GB for 256 rows of ~2,400 tokens.
-#:
-#: Before it can run on a GPU, the code needs: device placement of the env runner's model, and
-#: micro-batched (gradient-accumulated) updates: a 128-response mini-batch of up to 4k tokens each
-#: does not fit in one forward/backward pass.
+#: - One GPU holds both: the local learner (``num_gpus_per_learner=1``) and the driver's local env
+#:   runner, whose Hugging Face backend generates on the GPU it sees. Updates run in token-budget
+#:   micro-batches of 16,384 tokens (a 128-response mini-batch of up to 4k tokens each does not fit
+#:   in one forward/backward pass), with activation checkpointing and bf16 compute (the 32B settings).
 GPU_TRAINING: dict[str, Any] = {
     "prompts_per_step": 64,
     "group_size": 8,
@@ -65,6 +67,7 @@ GPU_TRAINING: dict[str, Any] = {
     "lr": 1e-6,
     "on_sampling_limit": "train",
     "generation_prompts_per_call": 32,
+    "micro_batch_tokens": 16384,
 }
 
 #: The tiny model's longest correct response on the tiny job's problems (up to 99 + 99):
@@ -88,16 +91,43 @@ TINY_TRAINING: dict[str, Any] = {
 }
 
 
+#: Where the paper-scale run puts its work on 128 GPUs (16 nodes x 8). NOT the reference scripts'
+#: layout: verl colocates generation and training on all 128 GPUs (one process per GPU switching
+#: roles). RLlib gives env runners and learners their own GPU bundles, and fractional bundles cannot
+#: hold a tensor-parallel engine, so here half the GPUs generate (16 vLLM engines, tensor parallel
+#: 4, as in the scripts) and half train (64 FSDP2 learners). DAPO's step is synchronous, so each
+#: half idles while the other works: roughly half the reference's throughput on the same GPUs. The
+#: scripts' Ulysses sequence parallelism (8) is not implemented: a learner processes whole
+#: sequences, one at a time at most (``micro_batch_tokens`` = prompt + response limit), with
+#: activation checkpointing and bf16 compute; 512 responses per update = 8 per learner.
+PAPER_PLACEMENT: dict[str, Any] = {
+    "num_env_runners": 16,
+    "num_gpus_per_env_runner": 4,
+    "num_learners": 64,
+    "num_gpus_per_learner": 1,
+    "training": {
+        "generation_backend": "vllm",
+        "vllm_tensor_parallel_size": 4,
+        "data_parallel": "fsdp2",
+        "micro_batch_tokens": 2048 + 20480,
+    },
+}
+
+#: Rollout steps of a paper-scale row: the paper's figures run to ~10k gradient updates, 16 per step.
+PAPER_ITERATIONS = 625
+
+
 def scale_overrides(scale: str) -> dict[str, Any]:
     """What a scale changes in a row: any of ``env``, ``env_config``, ``model``, ``dtype`` (None: the
     checkpoint's own), ``training`` (``DAPOConfig.training`` settings), ``seed``, ``num_learners``,
-    ``num_env_runners``. ``"paper"`` changes nothing.
+    ``num_env_runners``, ``num_gpus_per_learner``, ``num_gpus_per_env_runner``. ``"paper"`` changes
+    only where the work runs (:data:`PAPER_PLACEMENT`).
 
     Raises:
         ValueError: an unknown scale.
     """
     if scale == "paper":
-        return {}
+        return {**PAPER_PLACEMENT, "training": dict(PAPER_PLACEMENT["training"])}
     if scale == "gpu":
         return {
             "env": TRAIN_ENV,
@@ -105,6 +135,7 @@ def scale_overrides(scale: str) -> dict[str, Any]:
             "model": GPU_MODEL,
             "dtype": "float32",
             "training": dict(GPU_TRAINING),
+            "num_gpus_per_learner": 1,
         }
     if scale == "tiny":
         return {
@@ -148,8 +179,12 @@ def apply_scale(config: DAPOConfig, scale: str, *, model_path: str | os.PathLike
         scaled.debugging(seed=overrides["seed"])
     if "num_learners" in overrides:
         scaled.learners(num_learners=overrides["num_learners"])
+    if "num_gpus_per_learner" in overrides:
+        scaled.learners(num_gpus_per_learner=overrides["num_gpus_per_learner"])
     if "num_env_runners" in overrides:
         scaled.env_runners(num_env_runners=overrides["num_env_runners"])
+    if "num_gpus_per_env_runner" in overrides:
+        scaled.env_runners(num_gpus_per_env_runner=overrides["num_gpus_per_env_runner"])
     return scaled
 
 
@@ -171,17 +206,15 @@ PAPER_CLUSTER: dict[str, Any] = {
 
 
 def resource_plan(config: DAPOConfig) -> dict[str, Any]:
-    """GPUs per role for ``config`` on the paper's cluster, and the step sizes they must carry.
+    """GPUs per role for ``config`` (its env runners and learners), and the step sizes they carry.
 
-    A PLAN, not a measured set-up: this code has not run at that scale, and has no vLLM backend or
-    FSDP sharding yet. As in the reference scripts (verl's hybrid engine), generation and training
-    take turns on the same GPUs. Sizes are derived from ``config``; token counts are upper bounds
-    (every prompt and response at its length limit).
+    A PLAN derived from the config, not a measured set-up: nothing has run at this scale. Token
+    counts are upper bounds (every prompt and response at its length limit).
     """
-    cluster = PAPER_CLUSTER
-    gpus = cluster["nodes"] * cluster["gpus_per_node"]
-    engines = gpus // cluster["rollout_tensor_parallel"]
-    data_parallel_groups = gpus // cluster["sequence_parallel"]
+    engines = int(config.num_env_runners or 0)
+    generation_gpus = engines * config.num_gpus_per_env_runner
+    learners = max(1, int(config.num_learners or 0))
+    learner_gpus = learners * config.num_gpus_per_learner if config.num_learners else config.num_gpus_per_learner
     responses_per_step = config.prompts_per_step * config.group_size
     responses_per_round = (
         config.generation_batch_prompts if config.dynamic_sampling else config.prompts_per_step
@@ -189,26 +222,32 @@ def resource_plan(config: DAPOConfig) -> dict[str, Any]:
     minibatch_responses = config.minibatch_prompts * config.group_size
     sequence_tokens = config.max_prompt_length + config.max_response_length
     return {
-        "status": "plan: not run at this scale (no vLLM backend or FSDP in this code yet)",
-        "hardware": f"{gpus} {cluster['gpu']} GPUs = {cluster['nodes']} nodes x {cluster['gpus_per_node']}",
-        "gpus": gpus,
-        "colocated": True,  # rollout and learners share all GPUs, in turns
-        "rollout": {
-            "gpus": gpus,
-            "engine": "vLLM",
-            "tensor_parallel": cluster["rollout_tensor_parallel"],
+        "status": "plan: never run at this scale",
+        "gpus": int(generation_gpus + learner_gpus),
+        "generation": {
+            "backend": config.generation_backend,
+            "gpus": generation_gpus,
             "engines": engines,
+            "tensor_parallel": config.vllm_tensor_parallel_size if config.generation_backend == "vllm" else None,
             "responses_per_round": responses_per_round,
-            "responses_per_engine_per_round": responses_per_round / engines,
+            "responses_per_engine_per_round": responses_per_round / max(1, engines),
             "max_generated_tokens_per_round": responses_per_round * config.max_response_length,
         },
         "learners": {
-            "gpus": gpus,
-            "sharding": f"FSDP over {gpus} GPUs",
-            "sequence_parallel": cluster["sequence_parallel"],
-            "data_parallel_groups": data_parallel_groups,
-            "responses_per_group_per_update": minibatch_responses / data_parallel_groups,
+            "gpus": learner_gpus,
+            "learners": learners,
+            "data_parallel": config.data_parallel if learners > 1 else "single",
+            "responses_per_learner_per_update": minibatch_responses / learners,
+            "micro_batch_tokens": config.micro_batch_tokens or None,
+            "mixed_precision": config.mixed_precision,
+            "activation_checkpointing": config.gradient_checkpointing,
         },
+        "paper_cluster": (
+            f"{PAPER_CLUSTER['nodes'] * PAPER_CLUSTER['gpus_per_node']} {PAPER_CLUSTER['gpu']} GPUs = "
+            f"{PAPER_CLUSTER['nodes']} nodes x {PAPER_CLUSTER['gpus_per_node']}, generation and training colocated, "
+            f"vLLM tensor parallel {PAPER_CLUSTER['rollout_tensor_parallel']}, sequence parallel "
+            f"{PAPER_CLUSTER['sequence_parallel']}"
+        ),
         "responses_per_step": responses_per_step,
         "updates_per_step": updates_per_rollout_step(config),
         "minibatch_responses": minibatch_responses,

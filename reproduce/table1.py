@@ -5,6 +5,7 @@ Usage::
     python -m reproduce.table1 --scale tiny --seeds 3 --output runs/table1-tiny
     python -m reproduce.table1 --scale tiny --quick --output /tmp/t1               # CI: ~1 minute, 1 seed
     python -m reproduce.table1 --scale paper                                       # plan + launch commands
+    RAY_ADDRESS=auto python -m reproduce.table1 --scale paper --run --model /models/Qwen2.5-32B  # NEVER RUN
     python -m reproduce.table1 --scale gpu --model /models/Qwen2.5-1.5B --output runs/table1-gpu  # NEVER RUN
 
 Scales (``reproduce.scales``):
@@ -13,11 +14,12 @@ Scales (``reproduce.scales``):
   model, warm-started, then DAPO on ``dapo/Arithmetic-v0``), with the row's technique settings. The
   score is avg@k on the held-out arithmetic split, NOT AIME 2024: it is not comparable in value with
   the paper's numbers, only the ordering of the rows can be compared.
-- ``gpu``: the same loop with the gpu scale (Qwen2.5-1.5B from a local folder, ``--model``). It has
-  never been run; the code also still lacks GPU placement of the rollout model (see
-  ``reproduce.scales.GPU_TRAINING``).
-- ``paper``: does not train. Prints each row's ``resource_plan`` and the commands to launch the run on
-  a Ray cluster, validates every row's config, and exits 0.
+- ``gpu``: the same loop with the gpu scale (Qwen2.5-1.5B from a local folder, ``--model``), on one
+  GPU. It has never been run (see ``reproduce.scales.GPU_TRAINING``).
+- ``paper``: without ``--run``, trains nothing: validates every row's config (vLLM need not be
+  installed on the machine that checks), prints the resource plan and the launch commands. With
+  ``--run``, trains each row on the Ray cluster at ``RAY_ADDRESS`` (:mod:`reproduce.cluster`:
+  vLLM engines, FSDP2 learners, AIME 2024 avg@32); never run.
 
 Outputs in ``--output``: ``runs/<row-slug>/seed<k>/`` (one :func:`train` folder per run, with its
 ``summary.json``; a run whose ``summary.json`` exists is not redone), ``results.json`` (one entry per
@@ -41,12 +43,14 @@ from typing import Any
 
 from dapo_rl.cli import DEFAULT_JOB
 from dapo_rl.dapo import DAPO_SETTINGS, DAPOConfig
-from reproduce.scales import SCALES, apply_scale, resource_plan
+from reproduce.cluster import run_row_on_cluster
+from reproduce.scales import PAPER_ITERATIONS, SCALES, apply_scale, resource_plan
 from reproduce.settings import (
     PAPER_TABLE1,
     TABLE1_SOURCE,
     TECHNIQUE_KEYS,
     VARIANTS,
+    aime_eval_32b,
     dapo_32b,
     table1_rows,
 )
@@ -116,7 +120,9 @@ def row_job(config: DAPOConfig, seed: int, *, scale: str, quick: bool) -> dict[s
     job["dtype"] = (config.model_config or {}).get("dtype")
     job["seed"] = seed
     job["num_learners"] = config.num_learners
+    job["num_gpus_per_learner"] = config.num_gpus_per_learner
     job["num_env_runners"] = config.num_env_runners
+    job["num_gpus_per_env_runner"] = config.num_gpus_per_env_runner
     job["training"] = {key: copy.deepcopy(getattr(config, key)) for key in (*DAPO_SETTINGS, *OPTIMIZER_KEYS)}
     if scale == "gpu":
         job.update(GPU_JOB)
@@ -136,6 +142,15 @@ def run_one(job: dict[str, Any], folder: Path) -> tuple[dict[str, Any], bool]:
     from dapo_rl.cli import train  # imports Ray/Tune: only when something is trained
 
     return train(job, folder), False
+
+
+def run_paper_row(config: DAPOConfig, seed: int, folder: Path, iterations: int | None) -> tuple[dict[str, Any], bool]:
+    """One row and seed on the Ray cluster, unless its summary.json exists. Returns (summary, skipped)."""
+    summary_file = folder / "summary.json"
+    if summary_file.is_file():
+        return json.loads(summary_file.read_text(encoding="utf-8")), True
+    seeded = config.copy(copy_frozen=False).debugging(seed=seed)
+    return run_row_on_cluster(seeded, folder, iterations=iterations or PAPER_ITERATIONS, evaluation=aime_eval_32b()), False
 
 
 def iteration_metrics(folder: Path) -> list[dict[str, Any]]:
@@ -233,8 +248,8 @@ def write_table(results: list[dict[str, Any]], rows: list[str], output: Path, *,
         "|---|---:|---:|---:|---:|",
     ]
     for row in rows:
-        after = [100 * r["eval_accuracy_after"] for r in results if r["row"] == row]
-        before = [100 * r["eval_accuracy_before"] for r in results if r["row"] == row]
+        after = [_percent(r["eval_accuracy_after"]) for r in results if r["row"] == row]
+        before = [_percent(r["eval_accuracy_before"]) for r in results if r["row"] == row]
         lines.append(f"| {row} | {PAPER_TABLE1[row]} | {_mean_std(after)} | {len(after)} | {_mean_std(before)} |")
     lines.append("")
     target = output / "table1.md"
@@ -242,7 +257,12 @@ def write_table(results: list[dict[str, Any]], rows: list[str], output: Path, *,
     return target
 
 
-def _mean_std(values: list[float]) -> str:
+def _percent(value: float | None) -> float | None:
+    return None if value is None else 100 * value
+
+
+def _mean_std(values: list[float | None]) -> str:
+    values = [value for value in values if value is not None]
     if not values:
         return "–"
     if len(values) == 1:
@@ -255,34 +275,33 @@ def _mean_std(values: list[float]) -> str:
 
 def paper_plan(rows: dict[str, DAPOConfig], selected: list[str], args: argparse.Namespace) -> int:
     """Validate every row, print the resource plan and the launch commands. Trains nothing."""
-    for name, config in rows.items():
-        config.validate()
-    first = rows[selected[0]]
-    plan = resource_plan(first)
+    for config in rows.values():
+        config.validate_settings(require_installed=False)  # vLLM is needed on the cluster, not here
+    plan = resource_plan(rows[selected[0]])
     print("Table 1 at the paper's scale: NOT RUN by this command (and never run with this code).")
     print(f"All {len(rows)} row configs validate. Resource plan (identical for every row except rollout sizes):")
     print(json.dumps(plan, indent=2))
     for name in selected:
         row_plan = resource_plan(rows[name])
         techniques = {key: getattr(rows[name], key) for key in sorted(TECHNIQUE_KEYS)}
-        print(f"- {name}: responses/round {row_plan['rollout']['responses_per_round']}, techniques {techniques}")
-    nodes = plan["hardware"]
+        print(f"- {name}: responses/round {row_plan['generation']['responses_per_round']}, techniques {techniques}")
+    nodes = plan["gpus"] // 8
     print(
-        "\nLaunch (a plan: the code still lacks a vLLM rollout backend and FSDP learners, see reproduce.scales):\n"
-        f"  # on the head node ({nodes}):\n"
-        "  ray start --head --port=6379 --num-gpus=8\n"
-        "  # on each of the other 15 nodes:\n"
-        "  ray start --address=<head-ip>:6379 --num-gpus=8\n"
-        "  # then, on the head node, one row at a time (or all rows: leave out --rows):\n"
+        f"\nLaunch on {plan['gpus']} GPUs ({nodes} nodes x 8; install this package with its vllm extra on every node,\n"
+        "and put --model and --output on storage every node sees):\n"
+        "  ray start --head --port=6379 --num-gpus=8                 # on the head node\n"
+        f"  ray start --address=<head-ip>:6379 --num-gpus=8           # on each of the other {nodes - 1} nodes\n"
+        "  # then, on the head node, one row at a time (or all rows: leave out --rows):"
     )
     for name in selected:
         print(
             f"  RAY_ADDRESS=auto python -m reproduce.table1 --scale paper --run --variant {args.variant} "
-            f"--model /models/Qwen2.5-32B --seeds 1 --rows {slug(name)} --output runs/table1-paper"
+            f"--model /models/Qwen2.5-32B --seeds 1 --rows {slug(name)} --output /shared/runs/table1-paper"
         )
     print(
-        "\n  (--run at --scale paper is refused today: there is no launcher for the 32B run yet; the commands show"
-        " the intended interface.)"
+        f"\nEach row trains {PAPER_ITERATIONS} rollout steps (~10k gradient updates, the paper's curves; --iterations "
+        "changes it), checkpoints every 10 and resumes from the last one when re-run, then scores AIME 2024 avg@32\n"
+        "with vLLM. This launch path has never run (no cluster, GPU or vLLM was available to this project)."
     )
     return 0
 
@@ -296,9 +315,9 @@ def parser() -> argparse.ArgumentParser:
         description=(
             "Re-run the DAPO paper's Table 1 (cumulative technique ablations) with several seeds; write "
             "results.json, table1.md and curve plots. tiny: trains on the CPU (avg@k on held-out arithmetic, "
-            "not AIME). gpu: trains with the 1.5B gpu scale - NEVER RUN, needs --model PATH and GPU support "
-            "still missing in dapo_rl. paper: trains nothing; prints the resource plan and launch commands and "
-            "validates every row (exit 0)."
+            "not AIME). gpu: trains with the 1.5B gpu scale on one GPU - NEVER RUN, needs --model PATH. paper: "
+            "validates every row and prints the resource plan and launch commands (exit 0); with --run, trains "
+            "on the Ray cluster at RAY_ADDRESS - NEVER RUN."
         ),
     )
     p.add_argument("--scale", choices=SCALES, default="tiny", help="paper | gpu (never run) | tiny (default)")
@@ -315,7 +334,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int,
                    help="torch threads in this process (default: 1 at the tiny scale - the models are tiny and extra "
                         "threads only contend with Ray's workers on a small machine; torch's default otherwise)")
-    p.add_argument("--run", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--run", action="store_true",
+                   help="with --scale paper: train on the Ray cluster at RAY_ADDRESS (never run); needs --model")
     return p
 
 
@@ -329,10 +349,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("table1: --scale gpu needs --model PATH (a local Qwen2.5-1.5B folder); it has never been run")
     rows = scaled_rows(args.scale, variant=args.variant, model_path=args.model)
     selected = select_rows(list(rows), args.rows, args.quick)
+    if args.run and args.scale != "paper":
+        raise SystemExit("table1: --run is for --scale paper (the other scales always train)")
     if args.scale == "paper":
-        if args.run:
-            raise SystemExit("table1: training at the paper's scale is not implemented (see the plan without --run)")
-        return paper_plan(rows, selected, args)
+        if not args.run:
+            return paper_plan(rows, selected, args)
+        if not args.model:
+            raise SystemExit("table1: --scale paper --run needs --model PATH (a Qwen2.5-32B folder every node can read)")
 
     threads = args.threads if args.threads is not None else (1 if args.scale == "tiny" else None)
     if threads is None:
@@ -359,12 +382,15 @@ def _run_table(args: argparse.Namespace, rows: dict[str, DAPOConfig], selected: 
     metric = None
     for row in selected:
         for seed in range(args.seeds):
-            job = row_job(rows[row], seed, scale=args.scale, quick=args.quick)
-            if args.iterations is not None:
-                job["iterations"] = args.iterations
             folder = output / "runs" / slug(row) / f"seed{seed}"
             started = time.perf_counter()
-            summary, was_skipped = run_one(job, folder)
+            if args.scale == "paper":
+                summary, was_skipped = run_paper_row(rows[row], seed, folder, args.iterations)
+            else:
+                job = row_job(rows[row], seed, scale=args.scale, quick=args.quick)
+                if args.iterations is not None:
+                    job["iterations"] = args.iterations
+                summary, was_skipped = run_one(job, folder)
             skipped += was_skipped
             trained += not was_skipped
             metric = metric or summary.get("eval_metric")

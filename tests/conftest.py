@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 
 import pytest
@@ -53,3 +54,11 @@ def ray_session():
         trainable_module.DEFAULT_STORAGE_PATH = old_storage
         torch.set_num_threads(old_threads)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def free_port() -> int:
+    """A TCP port free on this machine now, for one torch.distributed rendezvous between test processes."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -545,6 +545,9 @@ def gathered_weights(algo) -> dict[str, np.ndarray]:
 def test_sharded_learners_match_one_learner_and_restore_from_sharded_checkpoint(ray_session, tmp_path):
     """FSDP2 over 2 gloo learners, with micro-batches: the update of one learner; checkpoints shard."""
     from ray.rllib.algorithms.algorithm import Algorithm
+    from transformers import AutoModelForCausalLM
+
+    from dapo_rl.cli import export_checkpoint
 
     settings = dict(overlong_filter=False, lr=1e-3)
     algo_local = make_config(**settings).build_algo()
@@ -573,6 +576,10 @@ def test_sharded_learners_match_one_learner_and_restore_from_sharded_checkpoint(
 
         checkpoint = algo_sharded.save_to_path(str(tmp_path / "checkpoint"))
         assert (tmp_path / "checkpoint" / dapo_module.SHARDED_STATE_FOLDER / ".metadata").is_file()
+        # The shards consolidate into a Hugging Face folder in this process, without any learner.
+        export_checkpoint(checkpoint, tmp_path / "exported")
+        exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported", local_files_only=True).state_dict()
+        assert max_abs_diff({f"causal_lm.{k}": v.numpy() for k, v in exported.items()}, after) == 0.0
         expected = algo_sharded.train()
         expected_weights = gathered_weights(algo_sharded)
 

@@ -7,7 +7,6 @@ and round-trips a sharded checkpoint. The parent compares against the same step 
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
@@ -88,18 +87,12 @@ def _worker(rank: int, port: int, folder: str, results: dict) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def sharded_run(tmp_path_factory):
+def sharded_run(tmp_path_factory, free_port):
     folder = str(tmp_path_factory.mktemp("fsdp") / "checkpoint")
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_worker, args=(_free_port(), folder, results), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(free_port, folder, results), nprocs=WORLD, join=True)
         return dict(results)
 
 

@@ -174,11 +174,12 @@ def test_techniques_cover_the_technique_keys():
 
 @pytest.mark.parametrize("scale", SCALES)
 def test_every_row_validates_at_every_scale(rows_by_variant, scale):
-    # The gpu / paper model folders do not exist here: validate() must not load the model.
+    # The gpu / paper model folders do not exist here: validate() must not load the model. The
+    # paper scale's vLLM is needed on the cluster, not on the machine that checks its settings.
     for variant, rows in rows_by_variant.items():
         scaled = [apply_scale(row, scale) for row in rows.values()]
         for config in scaled:
-            config.validate()
+            config.validate_settings(require_installed=scale != "paper")
         pairs = list(zip(rows, scaled))
         for (_, before), (name, after) in zip(pairs, pairs[1:]):
             assert changed(before, after) == set(TECHNIQUES[name]), (variant, scale, name)
@@ -189,10 +190,13 @@ def test_scales_leave_the_techniques_alone(scale):
     assert not set(scale_overrides(scale).get("training", {})) & TECHNIQUE_KEYS
 
 
-def test_paper_scale_changes_nothing():
+def test_paper_scale_changes_only_the_placement():
     config = dapo_32b()
     scaled = apply_scale(config, "paper")
-    assert settings_of(scaled) == settings_of(config)
+    placement = scales.PAPER_PLACEMENT["training"]
+    assert {k: v for k, v in settings_of(scaled).items() if k not in placement} == {
+        k: v for k, v in settings_of(config).items() if k not in placement}
+    assert {k: getattr(scaled, k) for k in placement} == placement
     assert (scaled.env, scaled.model_config) == (config.env, config.model_config)
     moved = apply_scale(config, "paper", model_path="/elsewhere")
     assert moved.model_config == {"model": "/elsewhere", "dtype": "float32"}
@@ -243,16 +247,39 @@ def test_unknown_scale_names_the_scales():
 
 
 def test_resource_plan_of_the_paper_run():
-    plan = resource_plan(dapo_32b())
-    assert "plan" in plan["status"]
-    assert plan["gpus"] == 128 and plan["rollout"]["engines"] == 32 and plan["rollout"]["tensor_parallel"] == 4
-    assert plan["learners"]["gpus"] == 128 and plan["learners"]["sequence_parallel"] == 8
-    assert plan["learners"]["data_parallel_groups"] == 16
+    config = apply_scale(dapo_32b(), "paper", model_path="/models/qwen32b")
+    config.validate_settings(require_installed=False)
+    plan = resource_plan(config)
+    assert "never run" in plan["status"]
+    assert plan["gpus"] == 128
+    assert plan["generation"] == {
+        "backend": "vllm", "gpus": 64, "engines": 16, "tensor_parallel": 4, "responses_per_round": 1536 * 16,
+        "responses_per_engine_per_round": 1536.0, "max_generated_tokens_per_round": 1536 * 16 * 20480,
+    }
+    assert plan["learners"]["gpus"] == 64 and plan["learners"]["data_parallel"] == "fsdp2"
+    assert plan["learners"]["responses_per_learner_per_update"] == 8
+    assert plan["learners"]["micro_batch_tokens"] == 2048 + 20480
+    assert "128 H20" in plan["paper_cluster"] and "sequence parallel 8" in plan["paper_cluster"]
     assert plan["responses_per_step"] == 512 * 16
     assert plan["updates_per_step"] == 16
-    assert plan["rollout"]["responses_per_round"] == 1536 * 16
     assert plan["max_tokens_per_step"] == 512 * 16 * (2048 + 20480)
     assert plan["max_tokens_per_update"] == 32 * 16 * (2048 + 20480)
+
+
+def test_paper_placement_places_every_row_alike():
+    for config in settings.table1_rows().values():
+        paper = apply_scale(config, "paper")
+        assert (paper.num_learners, paper.num_gpus_per_learner) == (64, 1)
+        assert (paper.num_env_runners, paper.num_gpus_per_env_runner) == (16, 4)
+
+
+def test_cluster_check_names_what_is_missing():
+    from reproduce.cluster import ClusterTooSmallError, check_cluster
+
+    config = apply_scale(dapo_32b(), "paper")
+    check_cluster({"GPU": 128.0, "CPU": 1024.0}, config)
+    with pytest.raises(ClusterTooSmallError, match=r"needs 128 GPUs \(16 vLLM engines x 4 \+ 64 learners x 1\); .* has 8"):
+        check_cluster({"GPU": 8.0}, config)
 
 
 def test_tiny_scale_computes_like_the_cpu_job():

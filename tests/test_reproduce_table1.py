@@ -18,7 +18,31 @@ def test_paper_scale_prints_plan_and_trains_nothing(tmp_path, capsys, monkeypatc
     assert "python -m reproduce.table1 --scale paper" in out
     assert "128 H20 GPUs" in out
     assert "responses_per_step" in out
+    assert "--scale paper --run" in out and "--model /models/Qwen2.5-32B" in out
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_paper_scale_run_needs_a_model_and_run_needs_the_paper_scale():
+    with pytest.raises(SystemExit, match="needs --model PATH"):
+        table1.main(["--scale", "paper", "--run"])
+    with pytest.raises(SystemExit, match="--run is for --scale paper"):
+        table1.main(["--scale", "tiny", "--run"])
+
+
+def test_paper_rows_skip_finished_runs_and_seed_the_rest(tmp_path, monkeypatch):
+    rows = table1.scaled_rows("paper", model_path="/models/qwen32b")
+    config = rows["Naive GRPO"]
+    calls = []
+    monkeypatch.setattr(table1, "run_row_on_cluster", lambda cfg, folder, **kw: calls.append((cfg.seed, folder, kw)) or {"x": 1})
+    assert table1.run_paper_row(config, 3, tmp_path / "a", None) == ({"x": 1}, False)
+    seed, folder, kwargs = calls[0]
+    assert seed == 3 and folder == tmp_path / "a" and kwargs["iterations"] == table1.PAPER_ITERATIONS
+    assert kwargs["evaluation"].samples == 32 and kwargs["evaluation"].top_p == 0.7
+    assert config.seed != 3  # the row's own config is left as it was
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "summary.json").write_text(json.dumps({"eval_accuracy_after": 0.5}))
+    assert table1.run_paper_row(config, 0, tmp_path / "b", 7) == ({"eval_accuracy_after": 0.5}, True)
+    assert len(calls) == 1
 
 
 def test_row_jobs_carry_the_rows_settings():
@@ -39,6 +63,9 @@ def test_gpu_row_jobs_keep_float32_weights_and_evaluate_elsewhere():
         job = table1.row_job(config, 0, scale="gpu", quick=False)
         assert job["model"] == "/models/qwen1.5b" and job["dtype"] == "float32"
         assert job["eval_env"] == "dapo/MATH500-v0"
+        # One GPU: the local learner on it (the local runner generates there too), micro-batched.
+        assert (job["num_learners"], job["num_gpus_per_learner"], job["num_env_runners"]) == (0, 1, 0)
+        assert job["training"]["micro_batch_tokens"] == 16384 and job["training"]["gradient_checkpointing"]
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ otherwise; see README "Scale-out" for what has and has not run)."""
 
 from __future__ import annotations
 
-import socket
+import threading
 import time
 from types import SimpleNamespace
 
@@ -163,16 +163,10 @@ def _transfer_worker(rank: int, port: int, results: dict) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_weights_stream_from_rank0_to_an_engine_in_the_engine_dtype():
+def test_weights_stream_from_rank0_to_an_engine_in_the_engine_dtype(free_port):
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_transfer_worker, args=(_free_port(), results), nprocs=2, join=True)
+        mp.spawn(_transfer_worker, args=(free_port, results), nprocs=2, join=True)
         received, sent = dict(results["received"]), results["sent"]
     model, _ = load_policy("tiny-qwen2", seed=0)
     expected = model.state_dict()
@@ -249,3 +243,45 @@ def test_vllm_engine_generates_groups_and_takes_new_weights(tmp_path):
     backend.load_weights({name: torch.zeros_like(t) for name, t in model.state_dict().items()})
     again = backend.generate(prompts, SamplingSettings(n=4, max_new_tokens=8, temperature=1e-3), seed=0)
     assert len({tuple(r) for r in again.token_ids}) == 1
+
+
+# -- the env runner's side of a transfer -----------------------------------------------------------------
+
+
+def test_env_runner_transfer_runs_in_the_background_and_reraises_its_error():
+    from dapo_rl.env_runner import DAPOEnvRunner
+    from dapo_rl.rollout.hf import generation_device
+
+    config = (DAPOConfig().environment("dapo/Arithmetic-v0")
+              .training(group_size=2, prompts_per_step=2, minibatch_prompts=1, max_response_length=8,
+                        overlong_cache_len=2, generation_batch_prompts=2))
+    runner = DAPOEnvRunner(config=config)
+    assert generation_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert next(runner.module.parameters()).device.type == generation_device("auto").type
+    with pytest.raises(RuntimeError, match="without a transfer begun"):
+        runner.finish_weight_transfer()
+
+    released = []
+    gate = threading.Event()
+
+    def blocking_receive(metadata):
+        gate.wait(5)  # like a NCCL receive waiting for the learners to send
+        released.append(metadata)
+
+    runner.backend.receive_weights = blocking_receive
+    runner.begin_receive_weights([("w", "float32", (1,))])  # returns while the receive still waits
+    assert released == []
+    with pytest.raises(RuntimeError, match="already under way"):
+        runner.begin_receive_weights([])
+    gate.set()
+    runner.finish_weight_transfer()
+    assert released == [[("w", "float32", (1,))]] and runner._weights_seq_no == 1
+
+    def failing_join(*args):
+        raise ConnectionError("rank 3 never joined")
+
+    runner.backend.init_weight_sync = failing_join
+    runner.begin_weight_sync_group("10.0.0.1", 1234, 1, 5)
+    with pytest.raises(ConnectionError, match="rank 3 never joined"):
+        runner.finish_weight_transfer()
+    runner.stop()

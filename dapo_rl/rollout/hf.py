@@ -11,6 +11,13 @@ from dapo_rl.rollout.base import GeneratedResponses, SamplingSettings
 from dapo_rl.rollout.batch import split_at_eos
 
 
+def generation_device(setting: str = "auto") -> torch.device:
+    """Where to generate: ``"auto"`` is the GPU when this process sees one, else the CPU."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
 class HFGenerationBackend:
     """Samples responses with ``model.generate`` on the model it holds.
 

@@ -29,8 +29,9 @@ from dapo_rl.rollout.base import GeneratedResponses, SamplingSettings
 from dapo_rl.rollout.weight_sync import WeightMetadata
 
 INSTALL_HINT = (
-    "generation_backend='vllm' needs vLLM, which is not installed: install the vllm extra "
-    "(pip install 'dapo-rl[vllm]') on a machine with NVIDIA GPUs, or use generation_backend='hf'"
+    "the vLLM backend (generation_backend='vllm', dapo-rl eval --backend vllm) needs vLLM, which is not "
+    "installed: install the vllm extra (pip install 'dapo-rl[vllm]') on a machine with NVIDIA GPUs, or use "
+    "the hf backend"
 )
 
 #: The worker extension vLLM mixes into each of its workers (imported by name in those processes).

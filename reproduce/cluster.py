@@ -1,0 +1,111 @@
+"""Launch one Table-1 row at the paper's scale on a running Ray cluster, then evaluate it on AIME 2024.
+
+``python -m reproduce.table1 --scale paper --run ...`` calls :func:`run_row_on_cluster` for each
+row: connect to the cluster (``RAY_ADDRESS``), check it has the GPUs the row's placement asks for,
+train with Tune (checkpoints every ``checkpoint_every`` rollout steps; a re-run resumes the
+experiment), consolidate the last sharded checkpoint into a Hugging Face folder, and evaluate that
+with vLLM at the paper's settings (avg@32, temperature 1.0, top_p 0.7). Writes ``summary.json``
+in the same shape as the CPU runs, so ``table1.md`` is built the same way.
+
+NEVER RUN: no cluster, GPU or vLLM has been available to this project. The pieces it calls are
+tested on the CPU (FSDP2 learners over gloo, sharded checkpoints and their consolidation, the vLLM
+backend's logic without vLLM); the launch path itself is not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from dapo_rl.dapo import DAPOConfig
+from reproduce.scales import resource_plan
+from reproduce.settings import EvalSettings
+
+
+class ClusterTooSmallError(RuntimeError):
+    """The connected Ray cluster has fewer GPUs than the row's placement asks for."""
+
+
+def check_cluster(resources: dict[str, float], config: DAPOConfig) -> None:
+    """Raise ClusterTooSmallError unless ``resources`` (``ray.cluster_resources()``) hold the row."""
+    plan = resource_plan(config)
+    needed, available = plan["gpus"], int(resources.get("GPU", 0))
+    if available < needed:
+        raise ClusterTooSmallError(
+            f"this row needs {needed} GPUs ({plan['generation']['engines']} vLLM engines x "
+            f"{config.num_gpus_per_env_runner} + {plan['learners']['learners']} learners x "
+            f"{config.num_gpus_per_learner}); the Ray cluster at RAY_ADDRESS has {available}"
+        )
+
+
+def run_row_on_cluster(
+    config: DAPOConfig,
+    folder: Path,
+    *,
+    iterations: int,
+    evaluation: EvalSettings,
+    checkpoint_every: int = 10,
+) -> dict[str, Any]:
+    """Train ``config`` for ``iterations`` rollout steps on the cluster, evaluate, write summary.json."""
+    import ray  # the launcher's dependencies load only when a run starts
+    from ray import tune
+
+    from dapo_rl.cli import export_checkpoint
+    from dapo_rl.evaluation import evaluate_model
+
+    started = time.perf_counter()
+    folder = folder.resolve()
+    ray.init(address=os.environ.get("RAY_ADDRESS", "auto"))
+    check_cluster(ray.cluster_resources(), config)
+    experiment = folder / "tune" / "dapo"
+    if tune.Tuner.can_restore(str(experiment)):
+        tuner = tune.Tuner.restore(str(experiment), trainable="DAPO", resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            "DAPO",
+            param_space=config,
+            run_config=tune.RunConfig(
+                name="dapo",
+                storage_path=str(folder / "tune"),
+                stop={"training_iteration": iterations},
+                checkpoint_config=tune.CheckpointConfig(
+                    checkpoint_frequency=checkpoint_every, checkpoint_at_end=True, num_to_keep=2
+                ),
+            ),
+        )
+    result = tuner.fit()[0]
+    if result.error is not None:
+        raise result.error
+    model_folder = folder / "model"
+    export_checkpoint(result.checkpoint.path, model_folder)
+    # Evaluations run as Ray tasks holding one engine's GPUs (free again once training has ended).
+    evaluate_remote = ray.remote(num_gpus=config.vllm_tensor_parallel_size)(evaluate_model)
+    evaluation_kwargs = dict(
+        samples=evaluation.samples, max_new_tokens=evaluation.max_new_tokens, temperature=evaluation.temperature,
+        top_p=evaluation.top_p, max_prompt_length=config.max_prompt_length, backend="vllm",
+        tensor_parallel_size=config.vllm_tensor_parallel_size,
+    )
+    before_file = folder / "eval_before.json"
+    if not before_file.is_file():  # the base model's score, once per row folder
+        base = ray.get(evaluate_remote.remote(config.policy_model, evaluation.env, **evaluation_kwargs))
+        before_file.write_text(json.dumps(base.as_dict(), indent=2), encoding="utf-8")
+    before = json.loads(before_file.read_text(encoding="utf-8"))
+    scores = ray.get(evaluate_remote.remote(str(model_folder), evaluation.env, **evaluation_kwargs))
+    summary = {
+        "eval_accuracy_before": before["avg_at_k"],
+        "eval_accuracy_after": scores.avg_at_k,
+        "eval_metric": f"{evaluation.metric} on {evaluation.env}",
+        "eval": scores.as_dict(),
+        "iterations": int(result.metrics.get("training_iteration", iterations)),
+        "wall_seconds": time.perf_counter() - started,
+        "checkpoint": str(result.checkpoint.path),
+        "model": str(model_folder),
+    }
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return summary
+
+
+__all__ = ["ClusterTooSmallError", "check_cluster", "run_row_on_cluster"]
