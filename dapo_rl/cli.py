@@ -29,7 +29,7 @@ from ray.rllib.core import DEFAULT_MODULE_ID
 from tqdm import tqdm
 
 import dapo_envs  # noqa: F401  (registers the dapo/ environment ids)
-from dapo_rl.dapo import DAPO_SETTINGS, SHARDED_STATE_FOLDER, DAPOConfig
+from dapo_rl.dapo import DAPO_SETTINGS, DAPOConfig, sharded_state_folder
 from dapo_rl.distributed import load_sharded_weights_unsharded
 from dapo_rl.evaluation import evaluate_model, evaluate_runner
 from dapo_rl.models import TINY_PRESET, ModelNotFoundError, load_policy, save_policy
@@ -297,8 +297,8 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], folder: str | os.PathL
     A checkpoint of sharded learners is consolidated in this process from its shards (no cluster
     needed); any other is restored as an Algorithm, which exports its learners' weights.
     """
-    sharded = Path(checkpoint, SHARDED_STATE_FOLDER)
-    if sharded.is_dir():
+    sharded = sharded_state_folder(checkpoint)
+    if sharded is not None:
         with open(Path(checkpoint, "class_and_ctor_args.pkl"), "rb") as file:
             config_state = pickle.load(file)["ctor_args_and_kwargs"][0][0]
         config = DAPOConfig.from_state(config_state)

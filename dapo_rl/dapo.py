@@ -17,8 +17,10 @@ One ``train()`` call is one rollout step of the paper:
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -91,6 +93,8 @@ DAPO_SETTINGS: dict[str, Any] = {
     "micro_batch_tokens": 0,  # > 0: split each learner's update into micro-batches of at most this
     # many padded tokens, accumulating gradients (the token-mean stays exact); 0: one pass
     "data_parallel": "ddp",  # with num_learners > 1: "ddp" replicates the weights, "fsdp2" shards them
+    "sharded_checkpoint_dir": None,  # fsdp2 across nodes: shared storage for the checkpoint shards
+    # (None: inside the checkpoint folder, which Tune persists from the driver's node only)
     "generation_backend": "hf",  # "hf": transformers generate; "vllm": a vLLM engine per env runner
     "generation_device": "auto",  # hf backend: "auto" (the GPU when the runner sees one), "cpu", "cuda"
     "vllm_tensor_parallel_size": 1,  # GPUs per engine (= num_gpus_per_env_runner)
@@ -106,6 +110,10 @@ GENERATION_BACKENDS = ("hf", "vllm")
 
 #: Checkpoint sub-folder with the sharded learners' weights and optimizer state (torch DCP format).
 SHARDED_STATE_FOLDER = "sharded_learner_state"
+#: Checkpoint file naming the shards' folder when they live in ``sharded_checkpoint_dir``.
+SHARDED_STATE_POINTER = "sharded_learner_state.json"
+#: Shard folders kept in ``sharded_checkpoint_dir`` (older ones are deleted at each save).
+SHARDED_CHECKPOINTS_KEPT = 2
 
 
 class DAPOConfig(AlgorithmConfig):
@@ -244,6 +252,8 @@ class DAPOConfig(AlgorithmConfig):
             self.data_parallel != "fsdp2" or self.grad_clip is None or self.grad_clip_by == "global_norm",
             f"data_parallel='fsdp2' clips gradients by global norm only, got grad_clip_by={self.grad_clip_by!r}",
         )
+        require(self.sharded_checkpoint_dir is None or (isinstance(self.sharded_checkpoint_dir, str) and self.sharded_checkpoint_dir),
+                f"sharded_checkpoint_dir must be None or a folder path, got {self.sharded_checkpoint_dir!r}")
         problems += self._generation_problems(require_installed)
         require(self.apply_chat_template in (None, True, False),
                 f"apply_chat_template must be None, True or False, got {self.apply_chat_template!r}")
@@ -270,10 +280,14 @@ class DAPOConfig(AlgorithmConfig):
                 "generation_backend='vllm' runs its engines in remote env runners: set "
                 f"env_runners(num_env_runners=N >= 1), got num_env_runners={self.num_env_runners}"
             )
-        if self.num_gpus_per_env_runner != tensor_parallel:
+        gpus = self.num_gpus_per_env_runner
+        # A one-GPU engine may take a fraction of a GPU (sharing it with a learner, with vllm_sleep);
+        # a tensor-parallel engine needs its whole GPUs.
+        shares_one_gpu = tensor_parallel == 1 and 0 < gpus <= 1
+        if gpus != tensor_parallel and not shares_one_gpu:
             problems.append(
-                f"num_gpus_per_env_runner ({self.num_gpus_per_env_runner}) must equal vllm_tensor_parallel_size "
-                f"({tensor_parallel}): each env runner holds one engine on its own GPUs"
+                f"num_gpus_per_env_runner ({gpus}) must equal vllm_tensor_parallel_size ({tensor_parallel}), or be "
+                "a fraction of one GPU with tensor parallel size 1: each env runner holds one engine"
             )
         if not (isinstance(self.vllm_gpu_memory_utilization, float) and 0 < self.vllm_gpu_memory_utilization <= 1):
             problems.append(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization!r}")
@@ -409,10 +423,8 @@ class DAPO(Algorithm):
     def _old_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         columns = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids", "response_mask")}
         num_shards = max(1, int(self.config.num_learners or 0))
-        results = self.learner_group.foreach_learner(
-            lambda learner, b=columns, k=num_shards: learner.compute_old_logprobs(b, k)
-        )
-        shards = sorted((r.get() for r in results), key=lambda pair: pair[0])
+        results = self._on_all_learners(lambda learner, b=columns, k=num_shards: learner.compute_old_logprobs(b, k))
+        shards = sorted(results, key=lambda pair: pair[0])
         return torch.cat([logprobs for _, logprobs in shards], dim=0)
 
     def _update(self, minibatch: dict[str, torch.Tensor]) -> None:
@@ -502,52 +514,72 @@ class DAPO(Algorithm):
         def on_runners(calls: Any) -> None:
             group.foreach_env_runner(calls, remote_worker_ids=runner_ids, local_env_runner=False)
 
-        def from_rank0(results: Any) -> Any:
-            return next(value for rank, value in (r.get() for r in results) if rank == 0)
+        def from_rank0(results: list[Any]) -> Any:
+            return next(value for rank, value in results if rank == 0)
 
         if not self._engine_sync_ready:
-            address, port = from_rank0(self.learner_group.foreach_learner(lambda learner: learner.engine_sync_address()))
+            address, port = from_rank0(self._on_all_learners(lambda learner: learner.engine_sync_address()))
             tensor_parallel = self.config.vllm_tensor_parallel_size
             world_size = 1 + len(runner_ids) * tensor_parallel
             on_runners([
                 lambda runner, offset=1 + k * tensor_parallel: runner.begin_weight_sync_group(address, port, offset, world_size)
                 for k in range(len(runner_ids))
             ])
-            self.learner_group.foreach_learner(lambda learner: learner.init_engine_weight_sync(address, port, world_size))
+            self._on_all_learners(lambda learner: learner.init_engine_weight_sync(address, port, world_size))
             on_runners(lambda runner: runner.finish_weight_transfer())
             self._engine_sync_ready = True
         dtype_name = self.config.vllm_dtype
         # The same on every learner (full shapes even when sharded).
-        metadata = next(iter(self.learner_group.foreach_learner(
-            lambda learner: learner.engine_weight_metadata(dtype_name)))).get()
+        metadata = self._on_all_learners(lambda learner: learner.engine_weight_metadata(dtype_name))[0]
         on_runners(lambda runner, m=metadata: runner.begin_receive_weights(m))
-        self.learner_group.foreach_learner(lambda learner, m=metadata: learner.broadcast_weights_to_engines(m))
+        self._on_all_learners(lambda learner, m=metadata: learner.broadcast_weights_to_engines(m))
         on_runners(lambda runner: runner.finish_weight_transfer())
 
+    def _on_all_learners(self, function: Any) -> list[Any]:
+        """Call ``function(learner)`` on every learner and return the results; re-raise any error.
+
+        For collectives: a learner marked unhealthy must not be skipped (the others would wait for
+        it forever), and an error must not pass silently.
+        """
+        return [result.get() for result in self.learner_group.foreach_learner(function, healthy_only=False)]
+
     def _gathered_learner_state(self) -> dict[str, Any]:
-        results = self.learner_group.foreach_learner(lambda learner: learner.gather_weights())
-        return next(state for rank, state in (r.get() for r in results) if rank == 0)
+        results = self._on_all_learners(lambda learner: learner.gather_weights())
+        return next(state for rank, state in results if rank == 0)
 
     def save_to_path(self, path: Any = None, **kwargs: Any) -> str:
-        """RLlib's checkpoint; sharded learners add their shards under ``sharded_learner_state/``."""
+        """RLlib's checkpoint; sharded learners add their shards (see ``sharded_checkpoint_dir``)."""
         path = super().save_to_path(path, **kwargs)
-        if self._sharded_learners:
-            folder = os.fspath(Path(path, SHARDED_STATE_FOLDER).resolve())
-            self.learner_group.foreach_learner(lambda learner, f=folder: learner.save_sharded_state(f))
+        if not self._sharded_learners:
+            return path
+        shared = self.config.sharded_checkpoint_dir
+        if shared:
+            # Tune persists the checkpoint folder from the driver's node only; learners on other
+            # nodes write their shards to shared storage, and the checkpoint points there.
+            # Names sort in save order (iteration, then time), which the pruning below relies on.
+            folder = Path(shared).resolve() / f"iteration{self.iteration:06d}-{time.time_ns():020d}"
+            Path(path, SHARDED_STATE_POINTER).write_text(json.dumps({"path": str(folder)}), encoding="utf-8")
+        else:
+            folder = Path(path, SHARDED_STATE_FOLDER).resolve()
+        self._on_all_learners(lambda learner, f=os.fspath(folder): learner.save_sharded_state(f))
+        if shared:
+            for old in sorted(Path(shared).resolve().glob("iteration*"))[:-SHARDED_CHECKPOINTS_KEPT]:
+                if old != folder:
+                    shutil.rmtree(old, ignore_errors=True)
         return path
 
     def restore_from_path(self, path: Any, *args: Any, **kwargs: Any) -> None:
         super().restore_from_path(path, *args, **kwargs)
         if "component" in kwargs:
             return
-        folder = Path(path, SHARDED_STATE_FOLDER)
         if self._sharded_learners:
-            if not folder.is_dir():
+            folder = sharded_state_folder(path)
+            if folder is None:
                 raise FileNotFoundError(
-                    f"{path} holds no {SHARDED_STATE_FOLDER}/: it was not saved by sharded learners "
-                    "(data_parallel='fsdp2'), so their weights cannot be restored from it"
+                    f"{path} holds neither {SHARDED_STATE_FOLDER}/ nor {SHARDED_STATE_POINTER}: it was not saved by "
+                    "sharded learners (data_parallel='fsdp2'), so their weights cannot be restored from it"
                 )
-            self.learner_group.foreach_learner(lambda learner, f=os.fspath(folder.resolve()): learner.load_sharded_state(f))
+            self._on_all_learners(lambda learner, f=os.fspath(folder): learner.load_sharded_state(f))
         if self._sharded_learners or self.config.generation_backend == "vllm":
             # RLlib's own sync after a restore reaches neither sharded learners' weights nor engines.
             self.sync_runner_weights()
@@ -583,6 +615,15 @@ class DAPO(Algorithm):
             module.set_state(self.learner_group.get_weights()[DEFAULT_MODULE_ID])
         save_policy(module.causal_lm, module.tokenizer, folder)
         return os.fspath(folder)
+
+
+def sharded_state_folder(checkpoint: str | os.PathLike[str]) -> Path | None:
+    """Where a checkpoint's learner shards are (its own sub-folder, or the shared folder it names)."""
+    pointer = Path(checkpoint, SHARDED_STATE_POINTER)
+    if pointer.is_file():
+        return Path(json.loads(pointer.read_text(encoding="utf-8"))["path"])
+    folder = Path(checkpoint, SHARDED_STATE_FOLDER)
+    return folder.resolve() if folder.is_dir() else None
 
 
 def _concatenate_rollouts(parts: list[dict[str, Any]]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 #: Values of the ``data_parallel`` setting: replicate weights (DDP) or shard them (FSDP2).
@@ -106,23 +106,14 @@ def clip_gradients_by_global_norm(gradients: list[torch.Tensor | None], max_norm
 
 @contextmanager
 def gradient_sync(module: nn.Module, enabled: bool) -> Iterator[None]:
-    """Run backward passes with (or without) the gradient reduction of DDP or FSDP2.
+    """Run backward passes with (or without) DDP's gradient all-reduce.
 
     Without it, gradients accumulate locally; the last micro-batch's backward runs with it on and
-    reduces the accumulated sum. A module that is neither (a single learner) is left alone.
+    reduces the accumulated sum. A module without ``no_sync`` (a single learner, or FSDP2 learners,
+    which reduce-scatter every backward to keep gradients sharded) is left alone.
     """
-    if enabled:
-        yield
-        return
-    if isinstance(module, FSDPModule):
-        module.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            module.set_requires_gradient_sync(True)
-        return
     no_sync = getattr(module, "no_sync", None)
-    if no_sync is None:
+    if enabled or no_sync is None:
         yield
         return
     with no_sync():

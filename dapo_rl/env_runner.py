@@ -54,7 +54,8 @@ class DAPOEnvRunner(EnvRunner, Checkpointable):
         super().__init__(config=config, **kwargs)
         self._weights_seq_no = 0
         self.env = make_reasoning_env(self.config)
-        self._transfer: tuple[threading.Thread, list[BaseException]] | None = None
+        self._transfer: tuple[threading.Thread, list[BaseException], bool] | None = None
+        self._joined_weight_sync = False
         config = self.config
         if config.generation_backend == "vllm":
             self.module = None
@@ -128,25 +129,34 @@ class DAPOEnvRunner(EnvRunner, Checkpointable):
 
     def begin_weight_sync_group(self, address: str, port: int, rank_offset: int, world_size: int) -> None:
         """Start joining learner rank 0's broadcast group (returns at once; see finish_weight_transfer)."""
-        self._begin_transfer(self.backend.init_weight_sync, address, port, rank_offset, world_size)
+        self._begin_transfer(self.backend.init_weight_sync, address, port, rank_offset, world_size, new_weights=False)
 
     def begin_receive_weights(self, metadata: list[WeightMetadata]) -> None:
         """Start receiving the weights learner rank 0 is about to broadcast (returns at once)."""
-        self._begin_transfer(self.backend.receive_weights, metadata)
+        if not self._joined_weight_sync:
+            # Raised before the learners send, so nobody waits on a member that is not there.
+            raise RuntimeError(
+                f"env runner {self.worker_index} is not in the weight-sync group (restarted after a failure?): "
+                "the group is formed once; restart the trial from its last checkpoint"
+            )
+        self._begin_transfer(self.backend.receive_weights, metadata, new_weights=True)
 
     def finish_weight_transfer(self, timeout_seconds: float = 1800.0) -> None:
         """Wait for the transfer begun last; re-raise its error here."""
         if self._transfer is None:
             raise RuntimeError("finish_weight_transfer without a transfer begun")
-        (thread, errors), self._transfer = self._transfer, None
+        (thread, errors, new_weights), self._transfer = self._transfer, None
         thread.join(timeout_seconds)
         if thread.is_alive():
             raise TimeoutError(f"weight transfer to the vLLM engine did not finish within {timeout_seconds} s")
         if errors:
             raise errors[0]
-        self._weights_seq_no += 1
+        if new_weights:
+            self._weights_seq_no += 1
+        else:
+            self._joined_weight_sync = True
 
-    def _begin_transfer(self, function: Any, *args: Any) -> None:
+    def _begin_transfer(self, function: Any, *args: Any, new_weights: bool) -> None:
         # A thread, because the receive blocks until the learners send, and the driver can only
         # ask the learners to send once this call has returned.
         if self._transfer is not None:
@@ -161,7 +171,7 @@ class DAPOEnvRunner(EnvRunner, Checkpointable):
 
         thread = threading.Thread(target=run, name="dapo-weight-transfer", daemon=True)
         thread.start()
-        self._transfer = (thread, errors)
+        self._transfer = (thread, errors, new_weights)
 
     # -- EnvRunner API -------------------------------------------------------------------------------
 

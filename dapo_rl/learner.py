@@ -26,6 +26,7 @@ import ray
 import torch
 import torch.distributed as dist
 from ray.rllib.core import COMPONENT_OPTIMIZER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
+from ray.rllib.core.learner.learner import Learner
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
 from ray.rllib.utils.torch_utils import clip_gradients
@@ -65,10 +66,13 @@ class DAPOTorchLearner(TorchLearner):
         return self.config.data_parallel == "fsdp2" and self.config.num_learners > 1
 
     def _make_module(self):
-        module = super()._make_module()
-        if self.sharded:
-            # Before the optimizer is built (Learner.build): sharding replaces the parameters.
-            module[DEFAULT_MODULE_ID].shard()
+        if not self.sharded:
+            return super()._make_module()
+        # Shard on the CPU, skipping TorchLearner's move of the whole module to the device (a 32B
+        # model in float32 would not fit one GPU): fully_shard moves each learner's shards to the
+        # device. Before the optimizer is built (Learner.build): sharding replaces the parameters.
+        module = Learner._make_module(self)
+        module[DEFAULT_MODULE_ID].shard()
         return module
 
     def _make_modules_ddp_if_necessary(self) -> None:
@@ -151,8 +155,9 @@ class DAPOTorchLearner(TorchLearner):
 
         The micro-batches' gradients accumulate before the one clip-and-step; each carries the
         mini-batch's global normaliser, so the accumulated gradient is the whole mini-batch's exactly.
-        Only the last backward reduces gradients over learners (DDP all-reduce or FSDP2
-        reduce-scatter); sharded learners first agree on the number of micro-batches.
+        DDP learners all-reduce only in the last backward. Sharded (FSDP2) learners reduce-scatter in
+        every backward, so that gradients stay sharded (an unsharded accumulation would need a full
+        copy of the gradients on every learner); they first agree on the number of micro-batches.
         """
         budget = self.config.micro_batch_tokens
         module_batch = batch[DEFAULT_MODULE_ID]
@@ -175,7 +180,7 @@ class DAPOTorchLearner(TorchLearner):
             micro = trim_padding({key: value[rows] for key, value in module_batch.items()})
             if not carries_loss:
                 micro["token_mask"] = torch.zeros_like(micro["token_mask"])
-            synchronise = not distributed or index == len(passes) - 1
+            synchronise = not distributed or self.sharded or index == len(passes) - 1
             with gradient_sync(module, synchronise):
                 fwd_out = self.module.forward_train({DEFAULT_MODULE_ID: micro})
                 loss_per_module = self.compute_losses(fwd_out=fwd_out, batch={DEFAULT_MODULE_ID: micro})

@@ -58,8 +58,11 @@ def run_row_on_cluster(
 
     started = time.perf_counter()
     folder = folder.resolve()
-    ray.init(address=os.environ.get("RAY_ADDRESS", "auto"))
+    if not ray.is_initialized():  # one connection for all the rows and seeds of a table
+        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"))
     check_cluster(ray.cluster_resources(), config)
+    # Learners on every node write their checkpoint shards here (folder is on shared storage).
+    config = config.copy(copy_frozen=False).training(sharded_checkpoint_dir=str(folder / "sharded_checkpoints"))
     experiment = folder / "tune" / "dapo"
     if tune.Tuner.can_restore(str(experiment)):
         tuner = tune.Tuner.restore(str(experiment), trainable="DAPO", resume_errored=True)

@@ -551,7 +551,9 @@ def test_sharded_learners_match_one_learner_and_restore_from_sharded_checkpoint(
 
     settings = dict(overlong_filter=False, lr=1e-3)
     algo_local = make_config(**settings).build_algo()
-    sharded_config = make_config(**settings, data_parallel="fsdp2", micro_batch_tokens=40).learners(num_learners=2)
+    shared = tmp_path / "shared_shards"  # where learners on several nodes would write their shards
+    sharded_config = make_config(**settings, data_parallel="fsdp2", micro_batch_tokens=40,
+                                 sharded_checkpoint_dir=str(shared)).learners(num_learners=2)
     algo_sharded = sharded_config.build_algo()
     restored = None
     try:
@@ -574,8 +576,12 @@ def test_sharded_learners_match_one_learner_and_restore_from_sharded_checkpoint(
         runner = {k: np.asarray(v) for k, v in algo_sharded.env_runner.module.get_state().items()}
         assert max_abs_diff(runner, after) == 0.0  # the gathered weights reached the env runner
 
+        for attempt in ("a", "b"):  # older shard folders are pruned: the 2 newest stay
+            algo_sharded.save_to_path(str(tmp_path / f"old_checkpoint_{attempt}"))
         checkpoint = algo_sharded.save_to_path(str(tmp_path / "checkpoint"))
-        assert (tmp_path / "checkpoint" / dapo_module.SHARDED_STATE_FOLDER / ".metadata").is_file()
+        shard_folder = dapo_module.sharded_state_folder(checkpoint)
+        assert shard_folder.parent == shared and (shard_folder / ".metadata").is_file()
+        assert len(list(shared.iterdir())) == dapo_module.SHARDED_CHECKPOINTS_KEPT
         # The shards consolidate into a Hugging Face folder in this process, without any learner.
         export_checkpoint(checkpoint, tmp_path / "exported")
         exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported", local_files_only=True).state_dict()

@@ -23,6 +23,7 @@ from dapo_rl.rollout.vllm_backend import (
     INSTALL_HINT,
     VLLMEngineSettings,
     VLLMGenerationBackend,
+    prompt_seed,
     responses_from_outputs,
     sampling_params_kwargs,
 )
@@ -42,6 +43,14 @@ def test_sampling_params_carry_dapo_settings_and_switch_top_k_off_portably():
         "stop_token_ids": [EOS, 9], "detokenize": False,
     }
     assert sampling_params_kwargs(SamplingSettings(n=2, max_new_tokens=4, top_k=20), eos_token_ids=[EOS], seed=0)["top_k"] == 20
+
+
+def test_each_prompt_gets_its_own_reproducible_seed():
+    seeds = [prompt_seed(7, index) for index in range(100)]
+    assert len(set(seeds)) == 100 and all(0 <= seed < 2**31 for seed in seeds)
+    assert seeds == [prompt_seed(7, index) for index in range(100)]
+    # Neighbouring call seeds (runner k and k+1) do not share streams at shifted indices either.
+    assert not set(seeds) & {prompt_seed(8, index) for index in range(100)}
 
 
 def _completion(index, token_ids, reason, stop_reason=None):
@@ -214,6 +223,11 @@ def test_validate_names_the_vllm_placement_it_needs(monkeypatch):
     assert any("vllm_gpu_memory_utilization must be in (0, 1], got 1.5" in p for p in problems)
     placed = _vllm_config(vllm_tensor_parallel_size=2).env_runners(num_env_runners=4, num_gpus_per_env_runner=2)
     assert placed._dapo_problems() == []
+    # One-GPU engines may share their GPU (e.g. half each with a learner, releasing it by sleeping).
+    shared = _vllm_config(vllm_sleep=True).env_runners(num_env_runners=2, num_gpus_per_env_runner=0.5)
+    assert shared._dapo_problems() == []
+    split = _vllm_config(vllm_tensor_parallel_size=2).env_runners(num_env_runners=2, num_gpus_per_env_runner=1)
+    assert any("must equal vllm_tensor_parallel_size (2)" in p for p in split._dapo_problems())
 
 
 def test_validate_names_a_bad_generation_device():
@@ -269,6 +283,12 @@ def test_env_runner_transfer_runs_in_the_background_and_reraises_its_error():
         released.append(metadata)
 
     runner.backend.receive_weights = blocking_receive
+    with pytest.raises(RuntimeError, match="not in the weight-sync group"):
+        runner.begin_receive_weights([])  # a runner that never joined (e.g. restarted) refuses at once
+    runner.backend.init_weight_sync = lambda *args: released.append(args)
+    runner.begin_weight_sync_group("10.0.0.1", 1234, 1, 5)
+    runner.finish_weight_transfer()
+    assert released.pop() == ("10.0.0.1", 1234, 1, 5) and runner._weights_seq_no == 0  # joining: no new weights
     runner.begin_receive_weights([("w", "float32", (1,))])  # returns while the receive still waits
     assert released == []
     with pytest.raises(RuntimeError, match="already under way"):

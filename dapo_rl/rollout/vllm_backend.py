@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from dapo_rl.rollout.base import GeneratedResponses, SamplingSettings
@@ -78,12 +79,22 @@ class VLLMEngineSettings:
         }
 
 
+def prompt_seed(seed: int, prompt_index: int) -> int:
+    """The seed of one prompt's request in a call seeded ``seed``.
+
+    vLLM seeds the n samples of a request ``seed + i``: one seed for every prompt of a call would
+    give the i-th response of every prompt the same random stream. Mixing (seed, index) through
+    numpy's SeedSequence gives each request its own, reproducibly.
+    """
+    return int(np.random.SeedSequence([seed, prompt_index]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
 def sampling_params_kwargs(sampling: SamplingSettings, *, eos_token_ids: Sequence[int], seed: int) -> dict[str, Any]:
-    """``vllm.SamplingParams`` keywords for DAPO's sampling settings.
+    """``vllm.SamplingParams`` keywords of one prompt's request (``seed``: from :func:`prompt_seed`).
 
     ``n`` responses per prompt in one request: the G responses of a group share the prompt's
     prefill and KV blocks. ``top_k=-1`` is "off" in every vLLM version (0 is rejected by older
-    ones). vLLM seeds the n samples of a request ``seed + i``, so a step is reproducible.
+    ones).
     """
     return {
         "n": sampling.n,
@@ -171,7 +182,12 @@ class VLLMGenerationBackend:
 
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingSettings, *, seed: int) -> GeneratedResponses:
         self._wake(None)
-        params = self._vllm.SamplingParams(**sampling_params_kwargs(sampling, eos_token_ids=self.eos_token_ids, seed=seed))
+        params = [
+            self._vllm.SamplingParams(
+                **sampling_params_kwargs(sampling, eos_token_ids=self.eos_token_ids, seed=prompt_seed(seed, index))
+            )
+            for index in range(len(prompt_token_ids))
+        ]
         prompts = [{"prompt_token_ids": list(ids)} for ids in prompt_token_ids]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         self._sleep()
@@ -225,6 +241,7 @@ __all__ = [
     "VLLMGenerationBackend",
     "WORKER_EXTENSION",
     "learner_broadcaster",
+    "prompt_seed",
     "responses_from_outputs",
     "sampling_params_kwargs",
     "vllm_available",
