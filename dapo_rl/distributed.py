@@ -22,7 +22,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -61,6 +66,31 @@ def shard_causal_lm(root: nn.Module, causal_lm: nn.Module, *, reshard_after_forw
     for block in transformer_blocks(causal_lm):
         fully_shard(block, reshard_after_forward=reshard_after_forward)
     fully_shard(root, reshard_after_forward=reshard_after_forward)
+
+
+def shard_from_rank0(root: nn.Module, causal_lm: nn.Module, device: torch.device | str) -> None:
+    """Shard a model whose weights exist on rank 0 only; the other ranks built it on the meta device.
+
+    Rank 0 shards its loaded model; the others shard the empty one and allocate their shards
+    (``to_empty``); then rank 0's weights are broadcast, each rank keeping its shard, and so are the
+    buffers (e.g. rotary frequencies), which the state dict may not hold. Only rank 0 ever holds the
+    whole model in host memory.
+    """
+    rank = dist.get_rank()
+    # All ranks must shard the same dtype: take rank 0's (the others' follows their config alone).
+    dtype = [next(causal_lm.parameters()).dtype if rank == 0 else None]
+    dist.broadcast_object_list(dtype, src=0)
+    full_state = {name: tensor.detach() for name, tensor in causal_lm.state_dict().items()} if rank == 0 else {}
+    if rank != 0:
+        causal_lm.to(dtype[0])
+    shard_causal_lm(root, causal_lm)
+    if rank != 0:
+        causal_lm.to_empty(device=device)
+    set_model_state_dict(
+        causal_lm, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    )
+    for buffer in causal_lm.buffers():
+        dist.broadcast(buffer.data, src=0)
 
 
 def is_sharded(module: nn.Module) -> bool:
@@ -163,5 +193,6 @@ __all__ = [
     "load_sharded",
     "save_sharded",
     "shard_causal_lm",
+    "shard_from_rank0",
     "transformer_blocks",
 ]

@@ -19,6 +19,7 @@ with fewer micro-batches or chunks with passes that contribute nothing.
 
 from __future__ import annotations
 
+import copy
 import socket
 from typing import Any
 
@@ -26,7 +27,6 @@ import ray
 import torch
 import torch.distributed as dist
 from ray.rllib.core import COMPONENT_OPTIMIZER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
-from ray.rllib.core.learner.learner import Learner
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
 from ray.rllib.utils.torch_utils import clip_gradients
@@ -68,11 +68,17 @@ class DAPOTorchLearner(TorchLearner):
     def _make_module(self):
         if not self.sharded:
             return super()._make_module()
-        # Shard on the CPU, skipping TorchLearner's move of the whole module to the device (a 32B
-        # model in float32 would not fit one GPU): fully_shard moves each learner's shards to the
-        # device. Before the optimizer is built (Learner.build): sharding replaces the parameters.
-        module = Learner._make_module(self)
-        module[DEFAULT_MODULE_ID].shard()
+        # Only rank 0 loads the weights (into host memory); the others build the architecture on
+        # the meta device and receive their shards from rank 0. Nothing moves the whole module to
+        # the device (a 32B model in float32 would not fit one GPU): fully_shard places each
+        # learner's shards there. Before the optimizer is built (Learner.build): sharding replaces
+        # the parameters.
+        spec = copy.deepcopy(self._module_spec or self.config.get_multi_rl_module_spec())
+        if _rank() != 0:
+            module_spec = spec.rl_module_specs[DEFAULT_MODULE_ID] if hasattr(spec, "rl_module_specs") else spec
+            module_spec.model_config = {**(module_spec.model_config or {}), "init_on_meta": True}
+        module = spec.build().as_multi_rl_module()
+        module[DEFAULT_MODULE_ID].shard(self._device)
         return module
 
     def _make_modules_ddp_if_necessary(self) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from tokenizers import pre_tokenizers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
@@ -110,6 +111,7 @@ def load_policy(
     seed: int = 0,
     dtype: torch.dtype | str | None = None,
     tiny_spec: dict[str, Any] | None = None,
+    on_meta: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return ``(model, tokenizer)`` for a preset name or a local Hugging Face model folder.
 
@@ -119,8 +121,20 @@ def load_policy(
         dtype: torch dtype (or its name, e.g. ``"bfloat16"``) for a checkpoint; the preset is float32
             unless given.
         tiny_spec: overrides of :class:`TinyModelSpec` fields for the preset.
+        on_meta: build the architecture on the meta device, without weights or memory (sharded
+            learners other than rank 0, which receive their shards from rank 0's weights).
     """
     torch_dtype = _as_dtype(dtype)
+    if on_meta:
+        if str(model) == TINY_PRESET:
+            tokenizer = build_char_tokenizer()
+            config = tiny_model_config(tokenizer, TinyModelSpec(**(tiny_spec or {})))
+        else:
+            path = _checked_model_folder(model)
+            tokenizer, config = load_tokenizer(path), AutoConfig.from_pretrained(path, local_files_only=True)
+        with torch.device("meta"):
+            policy = AutoModelForCausalLM.from_config(config)
+        return policy.to(torch_dtype) if torch_dtype is not None else policy, tokenizer
     if str(model) == TINY_PRESET:
         policy, tokenizer = build_tiny_model(seed=seed, spec=TinyModelSpec(**(tiny_spec or {})))
         if torch_dtype is not None:

@@ -8,6 +8,8 @@
   and runners alike, starts identical).
 - ``dtype``: torch dtype name for a checkpoint (e.g. ``"bfloat16"``); default: as saved.
 - ``tiny_spec``: overrides of :class:`dapo_rl.models.TinyModelSpec` for the preset.
+- ``init_on_meta``: set by sharded learners other than rank 0: build without weights (they arrive
+  from rank 0 when the module is sharded).
 
 DAPOConfig adds ``temperature``, ``logprob_chunk_size``, ``compute_entropy``, ``mixed_precision``
 and ``gradient_checkpointing`` from its training settings, so log-probs are of the distribution
@@ -22,7 +24,7 @@ import gymnasium as gym
 from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
 
 from dapo_rl.models import TINY_PRESET, enable_activation_checkpointing, load_policy
-from dapo_rl.distributed import shard_causal_lm
+from dapo_rl.distributed import shard_from_rank0
 from dapo_rl.policy import ResponseLogprobs
 
 #: Observation/action spaces of the module: text in, text out (the module never reads them).
@@ -39,6 +41,7 @@ class CausalLMModule(TorchRLModule):
             seed=int(config.get("init_seed", 0)),
             dtype=config.get("dtype"),
             tiny_spec=config.get("tiny_spec"),
+            on_meta=bool(config.get("init_on_meta", False)),
         )
         self.compute_entropy = bool(config.get("compute_entropy", True))
         if config.get("gradient_checkpointing"):
@@ -53,12 +56,14 @@ class CausalLMModule(TorchRLModule):
             mixed_precision=config.get("mixed_precision"),
         )
 
-    def shard(self) -> None:
+    def shard(self, device: Any) -> None:
         """Shard the weights over the learners' process group with FSDP2 (``data_parallel="fsdp2"``).
 
-        Call before the optimizer is built: sharding replaces the parameters with DTensors.
+        Rank 0 holds the loaded weights; the other ranks built the module with ``init_on_meta`` and
+        receive their shards from it. Call before the optimizer is built: sharding replaces the
+        parameters with DTensors on ``device``.
         """
-        shard_causal_lm(self.logprob_forward, self.causal_lm)
+        shard_from_rank0(self.logprob_forward, self.causal_lm, device)
 
     def _forward(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         logprobs, entropy = self.logprob_forward(batch, return_entropy=self.compute_entropy)

@@ -1,6 +1,6 @@
 """FSDP2 without Ray: two CPU processes (gloo) sharding the tiny Qwen2 give the update of one process.
 
-Each worker process shards the model, runs one AdamW step on its half of a batch with the global
+Each worker process shards the model (rank 1 from the meta device, its shards broadcast from rank 0), runs one AdamW step on its half of a batch with the global
 token-mean normaliser (times the world size: FSDP2 averages gradients), gathers the full weights,
 and round-trips a sharded checkpoint. The parent compares against the same step taken unsharded.
 """
@@ -21,6 +21,7 @@ from dapo_rl.distributed import (
     load_sharded,
     save_sharded,
     shard_causal_lm,
+    shard_from_rank0,
     transformer_blocks,
 )
 from dapo_rl.models import load_policy
@@ -59,10 +60,12 @@ def _worker(rank: int, port: int, folder: str, results: dict) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     try:
-        model, _ = load_policy("tiny-qwen2", seed=0)
+        # Rank 1 builds on the meta device and receives its shards from rank 0's weights.
+        model, _ = load_policy("tiny-qwen2", seed=0, on_meta=rank != 0)
+        assert next(model.parameters()).is_meta == (rank != 0)
         wrapper = ResponseLogprobs(model)
-        shard_causal_lm(wrapper, model)
-        assert is_sharded(model)
+        shard_from_rank0(wrapper, model, "cpu")
+        assert is_sharded(model) and not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
         total_tokens = float(_batch()["response_mask"].sum())
         optimizer, norm = _step(model, wrapper, slice(2 * rank, 2 * rank + 2), total_tokens, WORLD)
         weights = full_state_dict(model)
