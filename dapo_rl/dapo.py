@@ -572,15 +572,17 @@ class DAPO(Algorithm):
         super().restore_from_path(path, *args, **kwargs)
         if "component" in kwargs:
             return
-        if self._sharded_learners:
-            folder = sharded_state_folder(path)
-            if folder is None:
-                raise FileNotFoundError(
-                    f"{path} holds neither {SHARDED_STATE_FOLDER}/ nor {SHARDED_STATE_POINTER}: it was not saved by "
-                    "sharded learners (data_parallel='fsdp2'), so their weights cannot be restored from it"
-                )
+        folder = sharded_state_folder(path)
+        if self._sharded_learners and folder is None:
+            raise FileNotFoundError(
+                f"{path} holds neither {SHARDED_STATE_FOLDER}/ nor {SHARDED_STATE_POINTER}: it was not saved by "
+                "sharded learners (data_parallel='fsdp2'), so their weights cannot be restored from it"
+            )
+        if folder is not None:
+            # Saved by sharded learners: DCP reshards onto whatever learners load it (sharded or not;
+            # each unsharded learner reads the whole weights and optimizer state).
             self._on_all_learners(lambda learner, f=os.fspath(folder): learner.load_sharded_state(f))
-        if self._sharded_learners or self.config.generation_backend == "vllm":
+        if folder is not None or self.config.generation_backend == "vllm":
             # RLlib's own sync after a restore reaches neither sharded learners' weights nor engines.
             self.sync_runner_weights()
 

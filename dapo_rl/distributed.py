@@ -161,12 +161,13 @@ def save_sharded(module: nn.Module, optimizer: torch.optim.Optimizer, folder: st
 
 
 def load_sharded(module: nn.Module, optimizer: torch.optim.Optimizer, folder: str | os.PathLike[str]) -> None:
-    """Load what :func:`save_sharded` wrote into the (already sharded) module and its optimizer."""
+    """Load what :func:`save_sharded` wrote into the module and its optimizer, sharded or not."""
     if not Path(folder, ".metadata").is_file():
         raise FileNotFoundError(f"no sharded checkpoint at {folder} (its .metadata file is missing)")
     model_state, optimizer_state = get_state_dict(module, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=os.fspath(folder))
+    # Without a process group (one unsharded learner), this process reads every shard.
+    dcp.load(state, checkpoint_id=os.fspath(folder), no_dist=not dist.is_initialized())
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 

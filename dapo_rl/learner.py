@@ -257,6 +257,8 @@ class DAPOTorchLearner(TorchLearner):
 
     def load_sharded_state(self, folder: str) -> None:
         load_sharded(self.module[DEFAULT_MODULE_ID].unwrapped(), self._only_optimizer(), folder)
+        # New weights: a new version, or runners holding the previous one would skip the sync.
+        self._weights_seq_no += 1
 
     # -- weight sync to vLLM engines (generation_backend="vllm"; collectives over all learners) -----
 

@@ -589,6 +589,16 @@ def test_sharded_learners_match_one_learner_and_restore_from_sharded_checkpoint(
         expected = algo_sharded.train()
         expected_weights = gathered_weights(algo_sharded)
 
+        # The shards also load onto one unsharded learner (training on fewer GPUs), weights exact.
+        unsharded = make_config(**settings).build_algo()
+        try:
+            unsharded.restore_from_path(checkpoint)
+            assert max_abs_diff(learner_weights(unsharded), after) == 0.0
+            runner = {k: np.asarray(v) for k, v in unsharded.env_runner.module.get_state().items()}
+            assert max_abs_diff(runner, after) == 0.0
+        finally:
+            unsharded.stop()
+
         restored = Algorithm.from_checkpoint(checkpoint)
         assert max_abs_diff(gathered_weights(restored), after) == 0.0
         result = restored.train()
