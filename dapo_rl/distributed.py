@@ -98,6 +98,15 @@ def is_sharded(module: nn.Module) -> bool:
     return any(isinstance(parameter, DTensor) for parameter in module.parameters())
 
 
+def full_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, full tensor)`` for each state-dict entry, gathering sharded ones one at a time.
+
+    A collective for sharded modules: every rank must run the generator to its end, in step.
+    """
+    for name, tensor in module.state_dict().items():
+        yield name, tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """The module's full (unsharded) weights on the CPU on rank 0; an empty dict on other ranks.
 
@@ -106,11 +115,9 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """
     is_rank0 = not dist.is_initialized() or dist.get_rank() == 0
     state = {}
-    for name, tensor in module.state_dict().items():
-        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    for name, full in full_tensors(module):
         if is_rank0:
             state[name] = full.detach().to("cpu", copy=True)
-        del full
     return state
 
 
@@ -189,6 +196,7 @@ __all__ = [
     "load_sharded_weights_unsharded",
     "clip_gradients_by_global_norm",
     "full_state_dict",
+    "full_tensors",
     "gradient_sync",
     "is_sharded",
     "load_sharded",

@@ -30,12 +30,12 @@ from ray.rllib.core import COMPONENT_OPTIMIZER, COMPONENT_RL_MODULE, DEFAULT_MOD
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
 from ray.rllib.utils.torch_utils import clip_gradients
-from torch.distributed.tensor import DTensor
 
 from dapo_rl.core import policy_loss
 from dapo_rl.distributed import (
     clip_gradients_by_global_norm,
     full_state_dict,
+    full_tensors,
     gradient_sync,
     load_sharded,
     save_sharded,
@@ -285,16 +285,12 @@ class DAPOTorchLearner(TorchLearner):
         Sharded learners all take part: each parameter is gathered (all ranks) just before rank 0
         sends it. Returns the bytes sent (0 on other ranks).
         """
-        module = self.module[DEFAULT_MODULE_ID].unwrapped()
-        full_tensors = (
-            (name, tensor.full_tensor() if isinstance(tensor, DTensor) else tensor)
-            for name, tensor in module.state_dict().items()
-        )
+        named_tensors = full_tensors(self.module[DEFAULT_MODULE_ID].unwrapped())
         if _rank() != 0:
-            for _ in full_tensors:  # join each gather
+            for _ in named_tensors:  # join each gather
                 pass
             return 0
-        return send_weights(full_tensors, metadata, self._engine_broadcast, device=self._device)
+        return send_weights(named_tensors, metadata, self._engine_broadcast, device=self._device)
 
     def _only_optimizer(self) -> torch.optim.Optimizer:
         optimizers = list(self._named_optimizers.values())

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from dapo_rl.rollout.base import GeneratedResponses, SamplingSettings
-from dapo_rl.rollout.weight_sync import WeightMetadata
+from dapo_rl.rollout.weight_sync import WeightMetadata, engine_name
 
 INSTALL_HINT = (
     "the vLLM backend (generation_backend='vllm', dapo-rl eval --backend vllm) needs vLLM, which is not "
@@ -210,7 +210,7 @@ class VLLMGenerationBackend:
     def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load weights passed by value (RPC serialisation; fine for small models, slow for large)."""
         self._wake(["weights"])
-        named = [(name.removeprefix("causal_lm."), tensor) for name, tensor in state_dict.items()]
+        named = [(engine_name(name), tensor) for name, tensor in state_dict.items()]
         self.llm.collective_rpc("load_named_weights", args=(named,))
         self._after_weight_update()
 
