@@ -12,7 +12,8 @@ Each (variant, tokens) runs in a fresh subprocess so that no allocator cache fro
 hides or inflates a peak. Peak memory is ``max_memory_allocated()`` during the measured steps
 minus what is allocated before them (weights, AdamW state, inputs); time is the median of the
 measured steps (synchronised), after one warm-up step. A variant that runs out of memory is
-reported as such. No Ray import: it runs where only torch and transformers are installed.
+reported as such. The optimizer and loss settings are the paper's (``dapo_rl.settings``' defaults),
+read from ``dapo_rl.dapo``, which imports Ray.
 
 Usage (from the repository root)::
 
@@ -40,6 +41,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, Qwen2Config  # noqa: E402
 
 from dapo_rl.core import policy_loss  # noqa: E402
+from dapo_rl.settings import paper_settings  # noqa: E402
 from dapo_rl.distributed import clip_gradients_by_global_norm  # noqa: E402
 from dapo_rl.models import enable_activation_checkpointing  # noqa: E402
 from dapo_rl.policy import response_logprobs  # noqa: E402
@@ -52,6 +54,8 @@ QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
 QUICK = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=5000, max_position_embeddings=4096, tie_word_embeddings=True)
 VARIANTS = ("baseline", "dapo")
+#: The paper's 32B run: dapo_rl.settings' defaults (lr, weight decay, clip range, grad clip, loss).
+PAPER = paper_settings()
 
 
 def _batch(rows: int, prompt_tokens: int, response_tokens: int, vocab: int, device: torch.device):
@@ -85,7 +89,7 @@ def _child(args) -> None:
     model.train()
     if args.child == "dapo":
         enable_activation_checkpointing(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=PAPER.lr, weight_decay=PAPER.weight_decay)
     batch = _batch(args.rows, args.prompt_tokens, args.child_tokens, shape["vocab_size"], device)
     mask = batch["response_mask"].float()
     normalizer = float(mask.sum())
@@ -97,9 +101,9 @@ def _child(args) -> None:
         else:
             logprobs = _baseline_logprobs(model, batch)
         loss, _ = policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], mask,
-                              clip_low=0.2, clip_high=0.28, agg="token-mean", normalizer=normalizer)
+                              clip_low=PAPER.clip_low, clip_high=PAPER.clip_high, agg=PAPER.loss_agg, normalizer=normalizer)
         loss.backward()
-        clip_gradients_by_global_norm([p.grad for p in model.parameters()], 1.0)
+        clip_gradients_by_global_norm([p.grad for p in model.parameters()], PAPER.grad_clip)
         optimizer.step()
         return float(loss)
 

@@ -35,6 +35,7 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from dapo_rl.core import policy_loss  # noqa: E402
+from dapo_rl.settings import paper_settings  # noqa: E402
 from dapo_rl.distributed import clip_gradients_by_global_norm, shard_causal_lm  # noqa: E402
 from dapo_rl.models import load_policy  # noqa: E402
 from dapo_rl.policy import ResponseLogprobs  # noqa: E402
@@ -45,6 +46,8 @@ WORLD = 2
 MEDIUM = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
               num_key_value_heads=2, max_position_embeddings=1024)
 VARIANTS = ("ddp", "fsdp2")
+#: The paper's clip range, loss aggregation and grad clip: dapo_rl.settings' defaults.
+PAPER = paper_settings()
 
 
 def _local_bytes(tensor: torch.Tensor) -> int:
@@ -76,10 +79,10 @@ def _worker(rank: int, port: int, variant: str, quick: bool, rounds: int, result
             started = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             logprobs, _ = forward(batch)
-            loss, _ = policy_loss(logprobs, logprobs.detach() - 0.01, advantages, mask, clip_low=0.2, clip_high=0.28,
-                                  agg="token-mean", normalizer=float(mask.sum()) * WORLD)
+            loss, _ = policy_loss(logprobs, logprobs.detach() - 0.01, advantages, mask, clip_low=PAPER.clip_low,
+                                  clip_high=PAPER.clip_high, agg=PAPER.loss_agg, normalizer=float(mask.sum()) * WORLD)
             (loss * WORLD).backward()
-            clip_gradients_by_global_norm([p.grad for p in model.parameters()], 1.0)
+            clip_gradients_by_global_norm([p.grad for p in model.parameters()], PAPER.grad_clip)
             optimizer.step()
             return time.perf_counter() - started
 

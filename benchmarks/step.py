@@ -23,7 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gymnasium as gym  # noqa: E402
@@ -33,14 +32,20 @@ import ray.tune.trainable.trainable as trainable_module  # noqa: E402
 import torch  # noqa: E402
 
 import dapo_envs  # noqa: E402,F401
-from dapo_rl.cli import DEFAULT_JOB, build_config  # noqa: E402
 from dapo_rl.core import policy_loss  # noqa: E402
+from dapo_rl.jobs import DEFAULT_JOB, build_config, start_ray  # noqa: E402
 from dapo_rl.models import load_policy  # noqa: E402
 from dapo_rl.policy import response_logprobs  # noqa: E402
+from dapo_rl.prompt_sampler import PromptSampler  # noqa: E402
 from dapo_rl.rollout.base import SamplingSettings  # noqa: E402
 from dapo_rl.rollout.hf import HFGenerationBackend  # noqa: E402
 from dapo_rl.rollout.runner import GenerationRunner, PromptSettings  # noqa: E402
-from dapo_rl.training import PromptSampler, build_train_batch, collect_groups, minibatch_indices, take_rows  # noqa: E402
+from dapo_rl.training import (  # noqa: E402
+    build_train_batch,
+    collect_groups,
+    minibatch_indices,
+    minibatch_with_loss_normalizer,
+)
 
 
 def plain_loop_iteration(state: dict, config) -> dict[str, float]:
@@ -54,7 +59,7 @@ def plain_loop_iteration(state: dict, config) -> dict[str, float]:
         return state["runner"].sample(problems, state["sampling"], seed=int(rounds_seed.integers(2**31 - 1)))
 
     collected, _, rounds = collect_groups(
-        generate_round, prompts_per_step=config.prompts_per_step, generation_batch_prompts=config.generation_batch_prompts,
+        generate_round, prompts_per_step=config.prompts_per_step, generation_batch_prompts=config.generation_round_prompts,
         dynamic_sampling=config.dynamic_sampling, max_sampling_rounds=config.max_sampling_rounds,
         on_sampling_limit=config.on_sampling_limit,
     )
@@ -72,7 +77,8 @@ def plain_loop_iteration(state: dict, config) -> dict[str, float]:
     times["old_logprobs"] = time.perf_counter() - mark
     mark = time.perf_counter()
     for rows in minibatch_indices(batch["group_index"], minibatch_prompts=config.minibatch_prompts, generator=state["shuffle"]):
-        mini = take_rows(batch, rows, loss_agg=config.loss_agg, max_response_length=config.max_response_length)
+        mini = minibatch_with_loss_normalizer(batch, rows, loss_agg=config.loss_agg,
+                                              max_response_length=config.max_response_length)
         logprobs, entropy = response_logprobs(model, mini, temperature=config.temperature, return_entropy=config.compute_entropy)
         loss, _ = policy_loss(
             logprobs, mini["old_logprobs"], mini["advantages"], mini["token_mask"], clip_low=config.clip_low,
@@ -127,7 +133,7 @@ def main() -> None:
         job["training"]["dynamic_sampling"] = False
     config = build_config(job, model_name)
     trainable_module.DEFAULT_STORAGE_PATH = str(Path(args.output or "benchmarks/results").resolve().parent / "ray_results_tmp")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_ray()
 
     algo = config.build_algo()
     plain = make_plain_state(config, model_name, int(config.seed or 0))

@@ -17,12 +17,9 @@ One ``train()`` call is one rollout step of the paper:
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,80 +37,53 @@ from ray.rllib.utils.metrics import (
     TIMERS,
 )
 
-from dapo_rl.core import ADVANTAGE_SCALES, LOSS_AGGREGATIONS
+from dapo_rl.core import ADVANTAGE_SCALES, LOSS_AGGREGATIONS, shaped_rewards
+from dapo_rl.core.losses import clip_setting_problems
 from dapo_rl.core.sampling import ON_LIMIT_CHOICES
-from dapo_rl.distributed import DATA_PARALLEL_CHOICES
+from dapo_rl.distributed import (
+    DATA_PARALLEL_CHOICES,
+    SHARDED_STATE_FOLDER,
+    SHARDED_STATE_POINTER,
+    finish_sharded_checkpoint,
+    learners_are_sharded,
+    sharded_state_folder,
+    sharded_state_target,
+)
+from dapo_rl.rollout.engine_sync import EngineWeightSync
 from dapo_rl.rollout.vllm_backend import INSTALL_HINT, vllm_available
+from dapo_rl.checkpoints import write_policy_module_config
 from dapo_rl.env_runner import DAPOEnvRunner, make_reasoning_env
 from dapo_rl.learner import DAPOTorchLearner
-from dapo_rl.models import TINY_PRESET, load_tokenizer, save_policy
-from dapo_rl.module import TEXT_SPACE, CausalLMModule
+from dapo_rl.models import load_tokenizer, save_policy
+from dapo_rl.presets import list_presets
+from dapo_rl.module import TEXT_SPACE, CausalLMModule, model_context_length
 from dapo_rl.policy import MIXED_PRECISION_CHOICES
-from dapo_rl.training import (
-    PromptSampler,
-    build_train_batch,
-    collect_groups,
-    minibatch_indices,
-    take_rows,
-)
+from dapo_rl.prompt_sampler import PromptSampler
+from dapo_rl.settings import DAPO_SETTINGS, GENERATION_ROUND_FACTOR, OPTIMIZER_DEFAULTS
+from dapo_rl.training import build_train_batch, collect_groups, minibatch_indices, minibatch_with_loss_normalizer
 
-#: DAPO's own settings and their defaults: the paper's 32B run where the paper sets them
-#: (DAPO_FACTS.md), else the reference scripts'. ``lr``, ``grad_clip`` and ``num_epochs`` are
-#: RLlib's own settings, with DAPO defaults set in ``DAPOConfig.__init__``.
-DAPO_SETTINGS: dict[str, Any] = {
-    "group_size": 16,  # G responses per prompt
-    "prompts_per_step": 512,  # prompts trained on per rollout step
-    "minibatch_prompts": 32,  # prompts per gradient update: 512/32 = 16 updates per step
-    "lr_warmup_steps": 320,  # linear warm-up, in optimizer steps (paper: 20 rollout steps x 16)
-    "weight_decay": 0.1,
-    "clip_low": 0.2,  # epsilon_low
-    "clip_high": 0.28,  # epsilon_high (Clip-Higher)
-    "dual_clip": None,  # dual-clip constant c > 1 (reference scripts: 10.0); None = off
-    "loss_agg": "token-mean",  # token-level loss; "seq-mean-token-mean" is GRPO's
-    "advantage_scale": "std",  # (R - mean) / std per group; "none" = Dr. GRPO
-    "dynamic_sampling": True,
-    "max_sampling_rounds": 10,  # generation rounds per step before giving up; <= 0 = unlimited
-    "on_sampling_limit": "error",  # at the round limit: "error" stops, "train" trains on what was kept
-    "generation_batch_prompts": 1536,  # prompts per generation round with dynamic sampling (3x)
-    "max_prompt_length": 2048,  # tokens; longer prompts are cut from the left
-    "max_response_length": 20480,  # tokens: 16384 expected + 4096 overlong cache
-    "overlong_cache_len": 4096,  # L_cache of the soft overlong punishment
-    "overlong_penalty_factor": 1.0,  # 0 switches the soft overlong punishment off
-    "overlong_filter": True,  # truncated responses carry no loss
-    "temperature": 1.0,
-    "top_p": 1.0,
-    "top_k": -1,  # <= 0: off
-    "apply_chat_template": None,  # None: use the tokenizer's chat template when it has one
-    "generation_prompts_per_call": 64,  # prompts per batched generate() call on a runner
-    "logprob_chunk_size": 1024,  # tokens per chunk of the log-prob kernel
-    "logprob_batch_rows": 64,  # rows per forward pass when recomputing old log-probs
-    "compute_entropy": True,  # log the policy's token entropy (costs one extra pass per chunk)
-    "mixed_precision": None,  # "bf16": bf16 compute, float32 master weights; None: the weights' dtype
-    "gradient_checkpointing": False,  # recompute layer activations in backward (long responses)
-    "micro_batch_tokens": 0,  # > 0: split each learner's update into micro-batches of at most this
-    # many padded tokens, accumulating gradients (the token-mean stays exact); 0: one pass
-    "data_parallel": "ddp",  # with num_learners > 1: "ddp" replicates the weights, "fsdp2" shards them
-    "sharded_checkpoint_dir": None,  # fsdp2 across nodes: shared storage for the checkpoint shards
-    # (None: inside the checkpoint folder, which Tune persists from the driver's node only)
-    "generation_backend": "hf",  # "hf": transformers generate; "vllm": a vLLM engine per env runner
-    "generation_device": "auto",  # hf backend: "auto" (the GPU when the runner sees one), "cpu", "cuda"
-    "vllm_tensor_parallel_size": 1,  # GPUs per engine (= num_gpus_per_env_runner)
-    "vllm_dtype": "bfloat16",  # engine weights; the sync casts the learner's weights to it
-    "vllm_gpu_memory_utilization": 0.6,  # share of each GPU the engine may take (weights + KV cache)
-    "vllm_enforce_eager": False,  # True: no CUDA graphs (faster start, slower decode)
-    "vllm_sleep": False,  # release the engine's GPU memory between rounds (engines sharing GPUs)
-}
 
 #: Values of ``generation_backend``.
 GENERATION_BACKENDS = ("hf", "vllm")
 
 
-#: Checkpoint sub-folder with the sharded learners' weights and optimizer state (torch DCP format).
-SHARDED_STATE_FOLDER = "sharded_learner_state"
-#: Checkpoint file naming the shards' folder when they live in ``sharded_checkpoint_dir``.
-SHARDED_STATE_POINTER = "sharded_learner_state.json"
-#: Shard folders kept in ``sharded_checkpoint_dir`` (older ones are deleted at each save).
-SHARDED_CHECKPOINTS_KEPT = 2
+class InvalidConfigError(ValueError):
+    """DAPO's settings are inconsistent; ``problems`` names each one with its value."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("DAPOConfig is invalid:\n- " + "\n- ".join(self.problems))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Ray and Tune copy an error raised in a worker; the default would pass the message as `problems`.
+        return (type(self), (self.problems,))
+
+
+NO_MODEL_MESSAGE = (
+    "no model is set: DAPOConfig().rl_module(model_config={'model': M}) with M a local Hugging Face model "
+    f"folder, a .gguf file or a preset ({', '.join(list_presets())}); DAPOConfig's defaults are the paper's "
+    "32B settings, so a small preset also needs fitting lengths (max_response_length, ...)"
+)
 
 
 class DAPOConfig(AlgorithmConfig):
@@ -136,10 +106,8 @@ class DAPOConfig(AlgorithmConfig):
         super().__init__(algo_class=algo_class or DAPO)
         for name, default in DAPO_SETTINGS.items():
             setattr(self, name, default)
-        self.lr = 1e-6
-        self.grad_clip = 1.0
-        self.grad_clip_by = "global_norm"
-        self.num_epochs = 1
+        for name, default in OPTIMIZER_DEFAULTS.items():
+            setattr(self, name, default)
         self.env_runner_cls = DAPOEnvRunner
         self.num_env_runners = 0
         # RLlib asks for spaces before any env runner exists (e.g. build_learner); ours are text.
@@ -172,7 +140,7 @@ class DAPOConfig(AlgorithmConfig):
         super().validate()
         problems = self._dapo_problems(require_installed=require_installed)
         if problems:
-            self._value_error("DAPOConfig is invalid:\n- " + "\n- ".join(problems))
+            raise InvalidConfigError(problems)
 
     def _dapo_problems(self, *, require_installed: bool = True) -> list[str]:
         problems = []
@@ -184,8 +152,7 @@ class DAPOConfig(AlgorithmConfig):
         def is_int(value: Any) -> bool:
             return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
-        for name in ("group_size", "prompts_per_step", "minibatch_prompts", "generation_batch_prompts",
-                     "max_prompt_length", "max_response_length", "generation_prompts_per_call",
+        for name in ("group_size", "prompts_per_step", "minibatch_prompts", "max_prompt_length", "max_response_length", "generation_prompts_per_call",
                      "logprob_chunk_size", "logprob_batch_rows", "num_epochs"):
             value = getattr(self, name)
             require(is_int(value) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
@@ -204,9 +171,13 @@ class DAPOConfig(AlgorithmConfig):
             f"{rows}) must divide evenly over num_learners ({num_learners})",
         )
         require(
-            self.dynamic_sampling is False or self.generation_batch_prompts >= 1,
-            f"generation_batch_prompts must be >= 1, got {self.generation_batch_prompts}",
+            self.generation_batch_prompts is None or (is_int(self.generation_batch_prompts) and self.generation_batch_prompts >= 1),
+            f"generation_batch_prompts must be None ({GENERATION_ROUND_FACTOR} x prompts_per_step) or an integer >= 1, "
+            f"got {self.generation_batch_prompts!r}",
         )
+        require(is_int(self.log_samples) and self.log_samples >= 0,
+                f"log_samples must be an integer >= 0, got {self.log_samples!r}")
+        problems += self._model_problems()
         require(is_int(self.overlong_cache_len) and self.overlong_cache_len >= 0,
                 f"overlong_cache_len must be an integer >= 0, got {self.overlong_cache_len!r}")
         require(
@@ -222,12 +193,7 @@ class DAPOConfig(AlgorithmConfig):
                 f"lr_warmup_steps must be an integer >= 0, got {self.lr_warmup_steps!r}")
         require(isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0,
                 f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        require(isinstance(self.clip_low, (int, float)) and 0 <= self.clip_low < 1,
-                f"clip_low must be in [0, 1), got {self.clip_low!r}")
-        require(isinstance(self.clip_high, (int, float)) and self.clip_high >= 0,
-                f"clip_high must be >= 0, got {self.clip_high!r}")
-        require(self.dual_clip is None or (isinstance(self.dual_clip, (int, float)) and self.dual_clip > 1),
-                f"dual_clip must be None or > 1, got {self.dual_clip!r}")
+        problems += clip_setting_problems(self.clip_low, self.clip_high, self.dual_clip)
         require(self.loss_agg in LOSS_AGGREGATIONS,
                 f"loss_agg must be one of {sorted(LOSS_AGGREGATIONS)}, got {self.loss_agg!r}")
         require(self.advantage_scale in ADVANTAGE_SCALES,
@@ -313,9 +279,30 @@ class DAPOConfig(AlgorithmConfig):
         return DAPOTorchLearner
 
     @property
+    def generation_round_prompts(self) -> int:
+        """Prompts per generation round of dynamic sampling (``generation_batch_prompts`` resolved)."""
+        return self.generation_batch_prompts or GENERATION_ROUND_FACTOR * self.prompts_per_step
+
+    @property
     def policy_model(self) -> str:
-        """The model setting (a path or the preset name) this config trains."""
-        return str((self.model_config or {}).get("model") or TINY_PRESET)
+        """The model setting (a local folder or a preset name) this config trains."""
+        model = (self.model_config or {}).get("model")
+        if not model:
+            raise ValueError(NO_MODEL_MESSAGE)
+        return str(model)
+
+    def _model_problems(self) -> list[str]:
+        model = (self.model_config or {}).get("model")
+        if not model:
+            return [NO_MODEL_MESSAGE]
+        context = model_context_length(str(model), (self.model_config or {}).get("tiny_spec"))
+        if context is not None and self.max_prompt_length + self.max_response_length > context:
+            return [
+                f"max_prompt_length ({self.max_prompt_length}) + max_response_length ({self.max_response_length}) = "
+                f"{self.max_prompt_length + self.max_response_length} tokens exceed the context of model {model!r} "
+                f"({context} positions)"
+            ]
+        return []
 
 
 class DAPO(Algorithm):
@@ -332,8 +319,9 @@ class DAPO(Algorithm):
         self._generation_rng = np.random.default_rng(seed + 1)
         self._shuffle_generator = torch.Generator().manual_seed(seed + 2)
         self._optimizer_steps = 0
-        self._engine_sync_ready = False  # vLLM: the NCCL group is formed at the first sync
-        self._pad_token_id = load_tokenizer(self.config.policy_model).pad_token_id
+        self._engine_sync = EngineWeightSync(self.config.vllm_tensor_parallel_size, self.config.vllm_dtype)
+        self._tokenizer = load_tokenizer(self.config.policy_model)
+        self._latest_samples: list[dict[str, Any]] = []
 
     # -- one rollout step ----------------------------------------------------------------------------
 
@@ -345,7 +333,7 @@ class DAPO(Algorithm):
             collected, stats, rounds = collect_groups(
                 lambda count: self._generate_round(count, runner_metrics),
                 prompts_per_step=config.prompts_per_step,
-                generation_batch_prompts=config.generation_batch_prompts,
+                generation_batch_prompts=config.generation_round_prompts,
                 dynamic_sampling=config.dynamic_sampling,
                 max_sampling_rounds=config.max_sampling_rounds,
                 on_sampling_limit=config.on_sampling_limit,
@@ -355,7 +343,7 @@ class DAPO(Algorithm):
         with self.metrics.log_time((TIMERS, "old_logprobs")):
             batch = build_train_batch(
                 collected,
-                pad_token_id=self._pad_token_id,
+                pad_token_id=self._tokenizer.pad_token_id,
                 max_response_length=config.max_response_length,
                 overlong_cache_len=config.overlong_cache_len,
                 overlong_penalty_factor=config.overlong_penalty_factor,
@@ -374,13 +362,45 @@ class DAPO(Algorithm):
                 for rows in minibatch_indices(
                     batch["group_index"], minibatch_prompts=config.minibatch_prompts, generator=self._shuffle_generator
                 ):
-                    self._update(take_rows(batch, rows, loss_agg=config.loss_agg,
+                    self._update(minibatch_with_loss_normalizer(batch, rows, loss_agg=config.loss_agg,
                                            max_response_length=config.max_response_length))
 
         with self.metrics.log_time((TIMERS, "sync_weights")):
             self.sync_runner_weights()
 
         self._log_step_metrics(batch, stats, rounds, time.perf_counter() - step_start)
+        self._latest_samples = self._samples(rounds[0])
+
+    def step(self) -> dict[str, Any]:
+        """RLlib's iteration, with a few of its responses under ``result["samples"]``: researchers read samples."""
+        result = super().step()
+        result["samples"] = self._latest_samples
+        return result
+
+    def _samples(self, rollout: dict[str, Any]) -> list[dict[str, Any]]:
+        """The first response to each of the first ``log_samples`` prompts of a generation round,
+        with the verifier's score and the shaped reward (whether or not its group was trained on)."""
+        config = self.config
+        rows = np.flatnonzero(np.diff(rollout["group_index"], prepend=-1) != 0)[: config.log_samples]
+        rewards = shaped_rewards(
+            torch.as_tensor(rollout["score"][rows]),
+            torch.as_tensor(rollout["response_length"][rows]),
+            max_response_length=config.max_response_length,
+            overlong_cache_len=config.overlong_cache_len,
+            overlong_penalty_factor=config.overlong_penalty_factor,
+        )
+        return [
+            {
+                "prompt": self._tokenizer.decode(rollout["prompt_token_ids"][row], skip_special_tokens=False),
+                "response": rollout["response_text"][row],
+                "pred": rollout["pred"][row],
+                "score": float(rollout["score"][row]),
+                "reward": float(reward),
+                "acc": bool(rollout["acc"][row]),
+                "truncated": bool(rollout["truncated"][row]),
+            }
+            for row, reward in zip(rows.tolist(), rewards.tolist(), strict=True)
+        ]
 
     def _generate_round(self, num_prompts: int, runner_metrics: list[Any]) -> dict[str, Any]:
         problems = self._prompt_sampler.next(num_prompts)
@@ -486,7 +506,7 @@ class DAPO(Algorithm):
 
     @property
     def _sharded_learners(self) -> bool:
-        return self.config.data_parallel == "fsdp2" and self.config.num_learners > 1
+        return learners_are_sharded(self.config.data_parallel, self.config.num_learners)
 
     def sync_runner_weights(self) -> None:
         """Send the learners' current weights to every env runner (and the local one)."""
@@ -503,37 +523,14 @@ class DAPO(Algorithm):
         )
 
     def _sync_engine_weights(self) -> None:
-        """Broadcast the weights from learner rank 0 to every vLLM engine over NCCL.
-
-        Each runner starts its receive in a thread and returns; then the learners send (sharded
-        learners gather each tensor first); then the driver waits for the runners to finish.
-        """
+        """Broadcast the weights from learner rank 0 to every vLLM engine over NCCL."""
         group = self.env_runner_group
         runner_ids = group.healthy_env_runner_ids()
 
         def on_runners(calls: Any) -> None:
             group.foreach_env_runner(calls, remote_worker_ids=runner_ids, local_env_runner=False)
 
-        def from_rank0(results: list[Any]) -> Any:
-            return next(value for rank, value in results if rank == 0)
-
-        if not self._engine_sync_ready:
-            address, port = from_rank0(self._on_all_learners(lambda learner: learner.engine_sync_address()))
-            tensor_parallel = self.config.vllm_tensor_parallel_size
-            world_size = 1 + len(runner_ids) * tensor_parallel
-            on_runners([
-                lambda runner, offset=1 + k * tensor_parallel: runner.begin_weight_sync_group(address, port, offset, world_size)
-                for k in range(len(runner_ids))
-            ])
-            self._on_all_learners(lambda learner: learner.init_engine_weight_sync(address, port, world_size))
-            on_runners(lambda runner: runner.finish_weight_transfer())
-            self._engine_sync_ready = True
-        dtype_name = self.config.vllm_dtype
-        # The same on every learner (full shapes even when sharded).
-        metadata = self._on_all_learners(lambda learner: learner.engine_weight_metadata(dtype_name))[0]
-        on_runners(lambda runner, m=metadata: runner.begin_receive_weights(m))
-        self._on_all_learners(lambda learner, m=metadata: learner.broadcast_weights_to_engines(m))
-        on_runners(lambda runner: runner.finish_weight_transfer())
+        self._engine_sync.sync(self._on_all_learners, on_runners, len(runner_ids))
 
     def _on_all_learners(self, function: Any) -> list[Any]:
         """Call ``function(learner)`` on every learner and return the results; re-raise any error.
@@ -553,19 +550,10 @@ class DAPO(Algorithm):
         if not self._sharded_learners:
             return path
         shared = self.config.sharded_checkpoint_dir
-        if shared:
-            # Tune persists the checkpoint folder from the driver's node only; learners on other
-            # nodes write their shards to shared storage, and the checkpoint points there.
-            # Names sort in save order (iteration, then time), which the pruning below relies on.
-            folder = Path(shared).resolve() / f"iteration{self.iteration:06d}-{time.time_ns():020d}"
-            Path(path, SHARDED_STATE_POINTER).write_text(json.dumps({"path": str(folder)}), encoding="utf-8")
-        else:
-            folder = Path(path, SHARDED_STATE_FOLDER).resolve()
+        folder = sharded_state_target(path, shared, self.iteration)
         self._on_all_learners(lambda learner, f=os.fspath(folder): learner.save_sharded_state(f))
-        if shared:
-            for old in sorted(Path(shared).resolve().glob("iteration*"))[:-SHARDED_CHECKPOINTS_KEPT]:
-                if old != folder:
-                    shutil.rmtree(old, ignore_errors=True)
+        write_policy_module_config(path, self._policy_module_spec().model_config)
+        finish_sharded_checkpoint(path, folder, shared)
         return path
 
     def restore_from_path(self, path: Any, *args: Any, **kwargs: Any) -> None:
@@ -606,26 +594,18 @@ class DAPO(Algorithm):
             self._shuffle_generator.set_state(dapo_state["shuffle_generator"])
             self._optimizer_steps = dapo_state["optimizer_steps"]
 
+    def _policy_module_spec(self) -> RLModuleSpec:
+        return self.config.get_rl_module_spec(spaces={DEFAULT_MODULE_ID: (TEXT_SPACE, TEXT_SPACE)}, inference_only=False)
+
     def export_policy(self, folder: str | os.PathLike[str]) -> str:
         """Write the current policy as a Hugging Face model folder (weights, config, tokenizer)."""
-        module = self.config.get_rl_module_spec(
-            spaces={DEFAULT_MODULE_ID: (TEXT_SPACE, TEXT_SPACE)}, inference_only=False
-        ).build()
+        module = self._policy_module_spec().build()
         if self._sharded_learners:
             module.set_state(self._gathered_learner_state()[COMPONENT_RL_MODULE][DEFAULT_MODULE_ID])
         else:
             module.set_state(self.learner_group.get_weights()[DEFAULT_MODULE_ID])
         save_policy(module.causal_lm, module.tokenizer, folder)
         return os.fspath(folder)
-
-
-def sharded_state_folder(checkpoint: str | os.PathLike[str]) -> Path | None:
-    """Where a checkpoint's learner shards are (its own sub-folder, or the shared folder it names)."""
-    pointer = Path(checkpoint, SHARDED_STATE_POINTER)
-    if pointer.is_file():
-        return Path(json.loads(pointer.read_text(encoding="utf-8"))["path"])
-    folder = Path(checkpoint, SHARDED_STATE_FOLDER)
-    return folder.resolve() if folder.is_dir() else None
 
 
 def _concatenate_rollouts(parts: list[dict[str, Any]]) -> dict[str, Any]:

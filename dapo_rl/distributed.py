@@ -13,7 +13,10 @@ log-prob kernel, which reads the weight directly instead of calling the head.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -191,8 +194,66 @@ def load_sharded_weights_unsharded(module: nn.Module, folder: str | os.PathLike[
     module.load_state_dict(state["model"])
 
 
+#: Checkpoint sub-folder with the sharded learners' weights and optimizer state (torch DCP format).
+SHARDED_STATE_FOLDER = "sharded_learner_state"
+#: Checkpoint file naming the shards' folder when they live in ``sharded_checkpoint_dir``.
+SHARDED_STATE_POINTER = "sharded_learner_state.json"
+#: Shard folders kept in ``sharded_checkpoint_dir`` (older ones are deleted at each save).
+SHARDED_CHECKPOINTS_KEPT = 2
+
+
+def learners_are_sharded(data_parallel: str, num_learners: int | None) -> bool:
+    """The one test of whether learners shard the weights (FSDP2) rather than each holding them all."""
+    return data_parallel == "fsdp2" and int(num_learners or 0) > 1
+
+
+def sharded_state_target(checkpoint: str | os.PathLike[str], shared_dir: str | None, iteration: int) -> Path:
+    """Where the learners write the shards of a checkpoint being saved.
+
+    Inside the checkpoint, or, with ``shared_dir`` (runs across nodes: Tune persists a checkpoint
+    folder from the driver's node only), a new folder there whose name sorts in save order.
+    """
+    if not shared_dir:
+        return Path(checkpoint, SHARDED_STATE_FOLDER).resolve()
+    return Path(shared_dir).resolve() / f"iteration{iteration:06d}-{time.time_ns():020d}"
+
+
+def finish_sharded_checkpoint(checkpoint: str | os.PathLike[str], shards: Path, shared_dir: str | None) -> None:
+    """After every learner wrote its shards: point the checkpoint at them, then prune old shard folders.
+
+    The pointer is written last, so a checkpoint that names shards always has them complete; pruning
+    keeps the newest ``SHARDED_CHECKPOINTS_KEPT`` folders and never the one just written.
+    """
+    if not shared_dir:
+        return
+    pointer = Path(checkpoint, SHARDED_STATE_POINTER)
+    temporary = pointer.with_suffix(".tmp")
+    temporary.write_text(json.dumps({"path": str(shards)}), encoding="utf-8")
+    os.replace(temporary, pointer)
+    for old in sorted(Path(shared_dir).resolve().glob("iteration*"))[:-SHARDED_CHECKPOINTS_KEPT]:
+        if old != shards:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def sharded_state_folder(checkpoint: str | os.PathLike[str]) -> Path | None:
+    """Where a checkpoint's learner shards are (its own sub-folder, or the shared folder it names);
+    None for a checkpoint of unsharded learners."""
+    pointer = Path(checkpoint, SHARDED_STATE_POINTER)
+    if pointer.is_file():
+        return Path(json.loads(pointer.read_text(encoding="utf-8"))["path"])
+    folder = Path(checkpoint, SHARDED_STATE_FOLDER)
+    return folder.resolve() if folder.is_dir() else None
+
+
 __all__ = [
     "DATA_PARALLEL_CHOICES",
+    "SHARDED_CHECKPOINTS_KEPT",
+    "SHARDED_STATE_FOLDER",
+    "SHARDED_STATE_POINTER",
+    "finish_sharded_checkpoint",
+    "learners_are_sharded",
+    "sharded_state_folder",
+    "sharded_state_target",
     "load_sharded_weights_unsharded",
     "clip_gradients_by_global_norm",
     "full_state_dict",

@@ -30,8 +30,8 @@ from ray.rllib.utils.checkpoints import Checkpointable
 from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME, WEIGHTS_SEQ_NO
 
 import dapo_envs  # registers the dapo/ environment ids in this worker process
-import dapo_envs.scoring
-from dapo_rl.models import load_tokenizer
+import dapo_envs.verifier_pool
+from dapo_rl.models import load_tokenizer, resolve_model_folder
 from dapo_rl.module import TEXT_SPACE
 from dapo_rl.rollout.base import SamplingSettings
 from dapo_rl.rollout.hf import HFGenerationBackend, generation_device
@@ -85,7 +85,7 @@ class DAPOEnvRunner(EnvRunner, Checkpointable):
         config = self.config
         return VLLMGenerationBackend(
             VLLMEngineSettings(
-                model=config.policy_model,
+                model=resolve_model_folder(config.policy_model),
                 tensor_parallel_size=config.vllm_tensor_parallel_size,
                 dtype=config.vllm_dtype,
                 gpu_memory_utilization=config.vllm_gpu_memory_utilization,
@@ -121,9 +121,19 @@ class DAPOEnvRunner(EnvRunner, Checkpointable):
         self.metrics.log_value(NUM_ENV_STEPS_SAMPLED_LIFETIME, num_responses, reduce="lifetime_sum")
         return rollout
 
-    def sample(self, **kwargs: Any) -> Any:
-        """RLlib's entry point; DAPO's training step calls :meth:`sample_groups` with its problems."""
-        return self.sample_groups(**kwargs)
+    def sample(self, *, problems: list[Any] | None = None, seed: int | None = None, **rllib_kwargs: Any) -> dict[str, Any]:
+        """RLlib's entry point, as :meth:`sample_groups` (DAPO's training step calls that directly).
+
+        RLlib's own sampling arguments (``num_timesteps``, ``num_episodes``, ``explore``, ...) count
+        environment steps, which mean nothing for whole-response generation: they are refused by name.
+        """
+        if rllib_kwargs or problems is None or seed is None:
+            raise TypeError(
+                "DAPOEnvRunner.sample takes problems= (a list of Problem) and seed= (an int); got "
+                f"problems={'set' if problems is not None else None}, seed={seed!r}"
+                + (f" and unsupported arguments {sorted(rllib_kwargs)}" if rllib_kwargs else "")
+            )
+        return self.sample_groups(problems, seed)
 
     # -- weight transfer to a vLLM engine: started here, completed while the learners send --------
 
@@ -186,7 +196,7 @@ class DAPOEnvRunner(EnvRunner, Checkpointable):
 
     def stop(self) -> None:
         # Verifier worker processes (math_verify, user verifiers); a later score() starts new ones.
-        dapo_envs.scoring.shutdown()
+        dapo_envs.verifier_pool.shutdown()
 
     # -- Checkpointable API --------------------------------------------------------------------------
 

@@ -18,7 +18,8 @@ import gymnasium as gym
 import numpy as np
 
 import dapo_envs  # noqa: F401  (registers the dapo/ environment ids)
-from dapo_rl.models import load_policy, load_tokenizer
+from dapo_rl.models import load_policy, load_tokenizer, resolve_model_folder
+from dapo_rl.settings import DAPO_SETTINGS
 from dapo_rl.rollout.base import SamplingSettings
 from dapo_rl.rollout.hf import HFGenerationBackend, generation_device
 from dapo_rl.rollout.runner import GenerationRunner, PromptSettings
@@ -89,7 +90,7 @@ def evaluate_model(
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = -1,
-    max_prompt_length: int = 2048,
+    max_prompt_length: int = DAPO_SETTINGS["max_prompt_length"],
     apply_chat_template: bool | None = None,
     seed: int = 0,
     backend: str = "hf",
@@ -105,7 +106,7 @@ def evaluate_model(
     problems = [env.problem(i) for i in range(count)]
     if backend == "vllm":
         tokenizer = load_tokenizer(model)
-        engine = VLLMEngineSettings(model=os.fspath(model), tensor_parallel_size=tensor_parallel_size, seed=seed,
+        engine = VLLMEngineSettings(model=resolve_model_folder(model), tensor_parallel_size=tensor_parallel_size, seed=seed,
                                     max_model_len=max_prompt_length + max_new_tokens)
         generator = VLLMGenerationBackend(engine, eos_token_ids=[tokenizer.eos_token_id])
     elif backend == "hf":

@@ -1,4 +1,13 @@
-"""DAPOTorchLearner: the DAPO loss on RLlib's TorchLearner, and nothing else.
+"""DAPOTorchLearner: RLlib's TorchLearner with DAPO's loss, and the collectives the driver calls on it.
+
+What this file holds, in order:
+
+- the optimizer (AdamW, linear warm-up in optimizer steps) and the loss (``dapo_rl.core.policy_loss``);
+- one update over token-budget micro-batches with exact gradient accumulation;
+- old log-probs of the learner's row shard (``compute_old_logprobs``);
+- sharded (FSDP2) learners: building, gradient clipping, and their state (``gather_weights``,
+  ``save_sharded_state``, ``load_sharded_state``);
+- streaming weights to vLLM engines from rank 0 (``engine_*``, ``broadcast_weights_to_engines``).
 
 Exactness of the token-level loss across learners: each mini-batch row carries the mini-batch's
 global normaliser (``loss_normalizer``, e.g. its total token count). RLlib shards the rows across
@@ -6,13 +15,13 @@ global normaliser (``loss_normalizer``, e.g. its total token count). RLlib shard
 shard's loss by the world size: the average of ``world · Σ_shard / N_global`` over shards is
 ``Σ_all / N_global``, the mini-batch's token mean, exactly. RLlib likewise averages logged metrics
 over learners, so the logged loss is the scaled one and per-token metrics (clip fractions, KL,
-entropy) are weighted by the shard's share of the mini-batch's tokens (``loss_tokens``).
+entropy) are weighted by the shard's share of the mini-batch's tokens (``loss_tokens``). The one
+aggregation that is not global, "token-mean-legacy", normalises each micro-batch on its own
+(``dapo_rl.core.losses.piece_normalizer``) and is not scaled.
 
-Sharded learners (``data_parallel="fsdp2"``): the module's weights and the optimizer's state are
-sharded over the learners, so no single learner can hand RLlib its state. The driver instead
-calls the collective methods below on every learner (:meth:`gather_weights`,
-:meth:`save_sharded_state`, :meth:`load_sharded_state`), and ``get_state`` leaves the module and
-the optimizer out. FSDP2 gathers each block's weights in every forward pass, so every learner
+Sharded learners (``data_parallel="fsdp2"``): no single learner can hand RLlib the module's or the
+optimizer's state, so ``get_state`` leaves them out and the driver calls the collective methods on
+every learner instead. FSDP2 gathers each block's weights in every forward pass, so every learner
 must run the same number of forward passes: updates and old-log-prob passes pad the learners
 with fewer micro-batches or chunks with passes that contribute nothing.
 """
@@ -31,18 +40,23 @@ from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
 from ray.rllib.utils.torch_utils import clip_gradients
 
-from dapo_rl.core import policy_loss
+from dapo_rl.core.losses import piece_normalizer, policy_loss
 from dapo_rl.distributed import (
     clip_gradients_by_global_norm,
     full_state_dict,
     full_tensors,
     gradient_sync,
+    learners_are_sharded,
     load_sharded,
     save_sharded,
 )
 from dapo_rl.rollout.vllm_backend import learner_broadcaster
 from dapo_rl.rollout.weight_sync import WeightMetadata, send_weights, weight_metadata
-from dapo_rl.training import token_budget_micro_batches, trim_padding
+from dapo_rl.core.micro_batches import token_budget_micro_batches, trim_padding
+
+
+#: Micro-batch column: its rows / the learner's rows of the mini-batch (for per-piece aggregations).
+PIECE_ROW_SHARE = "piece_row_share"
 
 
 def _world_size() -> int:
@@ -63,7 +77,7 @@ class DAPOTorchLearner(TorchLearner):
     @property
     def sharded(self) -> bool:
         """Whether the weights are sharded over learners (FSDP2) rather than replicated (DDP)."""
-        return self.config.data_parallel == "fsdp2" and self.config.num_learners > 1
+        return learners_are_sharded(self.config.data_parallel, self.config.num_learners)
 
     def _make_module(self):
         if not self.sharded:
@@ -115,6 +129,13 @@ class DAPOTorchLearner(TorchLearner):
 
     def compute_loss_for_module(self, *, module_id: str, config: Any, batch: dict[str, Any], fwd_out: dict[str, Any]):
         token_mask = batch["token_mask"]
+        normalizer, scale_by_world_size = piece_normalizer(
+            token_mask,
+            config.loss_agg,
+            minibatch_normalizer=float(batch["loss_normalizer"][0]) if len(token_mask) else 0.0,
+            piece_row_share=float(batch[PIECE_ROW_SHARE][0]) if PIECE_ROW_SHARE in batch and len(token_mask) else 1.0,
+            max_len=config.max_response_length,
+        )
         loss, metrics = policy_loss(
             fwd_out["logprobs"],
             batch["old_logprobs"],
@@ -124,10 +145,11 @@ class DAPOTorchLearner(TorchLearner):
             clip_high=config.clip_high,
             dual_clip=config.dual_clip,
             agg=config.loss_agg,
-            normalizer=float(batch["loss_normalizer"][0]) if len(token_mask) else 0.0,
+            normalizer=normalizer,
         )
-        # DDP averages gradients over learners; the normaliser is already global (see module doc).
-        loss = loss * _world_size()
+        if scale_by_world_size:
+            # DDP averages gradients over learners; the normaliser is already global (see module doc).
+            loss = loss * _world_size()
         if "entropy" in fwd_out and metrics["num_tokens"] > 0:
             metrics["entropy"] = float(fwd_out["entropy"].detach()[token_mask.bool()].mean())
         mini_batch_tokens = float(batch["loss_tokens"][0]) if "loss_tokens" in batch and len(token_mask) else None
@@ -184,6 +206,7 @@ class DAPOTorchLearner(TorchLearner):
         distributed = self.config.num_learners > 1
         for index, (rows, carries_loss) in enumerate(passes):
             micro = trim_padding({key: value[rows] for key, value in module_batch.items()})
+            micro[PIECE_ROW_SHARE] = torch.full((len(rows),), len(rows) / max(1, num_rows))
             if not carries_loss:
                 micro["token_mask"] = torch.zeros_like(micro["token_mask"])
             synchronise = not distributed or self.sharded or index == len(passes) - 1

@@ -1,9 +1,11 @@
-"""Policy models: the embedded tiny preset, and loading any Hugging Face causal LM from a local folder.
+"""Policy models: the embedded tiny preset, pretrained presets, and any Hugging Face causal LM in a local folder.
 
 Nothing can be downloaded here, so the default model is built locally: a small Qwen2-architecture
 model with random weights (the real Qwen2 code path, so everything that works on it works on a
-Qwen2.5 checkpoint) and a character-level tokenizer built with the ``tokenizers`` library. A real
-checkpoint is loaded from a local path with ``local_files_only=True``.
+Qwen2.5 checkpoint) and a character-level tokenizer built with the ``tokenizers`` library. A
+pretrained preset (``list_presets()``) or a path to a ``.gguf`` file is converted once into a cached
+model folder (see :mod:`dapo_rl.presets`). A real checkpoint is loaded from a local path with
+``local_files_only=True``.
 
 No Ray import: this module is used on GPU machines where Ray is not installed.
 """
@@ -27,7 +29,9 @@ from transformers import (
 )
 from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
-TINY_PRESET = "tiny-qwen2"
+# The preset names and the model-not-found errors are defined in dapo_rl.presets (which must not
+# import this module); callers keep importing TINY_PRESET and ModelNotFoundError from here.
+from dapo_rl.presets import TINY_PRESET, ModelNotFoundError, converted_model_folder, is_gguf_model, list_presets
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -101,10 +105,6 @@ def build_tiny_model(seed: int = 0, spec: TinyModelSpec | None = None) -> tuple[
     return model, tokenizer
 
 
-class ModelNotFoundError(ValueError):
-    """The model setting is neither a preset name nor an existing local model folder."""
-
-
 def load_policy(
     model: str | os.PathLike[str],
     *,
@@ -113,11 +113,13 @@ def load_policy(
     tiny_spec: dict[str, Any] | None = None,
     on_meta: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Return ``(model, tokenizer)`` for a preset name or a local Hugging Face model folder.
+    """Return ``(model, tokenizer)`` for a preset name, a ``.gguf`` file or a local Hugging Face model folder.
 
     Args:
-        model: ``"tiny-qwen2"`` (the embedded preset, random weights seeded by ``seed``) or a path
-            to a folder holding ``config.json``, weights and a tokenizer.
+        model: ``"tiny-qwen2"`` (the embedded preset, random weights seeded by ``seed``); a
+            pretrained preset such as ``"smollm2-135m-instruct"`` or a path to a ``.gguf`` file
+            (converted once into a cached folder, see :func:`resolve_model_folder`); or a path to a
+            folder holding ``config.json``, weights and a tokenizer.
         dtype: torch dtype (or its name, e.g. ``"bfloat16"``) for a checkpoint; the preset is float32
             unless given.
         tiny_spec: overrides of :class:`TinyModelSpec` fields for the preset.
@@ -130,7 +132,7 @@ def load_policy(
             tokenizer = build_char_tokenizer()
             config = tiny_model_config(tokenizer, TinyModelSpec(**(tiny_spec or {})))
         else:
-            path = _checked_model_folder(model)
+            path = resolve_model_folder(model)
             tokenizer, config = load_tokenizer(path), AutoConfig.from_pretrained(path, local_files_only=True)
         with torch.device("meta"):
             policy = AutoModelForCausalLM.from_config(config)
@@ -140,7 +142,7 @@ def load_policy(
         if torch_dtype is not None:
             policy = policy.to(torch_dtype)
         return policy, tokenizer
-    path = _checked_model_folder(model)
+    path = resolve_model_folder(model)
     tokenizer = load_tokenizer(path)
     kwargs: dict[str, Any] = {"local_files_only": True}
     if torch_dtype is not None:
@@ -150,10 +152,10 @@ def load_policy(
 
 
 def load_tokenizer(model: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
-    """The tokenizer of a preset name or a local model folder, left-padding, with a pad token."""
+    """The tokenizer of a preset name, a ``.gguf`` file or a local model folder, left-padding, with a pad token."""
     if str(model) == TINY_PRESET:
         return build_char_tokenizer()
-    tokenizer = AutoTokenizer.from_pretrained(_checked_model_folder(model), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_folder(model), local_files_only=True)
     if tokenizer.pad_token_id is None:
         # Base checkpoints often ship without a pad token; padding positions are always masked.
         tokenizer.pad_token = tokenizer.eos_token
@@ -161,12 +163,28 @@ def load_tokenizer(model: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _checked_model_folder(model: str | os.PathLike[str]) -> str:
+def resolve_model_folder(model: str | os.PathLike[str]) -> str:
+    """The local Hugging Face folder a model setting stands for (not for the tiny preset, built in code).
+
+    A pretrained preset or a ``.gguf`` file resolves to its converted folder in the cache,
+    converting it on first use (:func:`dapo_rl.presets.converted_model_folder`); a folder path
+    resolves to itself once it is seen to hold a ``config.json``. Anything that needs a folder
+    rather than a loaded model (a vLLM engine) takes this.
+
+    Raises:
+        ModelNotFoundError: nothing of that name, or (subclasses) what to install to get it.
+    """
+    if str(model) == TINY_PRESET:
+        raise ModelNotFoundError(
+            f"the preset {TINY_PRESET!r} is built in code and has no folder (save_policy writes one)"
+        )
+    if is_gguf_model(model):
+        return os.fspath(converted_model_folder(model))
     path = os.fspath(model)
     if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
         raise ModelNotFoundError(
-            f"model {str(model)!r} is neither the preset {TINY_PRESET!r} nor a local model folder with a "
-            f"config.json (nothing is downloaded: give a path to a Hugging Face model folder)"
+            f"model {str(model)!r} is neither a preset ({', '.join(list_presets())}), a .gguf file, nor a local "
+            f"model folder with a config.json (nothing is downloaded: give a path to a Hugging Face model folder)"
         )
     return path
 

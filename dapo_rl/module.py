@@ -2,8 +2,8 @@
 
 ``model_config`` keys (set with ``DAPOConfig().rl_module(model_config={...})``):
 
-- ``model``: a local Hugging Face model folder, or ``"tiny-qwen2"`` (the default: the embedded
-  preset, random init).
+- ``model`` (required): a local Hugging Face model folder, or a preset name such as ``"tiny-qwen2"``
+  (the embedded preset, random init).
 - ``init_seed``: seed of the preset's random initialisation (every copy of the module, on learners
   and runners alike, starts identical).
 - ``dtype``: torch dtype name for a checkpoint (e.g. ``"bfloat16"``); default: as saved.
@@ -18,12 +18,15 @@ responses were sampled from.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import gymnasium as gym
 from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
 
-from dapo_rl.models import TINY_PRESET, enable_activation_checkpointing, load_policy
+from transformers import AutoConfig
+
+from dapo_rl.models import TINY_PRESET, TinyModelSpec, enable_activation_checkpointing, load_policy
 from dapo_rl.distributed import shard_from_rank0
 from dapo_rl.policy import ResponseLogprobs
 
@@ -31,13 +34,26 @@ from dapo_rl.policy import ResponseLogprobs
 TEXT_SPACE = gym.spaces.Text(max_length=1_000_000)
 
 
+def model_context_length(model: str, tiny_spec: dict[str, Any] | None = None) -> int | None:
+    """Positions the model can attend over, read without loading weights; None when not known
+    before the model loads (a preset whose files are not converted yet, an architecture without
+    ``max_position_embeddings``)."""
+    if model == TINY_PRESET:
+        return TinyModelSpec(**(tiny_spec or {})).max_position_embeddings
+    if os.path.isfile(os.path.join(model, "config.json")):
+        return getattr(AutoConfig.from_pretrained(model, local_files_only=True), "max_position_embeddings", None)
+    return None
+
+
 class CausalLMModule(TorchRLModule):
     """Wraps ``AutoModelForCausalLM``; ``forward_train`` returns ``logprobs`` and ``entropy`` (B, R)."""
 
     def setup(self) -> None:
         config: dict[str, Any] = dict(self.model_config or {})
+        if not config.get("model"):
+            raise ValueError("CausalLMModule needs model_config['model']: a local Hugging Face model folder or a preset name")
         self.causal_lm, self.tokenizer = load_policy(
-            config.get("model") or TINY_PRESET,
+            config["model"],
             seed=int(config.get("init_seed", 0)),
             dtype=config.get("dtype"),
             tiny_spec=config.get("tiny_spec"),

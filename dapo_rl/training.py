@@ -3,7 +3,8 @@
     collect_groups      generate in rounds; dynamic sampling keeps groups with mixed correctness
     build_train_batch   shaped rewards -> group advantages; pack tokens; the loss mask
     minibatch_indices   the rows of each gradient update (whole groups, shuffled per epoch)
-    take_rows           one mini-batch, trimmed of padding, with its global loss normaliser
+    minibatch_with_loss_normalizer
+                        one mini-batch, trimmed of padding, carrying its global loss normaliser
 
 All tensors are on the CPU; the learner moves its mini-batch to its device.
 """
@@ -17,13 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from dapo_rl.core import (
-    DynamicSamplingAccumulator,
-    group_advantages,
-    loss_normalizer,
-    overlong_mask,
-    soft_overlong_penalty,
-)
+from dapo_rl.core import DynamicSamplingAccumulator, group_advantages, loss_normalizer, overlong_mask, shaped_rewards
+from dapo_rl.core.micro_batches import trim_padding
 from dapo_rl.rollout.batch import pack_sequences
 
 #: Columns of a learner batch (names avoid RLlib's reserved ``loss_mask`` and ``seq_lens``).
@@ -38,54 +34,6 @@ LEARNER_COLUMNS = (
     "loss_normalizer",
     "loss_tokens",
 )
-
-
-class PromptSampler:
-    """Draws problems from an environment in a reproducible, checkpointable order.
-
-    Data sets are read in epochs, each a fresh permutation (no problem repeats within an epoch);
-    index spaces too large to permute (procedural tasks) are sampled uniformly. ``get_state`` /
-    ``set_state`` carry the position and the RNG, so a restored run draws the same next prompts.
-    """
-
-    PERMUTE_LIMIT = 10_000_000
-
-    def __init__(self, env: Any, seed: int) -> None:
-        self.env = env
-        self.rng = np.random.default_rng(seed)
-        self.epoch = 0
-        self.position = 0
-        self._order: np.ndarray | None = None
-
-    def next(self, count: int) -> list[Any]:
-        size = self.env.num_problems
-        if size > self.PERMUTE_LIMIT:
-            return [self.env.problem(int(i)) for i in self.rng.integers(0, size, count)]
-        indices: list[int] = []
-        while len(indices) < count:
-            if self._order is None or self.position >= size:
-                if self._order is not None:
-                    self.epoch += 1
-                self._order = self.rng.permutation(size)
-                self.position = 0
-            take = self._order[self.position : self.position + count - len(indices)]
-            indices.extend(int(i) for i in take)
-            self.position += len(take)
-        return [self.env.problem(i) for i in indices]
-
-    def get_state(self) -> dict[str, Any]:
-        return {
-            "rng": self.rng.bit_generator.state,
-            "epoch": self.epoch,
-            "position": self.position,
-            "order": None if self._order is None else self._order.copy(),
-        }
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.rng.bit_generator.state = state["rng"]
-        self.epoch = state["epoch"]
-        self.position = state["position"]
-        self._order = None if state["order"] is None else np.asarray(state["order"])
 
 
 @dataclass
@@ -128,7 +76,7 @@ def collect_groups(
         kept_groups = prompts_per_step
         limit_reached = False
     else:
-        accumulator = DynamicSamplingAccumulator(prompts_per_step, max_sampling_rounds, on_limit=on_sampling_limit)
+        accumulator = DynamicSamplingAccumulator(prompts_per_step, max_sampling_rounds, on_sampling_limit=on_sampling_limit)
         while not accumulator.done:
             rollout = generate_round(generation_batch_prompts)
             rounds.append(rollout)
@@ -172,23 +120,6 @@ def _count_uniform_groups(rounds: Sequence[dict[str, Any]]) -> tuple[int, int]:
         all_correct += int(np.sum(correct_per_group == size_per_group))
         all_wrong += int(np.sum(correct_per_group == 0))
     return all_correct, all_wrong
-
-
-def shaped_rewards(
-    score: torch.Tensor,
-    response_length: torch.Tensor,
-    *,
-    max_response_length: int,
-    overlong_cache_len: int,
-    overlong_penalty_factor: float,
-) -> torch.Tensor:
-    """Correctness reward plus the soft overlong punishment (paper Eq. 13); factor 0 switches it off."""
-    if overlong_penalty_factor == 0 or overlong_cache_len == 0:
-        return score.float()
-    penalty = soft_overlong_penalty(
-        response_length, max_len=max_response_length, cache_len=overlong_cache_len, factor=overlong_penalty_factor
-    )
-    return score.float() + penalty
 
 
 def build_train_batch(
@@ -254,51 +185,7 @@ def minibatch_indices(
     return batches
 
 
-def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop the padding columns no row of ``batch`` uses: left of the longest prompt, right of the
-    longest response. Row-wise columns (B,) pass through."""
-    if len(batch["input_ids"]) == 0:
-        return dict(batch)
-    response_mask = batch["response_mask"]
-    prompt_width = batch["input_ids"].shape[1] - response_mask.shape[1]
-    response_width = max(1, int(response_mask.sum(dim=1).max()))
-    left_pad = prompt_width - int(batch["attention_mask"][:, :prompt_width].sum(dim=1).max())
-    trimmed = dict(batch)
-    for key in ("input_ids", "attention_mask", "position_ids"):
-        trimmed[key] = batch[key][:, left_pad : prompt_width + response_width]
-    for key in ("response_mask", "token_mask", "old_logprobs"):
-        if key in batch:
-            trimmed[key] = batch[key][:, :response_width]
-    return trimmed
-
-
-def token_budget_micro_batches(batch: dict[str, torch.Tensor], max_tokens: int) -> list[torch.Tensor]:
-    """Row indices of micro-batches holding at most ``max_tokens`` padded tokens each.
-
-    Rows are taken longest first, so rows of similar length share a micro-batch (little padding);
-    a micro-batch's cost is its row count times its longest row (prompt and response, unpadded).
-    A single row longer than the budget gets a micro-batch of its own.
-    """
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-    lengths = batch["attention_mask"].sum(dim=1)
-    order = torch.argsort(lengths, descending=True, stable=True)
-    micro_batches: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for row in order.tolist():
-        length = int(lengths[row])
-        if current and max(longest, length) * (len(current) + 1) > max_tokens:
-            micro_batches.append(current)
-            current, longest = [], 0
-        current.append(row)
-        longest = max(longest, length)
-    if current:
-        micro_batches.append(current)
-    return [torch.as_tensor(rows, dtype=torch.long) for rows in micro_batches]
-
-
-def take_rows(
+def minibatch_with_loss_normalizer(
     batch: dict[str, torch.Tensor], rows: torch.Tensor, *, loss_agg: str, max_response_length: int
 ) -> dict[str, torch.Tensor]:
     """One mini-batch: the learner columns of ``rows``, with padding trimmed to what they use.

@@ -14,7 +14,8 @@ Importing the package registers these Gymnasium ids (``gymnasium.make(id)``):
 
 Add your own task with :func:`register_reasoning_env` (or ``gymnasium.register`` with entry point
 ``"dapo_envs.math:MathEnv"``) and your own verifier with :func:`register_verifier`. The trainer
-protocol (batched prompts and scoring) is documented in :mod:`dapo_envs.base`. No Ray needed.
+protocol (batched prompts and scoring) is documented in :mod:`dapo_envs.base`;
+:func:`held_out_env_config` gives the configuration to evaluate a registered id on. No Ray needed.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import gymnasium
+from gymnasium.envs.registration import load_env_creator
 
 # Submodules are attributes of the package (dapo_envs.datasets.load(...) works after `import dapo_envs`).
-from dapo_envs import arithmetic, base, datasets, math, prompts, scoring, verifiers  # noqa: F401
+from dapo_envs import arithmetic, base, datasets, math, prompts, verifier_pool, verifiers  # noqa: F401
 from dapo_envs.base import Problem, ReasoningEnv, ResponseText
 from dapo_envs.verifiers import (
     Verifier,
@@ -44,6 +46,7 @@ __all__ = [
     "Verifier",
     "VerifierResult",
     "get_verifier",
+    "held_out_env_config",
     "list_verifiers",
     "register_reasoning_env",
     "register_verifier",
@@ -121,3 +124,24 @@ def register_reasoning_env(
         kwargs={"dataset": dataset, "verifier": verifier, "prompt_template": prompt_template, **kwargs},
         **register_options,
     )
+
+
+def held_out_env_config(env_id: str, env_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``env_config`` to evaluate ``env_id`` on: ``env_config`` with the held-out overrides on top.
+
+    Returns a new dict, ``{**env_config, **cls.held_out_env_config}``, where ``cls`` is the class that
+    ``gymnasium.registry[env_id].entry_point`` names (a ``"module:Class"`` string) or is (a callable). A
+    :class:`ReasoningEnv` subclass declares its overrides in :attr:`ReasoningEnv.held_out_env_config`
+    (``{"split": "test"}`` for ``dapo/Arithmetic-v0``); other entry points, a factory function for
+    instance, have none. Use it as ``gymnasium.make(env_id, **held_out_env_config(env_id, env_config))``.
+
+    Raises:
+        ValueError: no environment is registered under ``env_id``.
+    """
+    if env_id not in gymnasium.registry:
+        raise ValueError(f"no environment is registered under the id {env_id!r}")
+    entry_point = gymnasium.registry[env_id].entry_point
+    env_creator = load_env_creator(entry_point) if isinstance(entry_point, str) else entry_point
+    is_reasoning_env = isinstance(env_creator, type) and issubclass(env_creator, ReasoningEnv)
+    overrides = env_creator.held_out_env_config if is_reasoning_env else {}
+    return {**(env_config or {}), **overrides}

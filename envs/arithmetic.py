@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import zlib
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -112,6 +112,9 @@ class ArithmeticEnv(ReasoningEnv):
     - ``verifier``: verifier name, ``Verifier`` or function (default ``"dapo"``).
     - ``verifier_timeout``, ``max_response_chars``, ``render_mode``: as for ``dapo/Math-v0``.
     """
+
+    # Evaluation reads the test split: problems disjoint from the train split it was trained on.
+    held_out_env_config: ClassVar[dict[str, Any]] = {"split": "test"}
 
     def __init__(
         self,

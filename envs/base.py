@@ -29,8 +29,11 @@ batches, generates G responses per prompt and scores them all at once. Every env
 ``verifier`` / ``prompt_template``
     The :class:`~dapo_envs.verifiers.Verifier` and the template (a string with ``{problem}``).
 
-Procedural environments also take ``split="train"`` or ``"test"``: the two splits hold disjoint
-problems, so evaluation uses problems never trained on.
+``held_out_env_config`` (class attribute)
+    The ``env_config`` overrides that select the environment's held-out problems (``{"split": "test"}``
+    for ``dapo/Arithmetic-v0``, whose ``train`` and ``test`` splits are disjoint), ``{}`` where the
+    environment has no separate split. Trainers evaluate on
+    ``gymnasium.make(env_id, **dapo_envs.held_out_env_config(env_id, env_config))``.
 
 Spaces
 ======
@@ -46,7 +49,7 @@ from __future__ import annotations
 import dataclasses
 import string
 from collections.abc import Sequence
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import gymnasium as gym
 import numpy as np
@@ -136,6 +139,11 @@ class ReasoningEnv(gym.Env[str, str]):
 
     # render_fps only silences Gymnasium's checker: "ansi" rendering returns text and never sleeps.
     metadata = {"render_modes": ["ansi"], "render_fps": 1}
+
+    #: env_config overrides that select this environment's held-out problems; {} when the environment has
+    #: no separate split (evaluate on its own problems). Read it through
+    #: :func:`dapo_envs.held_out_env_config`, which resolves a registered id to its class.
+    held_out_env_config: ClassVar[dict[str, Any]] = {}
 
     verifier: Verifier
     prompt_template: str

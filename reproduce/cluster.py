@@ -5,7 +5,9 @@ row: connect to the cluster (``RAY_ADDRESS``), check it has the GPUs the row's p
 train with Tune (checkpoints every ``checkpoint_every`` rollout steps; a re-run resumes the
 experiment), consolidate the last sharded checkpoint into a Hugging Face folder, and evaluate that
 with vLLM at the paper's settings (avg@32, temperature 1.0, top_p 0.7). Writes ``summary.json``
-in the same shape as the CPU runs, so ``table1.md`` is built the same way.
+in the same shape as the CPU runs, so ``table1.md`` is built the same way. Connecting, training,
+exporting and the summary file are :mod:`dapo_rl.jobs`' (the CPU pipeline's); the evaluation
+with vLLM engines as Ray tasks is this module's own.
 
 NEVER RUN: no cluster, GPU or vLLM has been available to this project. The pieces it calls are
 tested on the CPU (FSDP2 learners over gloo, sharded checkpoints and their consolidation, the vLLM
@@ -20,7 +22,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray
+
 from dapo_rl.dapo import DAPOConfig
+from dapo_rl.evaluation import evaluate_model
+from dapo_rl.jobs import export_final_policy, fit, start_ray, write_summary
+from dapo_rl.tracking import ProgressCallback
 from reproduce.scales import resource_plan
 from reproduce.settings import EvalSettings
 
@@ -50,40 +57,19 @@ def run_row_on_cluster(
     checkpoint_every: int = 10,
 ) -> dict[str, Any]:
     """Train ``config`` for ``iterations`` rollout steps on the cluster, evaluate, write summary.json."""
-    import ray  # the launcher's dependencies load only when a run starts
-    from ray import tune
-
-    from dapo_rl.cli import export_checkpoint
-    from dapo_rl.evaluation import evaluate_model
-
     started = time.perf_counter()
     folder = folder.resolve()
-    if not ray.is_initialized():  # one connection for all the rows and seeds of a table
-        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"))
+    start_ray(os.environ.get("RAY_ADDRESS", "auto"))  # one connection for all the rows and seeds of a table
     check_cluster(ray.cluster_resources(), config)
     # Learners on every node write their checkpoint shards here (folder is on shared storage).
     config = config.copy(copy_frozen=False).training(sharded_checkpoint_dir=str(folder / "sharded_checkpoints"))
-    experiment = folder / "tune" / "dapo"
-    if tune.Tuner.can_restore(str(experiment)):
-        tuner = tune.Tuner.restore(str(experiment), trainable="DAPO", resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            "DAPO",
-            param_space=config,
-            run_config=tune.RunConfig(
-                name="dapo",
-                storage_path=str(folder / "tune"),
-                stop={"training_iteration": iterations},
-                checkpoint_config=tune.CheckpointConfig(
-                    checkpoint_frequency=checkpoint_every, checkpoint_at_end=True, num_to_keep=2
-                ),
-            ),
-        )
-    result = tuner.fit()[0]
-    if result.error is not None:
-        raise result.error
-    model_folder = folder / "model"
-    export_checkpoint(result.checkpoint.path, model_folder)
+    progress = ProgressCallback(iterations, folder / "samples.jsonl")
+    try:
+        result = fit(config, folder, iterations=iterations, callbacks=[progress], checkpoint_every=checkpoint_every,
+                     resume=True)
+    finally:
+        progress.close()
+    model_folder = export_final_policy(result, folder)
     # Evaluations run as Ray tasks holding one engine's GPUs (free again once training has ended).
     evaluate_remote = ray.remote(num_gpus=config.vllm_tensor_parallel_size)(evaluate_model)
     evaluation_kwargs = dict(
@@ -107,7 +93,7 @@ def run_row_on_cluster(
         "checkpoint": str(result.checkpoint.path),
         "model": str(model_folder),
     }
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    write_summary(folder, summary)
     return summary
 
 

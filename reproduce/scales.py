@@ -21,16 +21,16 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from dapo_rl.cli import DEFAULT_JOB
-from dapo_rl.dapo import DAPOConfig
-from dapo_rl.models import TINY_PRESET
+from dapo_rl.dapo import DAPO_SETTINGS, GENERATION_ROUND_FACTOR, DAPOConfig
+from dapo_rl.jobs import DEFAULT_JOB
 from reproduce.settings import TECHNIQUE_KEYS, TRAIN_ENV, updates_per_rollout_step
 
 SCALES: tuple[str, ...] = ("paper", "gpu", "tiny")
 
 GPU_MODEL = "Qwen/Qwen2.5-1.5B"
 
-#: The "gpu" scale's training settings. Reasoning (estimates, NOT measured: this has not been run):
+#: The "gpu" scale's training settings: only where it differs from the 32B row it is applied to.
+#: Reasoning (estimates, NOT measured: this has not been run):
 #:
 #: - Model: Qwen2.5-1.5B base. 0.5B is expected to solve too few DAPO-Math-17k problems for dynamic
 #:   sampling to find prompts with both right and wrong answers; 1.5B can be trained in full (fp32
@@ -46,7 +46,8 @@ GPU_MODEL = "Qwen/Qwen2.5-1.5B"
 #:   dominates: ≤ 1,536 × 2,048 tokens per round, and with the Hugging Face ``generate`` backend (the
 #:   only one today) each call decodes until its longest row ends. Guess: 5-15 minutes per rollout
 #:   step with 1-2 rounds, so 20-40 steps (80-160 updates) per row in 3-8 hours. Ballpark only.
-#: - lr 1e-6 as in the paper. With ~100 updates instead of ~10k it may move the model little.
+#: - lr 1e-6 as in the paper (not overridden). With ~100 updates instead of ~10k it may move the
+#:   model little.
 #: - At the round limit, train on what was kept: a small model on competition problems can exhaust
 #:   10 rounds, and stopping a multi-hour row with an error wastes it.
 #: - Weights in float32 with bf16 compute (mixed_precision, from the 32B settings): AdamW steps of
@@ -57,14 +58,15 @@ GPU_MODEL = "Qwen/Qwen2.5-1.5B"
 #:   runner, whose Hugging Face backend generates on the GPU it sees. Updates run in token-budget
 #:   micro-batches of 16,384 tokens (a 128-response mini-batch of up to 4k tokens each does not fit
 #:   in one forward/backward pass), with activation checkpointing and bf16 compute (the 32B settings).
+GPU_PROMPTS_PER_STEP = 64
 GPU_TRAINING: dict[str, Any] = {
-    "prompts_per_step": 64,
-    "group_size": 8,
+    "prompts_per_step": GPU_PROMPTS_PER_STEP,
+    "group_size": 8,  # half the paper's G: 512 responses per step fit one GPU's generation budget
     "minibatch_prompts": 16,
-    "generation_batch_prompts": 192,
+    # The 32B row writes its 1,536 out, so the paper's ratio is restated for this scale's prompts.
+    "generation_batch_prompts": GENERATION_ROUND_FACTOR * GPU_PROMPTS_PER_STEP,
     "max_response_length": 2048,
     "overlong_cache_len": 512,
-    "lr": 1e-6,
     "on_sampling_limit": "train",
     "generation_prompts_per_call": 32,
     "micro_batch_tokens": 16384,
@@ -74,20 +76,23 @@ GPU_TRAINING: dict[str, Any] = {
 #: "Answer: 198" and EOS, one token per character, 12 tokens.
 TINY_LONGEST_ANSWER_TOKENS = 12
 
-#: The "tiny" scale's response budget. The soft punishment starts after max - cache = 12 tokens, the
-#: longest correct answer, so no well-formed answer is punished, and bites on anything longer; past
-#: 16 tokens a response is truncated (and filtered). A cache of 4 with a 12-token limit would instead
-#: punish every answer (penalty from 8 tokens, while answers take 10-12).
-TINY_RESPONSE_BUDGET: dict[str, int] = {"max_response_length": 16, "overlong_cache_len": 4}
+#: The "tiny" scale's response budget, the CPU job's: 16 tokens with a 4-token cache. The soft
+#: punishment starts after max - cache = 12 tokens, the longest correct answer, so no well-formed
+#: answer is punished, and bites on anything longer; past 16 tokens a response is truncated (and
+#: filtered). A cache of 4 with a 12-token limit would instead punish every answer (penalty from 8
+#: tokens, while answers take 10-12).
+TINY_RESPONSE_BUDGET: dict[str, int] = {
+    key: DEFAULT_JOB["training"][key] for key in ("max_response_length", "overlong_cache_len")
+}
 
-#: The "tiny" scale's training settings: the CPU job's (dapo_rl.cli.DEFAULT_JOB) minus the technique
-#: settings the Table-1 rows set, plus the response budget above.
+#: The "tiny" scale's training settings: the CPU job's (dapo_rl.jobs.DEFAULT_JOB; its group_size and
+#: the rest are genuine differences of that job from the paper, response budget above included)
+#: minus the technique settings the Table-1 rows set.
 TINY_TRAINING: dict[str, Any] = {
     **{key: value for key, value in DEFAULT_JOB["training"].items() if key not in TECHNIQUE_KEYS},
-    **TINY_RESPONSE_BUDGET,
-    # The CPU job computes in float32 without activation checkpointing, as `dapo-rl train` does.
-    "mixed_precision": None,
-    "gradient_checkpointing": False,
+    # Undo the 32B row's bf16 compute and activation checkpointing: the CPU job computes as
+    # `dapo-rl train` does, with DAPOConfig's defaults (float32, no checkpointing).
+    **{key: DAPO_SETTINGS[key] for key in ("mixed_precision", "gradient_checkpointing")},
 }
 
 
@@ -109,7 +114,7 @@ PAPER_PLACEMENT: dict[str, Any] = {
         "generation_backend": "vllm",
         "vllm_tensor_parallel_size": 4,
         "data_parallel": "fsdp2",
-        "micro_batch_tokens": 2048 + 20480,
+        "micro_batch_tokens": DAPO_SETTINGS["max_prompt_length"] + DAPO_SETTINGS["max_response_length"],
     },
 }
 
@@ -141,8 +146,8 @@ def scale_overrides(scale: str) -> dict[str, Any]:
         return {
             "env": DEFAULT_JOB["env"],
             "env_config": dict(DEFAULT_JOB["env_config"]),
-            "model": TINY_PRESET,
-            "dtype": None,  # the preset is built in float32
+            "model": DEFAULT_JOB["model"],
+            "dtype": DEFAULT_JOB["dtype"],  # None: the preset is built in float32
             "training": dict(TINY_TRAINING),
             "seed": DEFAULT_JOB["seed"],
             "num_learners": DEFAULT_JOB["num_learners"],
@@ -195,7 +200,7 @@ def _rescaled_warmup(original: DAPOConfig, scaled: DAPOConfig) -> int:
 
 # -- the paper's cluster -------------------------------------------------------------------------
 
-#: The reference scripts' cluster (DAPO_FACTS.md; the project page says 128 H20 GPUs).
+#: The reference scripts' cluster (docs/paper_facts.md; the project page says 128 H20 GPUs).
 PAPER_CLUSTER: dict[str, Any] = {
     "gpu": "H20",
     "nodes": 16,
@@ -217,7 +222,7 @@ def resource_plan(config: DAPOConfig) -> dict[str, Any]:
     learner_gpus = learners * config.num_gpus_per_learner if config.num_learners else config.num_gpus_per_learner
     responses_per_step = config.prompts_per_step * config.group_size
     responses_per_round = (
-        config.generation_batch_prompts if config.dynamic_sampling else config.prompts_per_step
+        config.generation_round_prompts if config.dynamic_sampling else config.prompts_per_step
     ) * config.group_size
     minibatch_responses = config.minibatch_prompts * config.group_size
     sequence_tokens = config.max_prompt_length + config.max_response_length

@@ -1,7 +1,7 @@
 """The DAPO paper's settings as ``DAPOConfig`` objects: the 32B run, its AIME evaluation, Table 1.
 
 Every number comes from the paper (arXiv 2503.14476) or the authors' verl reference scripts, as
-collected in the project's DAPO facts sheet (``DAPO_FACTS.md``, "Settings of the 32B run" and
+collected in ``docs/paper_facts.md`` ("Settings of the 32B run" and
 "Paper Table 1"). Nothing here has been run at the 32B scale.
 
 - :func:`dapo_32b` — the 32B training run, variant ``"paper"`` or ``"reference-script"``.
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from dapo_rl.dapo import DAPOConfig
+from dapo_rl.dapo import DAPO_SETTINGS, DAPOConfig
 
 TRAIN_ENV = "dapo/DAPOMath17k-v0"
 EVAL_ENV = "dapo/AIME24-v0"
@@ -25,63 +25,45 @@ PAPER_MODEL = "Qwen/Qwen2.5-32B"
 
 # -- the four techniques (Table 1) ---------------------------------------------------------------
 
-#: Naive GRPO: every DAPO technique off. Symmetric clipping ε = 0.2 / 0.2, GRPO's per-sample token
-#: mean, no overlong filtering, no soft overlong punishment, no dynamic sampling.
+#: Naive GRPO: every DAPO technique off. Symmetric clipping (ε_high = ε_low), GRPO's per-sample
+#: token mean, no overlong filtering, no soft overlong punishment, no dynamic sampling.
 NAIVE_GRPO_ROW = "Naive GRPO"
 NAIVE_GRPO: dict[str, Any] = {
     "overlong_filter": False,
-    "clip_high": 0.2,
+    "clip_high": DAPO_SETTINGS["clip_low"],
     "overlong_penalty_factor": 0.0,
     "loss_agg": "seq-mean-token-mean",
     "dynamic_sampling": False,
 }
 
-#: Table 1's rows after the first, in the paper's order: each switches one technique on, with the
-#: value of the 32B DAPO run. The rows are cumulative, so the last one is full DAPO.
+#: Table 1's rows after the first, in the paper's order: each switches one technique on, at the
+#: 32B DAPO run's value (DAPOConfig's default). The rows are cumulative, so the last one is full DAPO.
 TECHNIQUES: dict[str, dict[str, Any]] = {
-    "+ Overlong Filtering": {"overlong_filter": True},
-    "+ Clip-Higher": {"clip_high": 0.28},
-    "+ Soft Overlong Punishment": {"overlong_penalty_factor": 1.0},
-    "+ Token-level Loss": {"loss_agg": "token-mean"},
-    "+ Dynamic Sampling (DAPO)": {"dynamic_sampling": True},
+    name: {key: DAPO_SETTINGS[key]}
+    for name, key in (
+        ("+ Overlong Filtering", "overlong_filter"),
+        ("+ Clip-Higher", "clip_high"),
+        ("+ Soft Overlong Punishment", "overlong_penalty_factor"),
+        ("+ Token-level Loss", "loss_agg"),
+        ("+ Dynamic Sampling (DAPO)", "dynamic_sampling"),
+    )
 }
 
 #: Every setting a Table-1 row changes. Scales (reproduce.scales) must leave these alone.
 TECHNIQUE_KEYS: frozenset[str] = frozenset(NAIVE_GRPO)
 
-#: All techniques on: DAPO's values of the technique settings.
-ALL_TECHNIQUES: dict[str, Any] = {key: value for change in TECHNIQUES.values() for key, value in change.items()}
-
 # -- the 32B run ---------------------------------------------------------------------------------
 
-#: The 32B run's settings other than the techniques and the variant-specific ones (the paper and the
-#: reference scripts agree on these; the scripts fill in what the paper does not state).
+#: What the 32B run sets beyond DAPOConfig()'s defaults, which ARE the paper's 32B settings
+#: (dapo_rl.settings: DAPO_SETTINGS and OPTIMIZER_DEFAULTS).
 COMMON_32B: dict[str, Any] = {
-    "prompts_per_step": 512,
-    "group_size": 16,
-    "minibatch_prompts": 32,  # 512 / 32 = 16 gradient updates per rollout step
-    "num_epochs": 1,
-    "lr": 1e-6,  # constant after the warm-up
-    "weight_decay": 0.1,
-    "grad_clip": 1.0,
-    "clip_low": 0.2,
-    "advantage_scale": "std",  # (R - mean) / std within each group
-    "generation_batch_prompts": 1536,  # 3x the batch per dynamic-sampling round
-    "max_sampling_rounds": 10,
-    "on_sampling_limit": "error",  # the reference trainer raises when the round limit is hit
-    "max_prompt_length": 2048,  # reference script (left truncation); the paper does not state it
-    "max_response_length": 20480,  # 16384 expected + 4096 overlong cache
-    "overlong_cache_len": 4096,
-    "temperature": 1.0,
-    "top_p": 1.0,
-    "top_k": -1,  # off
     # verl's FSDP workers compute in bf16 with float32 master weights, and checkpoint activations.
     "mixed_precision": "bf16",
     "gradient_checkpointing": True,
 }
 
-#: Linear warm-up lengths, in rollout steps (train() calls).
-PAPER_WARMUP_ROLLOUT_STEPS = 20
+#: The reference script's linear warm-up, in rollout steps (train() calls); the paper's 20 rollout
+#: steps are DAPOConfig's default (``lr_warmup_steps``, counted in optimizer steps: 20 x 16 = 320).
 # The reference script sets verl's ``lr_warmup_steps=10``. verl steps its actor lr scheduler once per
 # ``update_actor`` call, i.e. once per rollout step after all of that step's mini-batch updates
 # (verl/workers/fsdp_workers.py, ``update_actor``), so its 10 are rollout steps too: 160 optimizer
@@ -95,21 +77,18 @@ def updates_per_rollout_step(config: DAPOConfig) -> int:
     return config.num_epochs * (config.prompts_per_step // config.minibatch_prompts)
 
 
-_UPDATES_PER_ROLLOUT_STEP_32B = (
-    COMMON_32B["num_epochs"] * COMMON_32B["prompts_per_step"] // COMMON_32B["minibatch_prompts"]
-)
-
-#: Where the paper and the reference scripts differ (DAPO_FACTS.md, "Settings of the 32B run").
+#: Where the reference scripts differ from the paper (docs/paper_facts.md, "Settings of the 32B run"). The
+#: paper's variant is DAPOConfig()'s defaults: a warm-up of 20 rollout steps, overlong filtering on,
+#: no dual clip.
 VARIANTS: dict[str, dict[str, Any]] = {
-    "paper": {
-        "lr_warmup_steps": PAPER_WARMUP_ROLLOUT_STEPS * _UPDATES_PER_ROLLOUT_STEP_32B,  # 320
-        "overlong_filter": True,
-        "dual_clip": None,
-    },
+    "paper": {},
     "reference-script": {
-        "lr_warmup_steps": REFERENCE_SCRIPT_WARMUP_ROLLOUT_STEPS * _UPDATES_PER_ROLLOUT_STEP_32B,  # 160
+        "lr_warmup_steps": REFERENCE_SCRIPT_WARMUP_ROLLOUT_STEPS * updates_per_rollout_step(DAPOConfig()),  # 160
         "overlong_filter": False,  # the scripts do not implement overlong filtering
         "dual_clip": 10.0,
+        # The run that reported 52% took the token mean of each micro-batch, then divided by the
+        # number of accumulation steps (verl's actor at the time): see dapo_rl.core.losses.
+        "loss_agg": "token-mean-legacy",
     },
 }
 
@@ -120,7 +99,7 @@ def dapo_32b(variant: str = "paper", model_path: str | os.PathLike[str] = PAPER_
     Args:
         variant: ``"paper"`` (warm-up 20 rollout steps, overlong filtering, no dual clip) or
             ``"reference-script"`` (the authors' verl script: warm-up 10 rollout steps, no overlong
-            filtering, dual-clip c = 10).
+            filtering, dual-clip c = 10, the token mean taken per micro-batch: "token-mean-legacy").
         model_path: a local Hugging Face folder of the model (nothing is downloaded). Loaded in
             float32 (the master weights); compute runs in bf16 (``mixed_precision="bf16"``), so
             1e-6 updates are not lost to bf16 rounding.
@@ -134,7 +113,7 @@ def dapo_32b(variant: str = "paper", model_path: str | os.PathLike[str] = PAPER_
         DAPOConfig()
         .environment(TRAIN_ENV)
         .rl_module(model_config={"model": os.fspath(model_path), "dtype": "float32"})
-        .training(**{**COMMON_32B, **ALL_TECHNIQUES, **VARIANTS[variant]})
+        .training(**COMMON_32B, **VARIANTS[variant])
     )
 
 
@@ -188,7 +167,7 @@ PAPER_TABLE1: MappingProxyType[str, int] = MappingProxyType({
 PAPER_BASELINE: MappingProxyType[str, int] = MappingProxyType({"DeepSeek-R1-Zero-Qwen-32B": 47})
 
 REFERENCE_REPRODUCTIONS_SOURCE = (
-    "the authors' reproduction runs with their verl reference scripts (DAPO_FACTS.md, 'Paper Table 1'): "
+    "the authors' reproduction runs with their verl reference scripts (docs/paper_facts.md, 'Paper Table 1'): "
     "AIME 2024 avg@32 in percent; these runs use the reference-script variant (dual clip, no overlong filtering)"
 )
 

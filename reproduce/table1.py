@@ -10,10 +10,10 @@ Usage::
 
 Scales (``reproduce.scales``):
 
-- ``tiny``: each row is trained with :func:`dapo_rl.cli.train` (the CPU main job: the embedded tiny
-  model, warm-started, then DAPO on ``dapo/Arithmetic-v0``), with the row's technique settings. The
-  score is avg@k on the held-out arithmetic split, NOT AIME 2024: it is not comparable in value with
-  the paper's numbers, only the ordering of the rows can be compared.
+- ``tiny``: each row's config is trained with :func:`dapo_rl.jobs.train_config` (the CPU main
+  job: the embedded tiny model, warm-started, then DAPO on ``dapo/Arithmetic-v0``), with the row's
+  technique settings. The score is avg@k on the held-out arithmetic split, NOT AIME 2024: it is
+  not comparable in value with the paper's numbers, only the ordering of the rows can be compared.
 - ``gpu``: the same loop with the gpu scale (Qwen2.5-1.5B from a local folder, ``--model``), on one
   GPU. It has never been run (see ``reproduce.scales.GPU_TRAINING``).
 - ``paper``: without ``--run``, trains nothing: validates every row's config (vLLM need not be
@@ -21,16 +21,16 @@ Scales (``reproduce.scales``):
   ``--run``, trains each row on the Ray cluster at ``RAY_ADDRESS`` (:mod:`reproduce.cluster`:
   vLLM engines, FSDP2 learners, AIME 2024 avg@32); never run.
 
-Outputs in ``--output``: ``runs/<row-slug>/seed<k>/`` (one :func:`train` folder per run, with its
-``summary.json``; a run whose ``summary.json`` exists is not redone), ``results.json`` (one entry per
-run), ``table1.md`` (paper vs. ours, mean ± std over seeds) and ``curves_*.png`` (the paper's training
-curves against gradient steps, one line per row, mean over seeds).
+Outputs in ``--output``: ``runs/<row-slug>/seed<k>/`` (one :func:`dapo_rl.jobs.train_config`
+folder per run, with its ``summary.json``; a run whose ``summary.json`` exists is not redone),
+``results.json`` (one entry per run), ``table1.md`` (paper vs. ours, mean ± std over seeds) and
+``curves_*.png`` (the paper's training curves against gradient steps, one line per row, mean over
+seeds).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import re
@@ -41,8 +41,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dapo_rl.cli import DEFAULT_JOB
-from dapo_rl.dapo import DAPO_SETTINGS, DAPOConfig
+from dapo_rl.dapo import DAPOConfig
+from dapo_rl.jobs import DEFAULT_JOB, RunSettings, experiment_folder, train_config
 from reproduce.cluster import run_row_on_cluster
 from reproduce.scales import PAPER_ITERATIONS, SCALES, apply_scale, resource_plan
 from reproduce.settings import (
@@ -55,21 +55,17 @@ from reproduce.settings import (
     table1_rows,
 )
 
-#: The job settings --quick uses (CI): a few iterations of a briefly warm-started model. 150 warm-start
+#: The run settings --quick uses (CI): a few iterations of a briefly warm-started model. 150 warm-start
 #: steps (of the main job's 1,200) put generated accuracy a little above 0, so that dynamic sampling
 #: finds groups to keep and every row trains; with fewer, the DAPO row keeps nothing and never updates.
 QUICK_JOB: dict[str, Any] = {"iterations": 3, "warmstart_steps": 150, "eval_problems": 10, "eval_samples": 2}
 
-#: The job settings of the gpu scale other than the training ones (estimates; never run). No
-#: warm-start: the base model is trained directly, as in the paper.
+#: The run settings of the gpu scale (estimates; never run). No warm-start: the base model is trained directly, as in the paper.
 # Evaluated on MATH-500 (the training problems have no held-out split; AIME is likely near 0 for a
 # small model after a few hours).
 GPU_JOB: dict[str, Any] = {
     "iterations": 30, "warmstart_steps": 0, "eval_env": "dapo/MATH500-v0", "eval_problems": 100, "eval_samples": 4,
 }
-
-#: RLlib optimizer settings copied from a row's config into the job, next to DAPO_SETTINGS.
-OPTIMIZER_KEYS = ("lr", "grad_clip", "num_epochs")
 
 #: The curves plotted: (file stem, title, (section, key) path in Tune's result.json, y label).
 CURVES: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
@@ -109,53 +105,49 @@ def select_rows(all_rows: list[str], wanted: list[str] | None, quick: bool) -> l
     return [all_rows[0], all_rows[-1]] if quick else list(all_rows)
 
 
-def row_job(config: DAPOConfig, seed: int, *, scale: str, quick: bool) -> dict[str, Any]:
-    """The ``dapo_rl.cli.train`` job of one row and seed: DEFAULT_JOB, with env, model, the learner
-    and runner counts and EVERY training setting (DAPO_SETTINGS + lr/grad_clip/num_epochs) taken from
-    the scaled row config, so the row's techniques are exactly what runs."""
-    job = copy.deepcopy(DEFAULT_JOB)
-    job["env"] = config.env
-    job["env_config"] = dict(config.env_config or {})
-    job["model"] = (config.model_config or {})["model"]
-    job["dtype"] = (config.model_config or {}).get("dtype")
-    job["seed"] = seed
-    job["num_learners"] = config.num_learners
-    job["num_gpus_per_learner"] = config.num_gpus_per_learner
-    job["num_env_runners"] = config.num_env_runners
-    job["num_gpus_per_env_runner"] = config.num_gpus_per_env_runner
-    job["training"] = {key: copy.deepcopy(getattr(config, key)) for key in (*DAPO_SETTINGS, *OPTIMIZER_KEYS)}
-    if scale == "gpu":
-        job.update(GPU_JOB)
-    if quick:
-        job.update(QUICK_JOB)
-    return job
+def row_run(config: DAPOConfig, seed: int, *, scale: str, quick: bool,
+            iterations: int | None = None) -> tuple[DAPOConfig, RunSettings]:
+    """What trains one row and seed: the scaled row config itself (seeded; a new config) and the run
+    settings (the main job's, with the gpu scale's, --quick's and --iterations' changes)."""
+    changes = {**(GPU_JOB if scale == "gpu" else {}), **(QUICK_JOB if quick else {})}
+    if iterations is not None:
+        changes["iterations"] = iterations
+    return seeded(config, seed), RunSettings.from_job(DEFAULT_JOB, **changes)
+
+
+def seeded(config: DAPOConfig, seed: int) -> DAPOConfig:
+    """A copy of a row's config with its seed: the row's own config stays as it was."""
+    return config.copy(copy_frozen=False).debugging(seed=seed)
 
 
 # -- running -------------------------------------------------------------------------------------
 
 
-def run_one(job: dict[str, Any], folder: Path) -> tuple[dict[str, Any], bool]:
-    """Train one run into ``folder`` unless its summary.json exists. Returns (summary, skipped)."""
-    summary_file = folder / "summary.json"
-    if summary_file.is_file():
-        return json.loads(summary_file.read_text(encoding="utf-8")), True
-    from dapo_rl.cli import train  # imports Ray/Tune: only when something is trained
-
-    return train(job, folder), False
+def run_one(config: DAPOConfig, run: RunSettings, folder: Path) -> tuple[dict[str, Any], bool]:
+    """Train one run into ``folder`` unless it is done. Returns (summary, skipped)."""
+    done = finished_summary(folder)
+    return (done, True) if done is not None else (train_config(config, folder, run), False)
 
 
 def run_paper_row(config: DAPOConfig, seed: int, folder: Path, iterations: int | None) -> tuple[dict[str, Any], bool]:
-    """One row and seed on the Ray cluster, unless its summary.json exists. Returns (summary, skipped)."""
+    """One row and seed on the Ray cluster, unless it is done. Returns (summary, skipped)."""
+    done = finished_summary(folder)
+    if done is not None:
+        return done, True
+    summary = run_row_on_cluster(seeded(config, seed), folder, iterations=iterations or PAPER_ITERATIONS,
+                                 evaluation=aime_eval_32b())
+    return summary, False
+
+
+def finished_summary(folder: Path) -> dict[str, Any] | None:
+    """The summary.json of a run already done in ``folder``, else None: a re-run of a table resumes it."""
     summary_file = folder / "summary.json"
-    if summary_file.is_file():
-        return json.loads(summary_file.read_text(encoding="utf-8")), True
-    seeded = config.copy(copy_frozen=False).debugging(seed=seed)
-    return run_row_on_cluster(seeded, folder, iterations=iterations or PAPER_ITERATIONS, evaluation=aime_eval_32b()), False
+    return json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else None
 
 
 def iteration_metrics(folder: Path) -> list[dict[str, Any]]:
     """Per-iteration results of a run's Tune trial (``tune/dapo/<trial>/result.json``, JSON lines)."""
-    files = sorted((folder / "tune" / "dapo").glob("*/result.json"))
+    files = sorted(experiment_folder(folder).glob("*/result.json"))
     if not files:
         return []
     rows = []
@@ -387,10 +379,8 @@ def _run_table(args: argparse.Namespace, rows: dict[str, DAPOConfig], selected: 
             if args.scale == "paper":
                 summary, was_skipped = run_paper_row(rows[row], seed, folder, args.iterations)
             else:
-                job = row_job(rows[row], seed, scale=args.scale, quick=args.quick)
-                if args.iterations is not None:
-                    job["iterations"] = args.iterations
-                summary, was_skipped = run_one(job, folder)
+                config, run = row_run(rows[row], seed, scale=args.scale, quick=args.quick, iterations=args.iterations)
+                summary, was_skipped = run_one(config, run, folder)
             skipped += was_skipped
             trained += not was_skipped
             metric = metric or summary.get("eval_metric")

@@ -1,8 +1,16 @@
-"""The dapo-rl command line: settings parsing and user errors (no training here; see test_learning.py)."""
+"""The dapo-rl command line and dapo_rl.jobs: settings, user errors, eval, and a one-iteration run
+with experiment trackers (the learning run itself is test_learning.py)."""
+
+import json
+import re
+import struct
 
 import pytest
 
-from dapo_rl.cli import DEFAULT_JOB, UserError, build_config, load_job, main
+from dapo_rl import tracking
+from dapo_rl.cli import main
+from dapo_rl.evaluation import evaluate_model
+from dapo_rl.jobs import DEFAULT_JOB, JobError, build_config, experiment_folder, load_job
 
 
 def test_default_job_builds_a_valid_config():
@@ -17,13 +25,14 @@ def test_default_job_builds_a_valid_config():
 def test_yaml_and_set_override_in_order(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text("iterations: 7\ntraining:\n  group_size: 4\n  clip_high: 0.3\nenv_config:\n  digits: 1\n")
-    job = load_job(str(path), ["group_size=6", "lr=1e-5", "env_config.operators=+-", "dual_clip=10"])
+    job = load_job(str(path), ["group_size=6", "lr=1e-5", "env_config.operators=+-", "dual_clip=10", "loggers=mlflow"])
     assert job["iterations"] == 7
     assert job["training"]["group_size"] == 6
     assert job["training"]["clip_high"] == 0.3
     assert job["training"]["lr"] == 1e-5
     assert job["training"]["dual_clip"] == 10
     assert job["env_config"] == {"digits": 1, "operators": "+-"}
+    assert job["loggers"] == ["mlflow"]
 
 
 @pytest.mark.parametrize(
@@ -36,14 +45,15 @@ def test_yaml_and_set_override_in_order(tmp_path):
     ],
 )
 def test_bad_settings_are_named(assignment, message):
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(JobError, match=message):
         load_job(None, [assignment])
 
 
-def test_inconsistent_settings_fail_validation_with_values():
+def test_inconsistent_settings_fail_validation_with_values_on_one_line():
     job = load_job(None, ["minibatch_prompts=5"])
-    with pytest.raises(UserError, match=r"minibatch_prompts \(5\) must divide prompts_per_step \(32\)"):
+    with pytest.raises(JobError, match=r"minibatch_prompts \(5\) must divide prompts_per_step \(32\)") as raised:
         build_config(job, job["model"])
+    assert "\n" not in str(raised.value)
 
 
 @pytest.mark.parametrize(
@@ -51,12 +61,14 @@ def test_inconsistent_settings_fail_validation_with_values():
     [
         (["train", "--set", "nope=1"], "unknown setting 'nope'"),
         (["train", "--set", "env=dapo/Nope-v0"], "unknown environment id 'dapo/Nope-v0'"),
-        (["train", "--set", "model=/no/such/model"], "'/no/such/model' is neither the preset"),
+        (["train", "--set", "model=/no/such/model"], "'/no/such/model' is neither"),
         (["train", "--config", "/no/such.yaml"], "cannot read config file /no/such.yaml"),
         (["train", "--set", "dtype=float33"], "dtype 'float33' is not a torch dtype name"),
         (["train", "--set", "eval_env=dapo/Nope-v0"], "unknown evaluation environment id 'dapo/Nope-v0'"),
-        (["eval", "--model", "/no/such/model", "--env", "dapo/AIME24-v0"], "'/no/such/model' is neither the preset"),
+        (["train", "--set", "loggers=[wandb, tensorboardx]"], r"unknown logger\(s\) \['tensorboardx'\]"),
+        (["eval", "--model", "/no/such/model", "--env", "dapo/AIME24-v0"], "'/no/such/model' is neither"),
         (["eval", "--model", "tiny-qwen2", "--env", "dapo/Nope-v0"], "unknown environment id"),
+        (["eval", "--model", "tiny-qwen2", "--env", "dapo/AIME24-v0", "--env-config", "split"], "--env-config takes key=value"),
     ],
 )
 def test_user_errors_exit_2_with_one_line_and_no_traceback(argv, message, capsys, tmp_path):
@@ -65,20 +77,31 @@ def test_user_errors_exit_2_with_one_line_and_no_traceback(argv, message, capsys
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert err.startswith("dapo-rl: error:")
-    import re
-
+    assert err.startswith("dapo-rl: error:"), err
     assert re.search(message, err), err
 
 
-def test_eval_command_reports_avg_pass_cons(capsys):
-    assert main(["eval", "--model", "tiny-qwen2", "--env", "dapo/Arithmetic-v0", "--samples", "2", "--problems", "3",
-                 "--max-new-tokens", "4", "--env-config", "split=test"]) == 0
-    import json
+def test_a_logger_without_its_package_names_the_pip_command(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(tracking.LOGGERS, "wandb", ("no_such_module_for_wandb", "wandb"))
+    assert main(["train", "--logger", "wandb", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        "dapo-rl: error: logger 'wandb' needs the wandb package: pip install wandb (or pip install 'dapo-rl[tracking]')")
+    assert not (tmp_path / "out").exists()  # nothing ran
 
+
+def test_eval_command_is_evaluate_model_with_the_given_options(capsys):
+    argv = ["eval", "--model", "tiny-qwen2", "--env", "dapo/Arithmetic-v0", "--samples", "2", "--problems", "3",
+            "--max-new-tokens", "4", "--env-config", "split=test"]
+    assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["num_problems"] == 3 and result["samples"] == 2
-    assert 0.0 <= result["avg_at_k"] <= result["pass_at_k"] <= 1.0
+    expected = evaluate_model("tiny-qwen2", "dapo/Arithmetic-v0", env_config={"split": "test"}, samples=2, num_problems=3,
+                              max_new_tokens=4)
+    assert result == expected.as_dict()
+    assert (result["num_problems"], result["samples"]) == (3, 2)
+    # The dapo verifier needs "Answer: N": no 4-token response holds it, whatever the weights.
+    assert (result["avg_at_k"], result["pass_at_k"], result["cons_at_k"]) == (0.0, 0.0, 0.0)
+    assert 1 <= result["mean_response_length"] <= 4
 
 
 def test_dtype_reaches_the_module_config():
@@ -86,3 +109,58 @@ def test_dtype_reaches_the_module_config():
     assert build_config(job, job["model"]).model_config["model"] == "tiny-qwen2"
     assert build_config(job, job["model"]).model_config["dtype"] == "bfloat16"
     assert "dtype" not in build_config(load_job(None, []), "tiny-qwen2").model_config
+
+
+# -- a one-iteration run with trackers --------------------------------------------------------------
+
+#: The smallest run: no warm-start, one DAPO iteration of 4 prompts x 2 responses, 2 held-out problems.
+ONE_ITERATION = ["iterations=1", "warmstart_steps=0", "eval_problems=2", "eval_samples=1", "prompts_per_step=4",
+                 "minibatch_prompts=2", "group_size=2", "generation_batch_prompts=4", "dynamic_sampling=false"]
+
+
+def wandb_history(path) -> list[dict]:
+    """The logged rows of an offline W&B run file (LevelDB-log blocks of wandb_internal Record protos)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, position, pending, rows = path.read_bytes(), 32768, 7, b"", []
+    assert data[:4] == b":W&B"
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # a block's tail too short for a record header is padding
+            position += block - position % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        chunk, position = data[position + 7 : position + 7 + length], position + 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk  # FULL/FIRST start a record
+        if kind in (1, 4):  # FULL/LAST end one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            if record.WhichOneof("record_type") == "history":
+                rows.append({"/".join(item.nested_key) or item.key: json.loads(item.value_json) for item in record.history.item})
+    return rows
+
+
+@pytest.mark.slow
+def test_train_logs_offline_to_wandb_and_mlflow_and_appends_samples(ray_session, tmp_path):
+    output = tmp_path / "run"
+    argv = ["train", "--logger", "wandb", "--logger", "mlflow", "--output", str(output)]
+    assert main([*argv, *(arg for setting in ONE_ITERATION for arg in ("--set", setting))]) == 0
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["iterations"] == 1 and summary["job"]["loggers"] == ["wandb", "mlflow"]
+    (result_file,) = experiment_folder(output).glob("*/result.json")
+    (result,) = [json.loads(line) for line in result_file.read_text().splitlines()]
+    reward_mean = result["dapo"]["reward_mean"]
+
+    (wandb_file,) = (output / "wandb").glob("offline-run-*/run-*.wandb")
+    (logged,) = wandb_history(wandb_file)
+    assert logged["training_iteration"] == 1 and logged["dapo/reward_mean"] == reward_mean
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=(output / "mlruns").as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("dapo-rl").experiment_id])
+    assert run.data.metrics["dapo/reward_mean"] == reward_mean and run.data.metrics["training_iteration"] == 1
+
+    samples = [json.loads(line) for line in (output / "samples.jsonl").read_text().splitlines()]
+    # The first response of each trained group, up to log_samples: all 4 groups train without dynamic sampling.
+    assert samples == [{"iteration": 1, **sample} for sample in result["samples"]]
+    assert len(samples) == 4 and {"prompt", "response", "reward", "acc"} <= set(samples[0])

@@ -1,12 +1,15 @@
 """DAPO as an RLlib algorithm: config validation, Tune, DDP exactness, checkpoints, dynamic sampling,
-export and weight sync. Tiny settings (the random-init "tiny-qwen2" preset, 4 prompts x 4 responses
-of at most 8 tokens), one Ray instance for the whole file (``ray_session`` in conftest.py)."""
+export and weight sync; what one step computes (on scripted responses), the learner's settings (dual
+clip, lr warm-up across a restore, epochs, token-mean-legacy). Tiny settings (the random-init
+"tiny-qwen2" preset, 4 prompts x 4 responses of at most 8 tokens), one Ray instance for the whole
+file (``ray_session`` in conftest.py)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -16,18 +19,17 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from ray import tune
+from ray.rllib.core import DEFAULT_MODULE_ID
 
-pytest.importorskip("ray.rllib")
-
-from ray import tune  # noqa: E402
-from ray.rllib.core import DEFAULT_MODULE_ID  # noqa: E402
-
-import dapo_rl.dapo as dapo_module  # noqa: E402
-from dapo_rl import DAPOConfig  # noqa: E402
-from dapo_rl.core import policy_loss  # noqa: E402
-from dapo_rl.core.sampling import SamplingRoundLimitError  # noqa: E402
-from dapo_rl.rollout.batch import pack_sequences  # noqa: E402
-from dapo_rl.training import take_rows  # noqa: E402
+import dapo_rl.dapo as dapo_module
+import dapo_rl.distributed as distributed
+from dapo_rl import DAPOConfig
+from dapo_rl.core import policy_loss
+from dapo_rl.core.sampling import SamplingRoundLimitError
+from dapo_rl.rollout.base import GeneratedResponses
+from dapo_rl.rollout.batch import pack_sequences
+from dapo_rl.training import minibatch_with_loss_normalizer
 
 ENV = "dapo/Arithmetic-v0"
 ENV_CONFIG = {"operators": "+"}
@@ -37,6 +39,7 @@ TINY = dict(
     prompts_per_step=4,
     minibatch_prompts=2,
     generation_batch_prompts=4,
+    max_prompt_length=64,  # prompt + response must fit the tiny preset's 512 positions
     max_response_length=8,
     overlong_cache_len=4,
     lr=1e-4,
@@ -47,7 +50,7 @@ TINY = dict(
 
 
 def make_config(*, env: str | None = ENV, env_config: dict | None = None, seed: int = 0, **training) -> DAPOConfig:
-    config = DAPOConfig()
+    config = DAPOConfig().rl_module(model_config={"model": "tiny-qwen2"})
     if env is not None:
         config.environment(env, env_config=ENV_CONFIG if env_config is None else env_config)
     return config.training(**{**TINY, **training}).debugging(seed=seed)
@@ -132,22 +135,31 @@ def test_tune_runs_two_iterations_with_metrics(ray_session, tmp_path):
     metrics = results[0].metrics
     assert metrics["training_iteration"] == 2
     dapo = metrics["dapo"]
-    assert -2.0 <= dapo["reward_mean"] <= 1.0
+    # Counts that follow from the config (4 prompts x 4 responses, 2 mini-batches of 8 rows, no
+    # dynamic sampling): what each metric measures is checked against scripted responses below.
+    assert dapo["prompts_generated"] == TINY["prompts_per_step"]
     assert dapo["prompts_trained"] == TINY["prompts_per_step"]
+    assert dapo["kept_group_ratio"] == 1.0
     assert dapo["sampling_rounds"] == 1
     assert dapo["optimizer_steps"] == 4  # 2 iterations x 2 mini-batches
-    assert 0 < dapo["response_length_mean"] <= TINY["max_response_length"]
-    assert 0.0 <= dapo["generated_accuracy"] <= 1.0
+    # Without dynamic sampling the trained responses are the generated ones.
+    assert dapo["train_accuracy"] == dapo["generated_accuracy"]
+    responses = TINY["prompts_per_step"] * TINY["group_size"]
+    assert dapo["generated_tokens_per_second"] == pytest.approx(
+        dapo["response_length_mean"] * responses / dapo["generate_seconds"], rel=1e-6)
     learner = metrics["learners"][DEFAULT_MODULE_ID]
     for key in ("policy_loss", "clip_frac_high", "clip_frac_low", "entropy", "approx_kl"):
         assert math.isfinite(learner[key]), key
-    assert 0.0 <= learner["clip_frac_high"] <= 1.0
-    assert learner["entropy"] > 0
+    # The random-init tiny model is close to uniform over its 258 tokens (entropy log 258 = 5.55).
+    assert learner["entropy"] > 0.95 * math.log(258)
     assert learner["gradients_default_optimizer_global_norm"] > 0
-    assert learner["default_optimizer_learning_rate"] == pytest.approx(TINY["lr"])
-    assert metrics["env_runners"]["num_env_steps_sampled_lifetime"] == 2 * 4 * 4
+    assert learner["default_optimizer_learning_rate"] == pytest.approx(TINY["lr"])  # no warm-up
+    rows_per_update = TINY["minibatch_prompts"] * TINY["group_size"]
+    assert learner["num_module_steps_trained"] == 2 * rows_per_update  # this iteration's 2 updates
+    assert learner["num_module_steps_trained_lifetime"] == 4 * rows_per_update
+    assert metrics["env_runners"]["num_env_steps_sampled_lifetime"] == 2 * responses
     for timer in ("generate_and_score", "old_logprobs", "update", "sync_weights", "training_iteration"):
-        assert metrics["timers"][timer] >= 0, timer
+        assert timer in metrics["timers"], timer
 
 
 # -- 3. num_learners=2 equals num_learners=0 -----------------------------------------------------------
@@ -163,7 +175,7 @@ def _unequal_minibatch(algo) -> dict[str, torch.Tensor]:
     response_lengths = [1, 2, 1, 3, 8, 8, 7, 8]
     prompts = [torch.randint(2, 250, (n,), generator=generator).tolist() for n in prompt_lengths]
     responses = [torch.randint(2, 250, (n,), generator=generator).tolist() for n in response_lengths]
-    packed = pack_sequences(prompts, responses, pad_token_id=algo._pad_token_id)
+    packed = pack_sequences(prompts, responses, pad_token_id=algo._tokenizer.pad_token_id)
     batch = {key: packed[key] for key in ("input_ids", "attention_mask", "position_ids", "response_mask")}
     batch["token_mask"] = packed["response_mask"].clone()
     batch["advantages"] = torch.tensor([1.5, 0.5, 1.0, 0.8, -1.0, -0.5, -1.2, -0.3])
@@ -171,7 +183,7 @@ def _unequal_minibatch(algo) -> dict[str, torch.Tensor]:
     noise = 0.4 * torch.randn(current.shape, generator=generator)
     batch["old_logprobs"] = (current + noise) * batch["response_mask"]
     config = algo.config
-    return take_rows(batch, torch.arange(8), loss_agg=config.loss_agg, max_response_length=config.max_response_length)
+    return minibatch_with_loss_normalizer(batch, torch.arange(8), loss_agg=config.loss_agg, max_response_length=config.max_response_length)
 
 
 def _minibatch_losses(algo, batch: dict[str, torch.Tensor]) -> tuple[float, float]:
@@ -335,7 +347,7 @@ def test_dynamic_sampling_limit_error_names_limit_rounds_and_kept(ray_session):
         algo.stop()
     text = exception_text(info.value)
     assert "SamplingRoundLimitError" in text, text
-    assert "max_rounds=2" in text and "after 2 generation rounds" in text, text
+    assert "max_sampling_rounds=2" in text and "after 2 generation rounds" in text, text
     assert "kept 0 of the 4 prompts" in text, text
 
 
@@ -344,11 +356,11 @@ def test_sampling_round_limit_error_survives_copy_and_pickle():
     import copy
     import pickle
 
-    error = SamplingRoundLimitError(max_rounds=3, rounds=3, num_groups=1, target_groups=4)
+    error = SamplingRoundLimitError(max_sampling_rounds=3, rounds=3, num_groups=1, target_groups=4)
     for clone in (copy.copy(error), pickle.loads(pickle.dumps(error))):
         assert type(clone) is SamplingRoundLimitError
         assert str(clone) == str(error)
-        assert (clone.max_rounds, clone.rounds, clone.num_groups, clone.target_groups) == (3, 3, 1, 4)
+        assert (clone.max_sampling_rounds, clone.rounds, clone.num_groups, clone.target_groups) == (3, 3, 1, 4)
 
 
 def test_dynamic_sampling_limit_train_with_nothing_kept(ray_session):
@@ -547,7 +559,7 @@ def test_sharded_learners_match_one_learner_and_restore_from_sharded_checkpoint(
     from ray.rllib.algorithms.algorithm import Algorithm
     from transformers import AutoModelForCausalLM
 
-    from dapo_rl.cli import export_checkpoint
+    from dapo_rl.checkpoints import export_checkpoint
 
     settings = dict(overlong_filter=False, lr=1e-3)
     algo_local = make_config(**settings).build_algo()
@@ -579,9 +591,9 @@ def test_sharded_learners_match_one_learner_and_restore_from_sharded_checkpoint(
         for attempt in ("a", "b"):  # older shard folders are pruned: the 2 newest stay
             algo_sharded.save_to_path(str(tmp_path / f"old_checkpoint_{attempt}"))
         checkpoint = algo_sharded.save_to_path(str(tmp_path / "checkpoint"))
-        shard_folder = dapo_module.sharded_state_folder(checkpoint)
+        shard_folder = distributed.sharded_state_folder(checkpoint)
         assert shard_folder.parent == shared and (shard_folder / ".metadata").is_file()
-        assert len(list(shared.iterdir())) == dapo_module.SHARDED_CHECKPOINTS_KEPT
+        assert len(list(shared.iterdir())) == distributed.SHARDED_CHECKPOINTS_KEPT
         # The shards consolidate into a Hugging Face folder in this process, without any learner.
         export_checkpoint(checkpoint, tmp_path / "exported")
         exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported", local_files_only=True).state_dict()
@@ -616,3 +628,387 @@ def test_validate_rejects_unknown_data_parallel():
     config = make_config(data_parallel="zero3")
     with pytest.raises(ValueError, match=r"data_parallel must be one of \['ddp', 'fsdp2'\], got 'zero3'"):
         config.validate()
+
+
+# -- 8. what one step computes, on scripted responses ---------------------------------------------------
+#
+# The local env runner's backend is replaced by a script that answers each prompt with known texts
+# (right or wrong, finished or truncated, of chosen lengths); the rest of the step -- verifier,
+# shaping, dynamic sampling, advantages, updates, metrics -- is the real one. Every expectation is
+# recomputed here from the script with the paper's formulas, not with the library's functions.
+
+ARITHMETIC_PROMPT = re.compile(r"What is (\d+) \+ (\d+)\?")
+#: Lengths for the scripts: E = 16 - 12 = 4 tokens, so every scripted response (10 to 16 tokens)
+#: lies in the overlong cache window and each length has its own penalty (E - len) / 12.
+SCRIPTED = dict(max_response_length=16, overlong_cache_len=12)
+MIXED, ALL_RIGHT, ALL_WRONG_GROUP = "mixed", "all right", "all wrong"
+
+
+def scripted_group(kind: str, answer: int) -> list[tuple[str, bool, bool]]:
+    """(text, finished, correct) of the 4 responses a group of ``kind`` gets."""
+    right, wrong = f"Answer: {answer}", f"Answer: {answer + 1}"
+    if kind == MIXED:
+        return [(right, True, True), (wrong, True, False), (" " + right, True, True), ("x" * 16, False, False)]
+    if kind == ALL_RIGHT:
+        return [(" " * k + right, True, True) for k in range(4)]
+    return [(" " * k + wrong, True, False) for k in range(4)]
+
+
+class ScriptedGeneration:
+    """Replaces the local env runner's generation: prompt i of each call gets ``kinds[i % len]``."""
+
+    def __init__(self, algo, kinds: list[str]) -> None:
+        self.tokenizer = algo._tokenizer
+        self.kinds = kinds
+        self.calls: list[list[dict]] = []  # per generate call, per prompt: prompt, answer, kind, rows
+        algo.env_runner.backend.generate = self.generate
+
+    def generate(self, prompt_token_ids, sampling, *, seed):
+        token_ids, finished, call = [], [], []
+        eos = self.tokenizer.eos_token_id
+        for index, ids in enumerate(prompt_token_ids):
+            prompt = self.tokenizer.decode(ids, skip_special_tokens=True)
+            answer = sum(int(x) for x in ARITHMETIC_PROMPT.search(prompt).groups())
+            kind = self.kinds[index % len(self.kinds)]
+            rows = []
+            for text, done, correct in scripted_group(kind, answer):
+                response = self.tokenizer.encode(text, add_special_tokens=False) + ([eos] if done else [])
+                assert len(response) == sampling.max_new_tokens or (done and len(response) < sampling.max_new_tokens)
+                token_ids.append(response)
+                finished.append(done)
+                rows.append(dict(text=text, length=len(response), truncated=not done, correct=correct))
+            assert len(rows) == sampling.n
+            call.append(dict(prompt=prompt, answer=answer, kind=kind, rows=rows))
+        self.calls.append(call)
+        return GeneratedResponses(token_ids=token_ids, finished=finished)
+
+
+def overlong_penalty(length: int, max_len: int = 16, cache: int = 12) -> float:
+    """Paper Eq. 13."""
+    expected = max_len - cache
+    if length <= expected:
+        return 0.0
+    return (expected - length) / cache if length <= max_len else -1.0
+
+
+def shaped_reward(row: dict) -> float:
+    return (1.0 if row["correct"] else -1.0) + overlong_penalty(row["length"])
+
+
+def hand_group_advantages(rewards: list[float]) -> list[float]:
+    """(R - mean) / (std + 1e-6) within one group, unbiased std; 0 for a constant group."""
+    values = np.asarray(rewards, dtype=np.float64)
+    if values.max() == values.min():
+        return [0.0] * len(values)
+    return list((values - values.mean()) / (values.std(ddof=1) + 1e-6))
+
+
+#: One round of 7 prompts, 4 of them mixed: exactly prompts_per_step informative groups.
+ROUND_KINDS = [MIXED, ALL_RIGHT, MIXED, ALL_WRONG_GROUP, ALL_RIGHT, MIXED, MIXED]
+
+
+@pytest.fixture(scope="module")
+def scripted_step(ray_session):
+    """One train() on scripted responses with dynamic sampling: 7 prompts generated, the 4 mixed
+    groups trained; the rollouts collect_groups returned, and the result."""
+    rounds_seen = []
+    real_collect = dapo_module.collect_groups
+
+    def spy(*args, **kwargs):
+        collected, stats, rounds = real_collect(*args, **kwargs)
+        rounds_seen.append(rounds)
+        return collected, stats, rounds
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dapo_module, "collect_groups", spy)
+        algo = make_config(**SCRIPTED, dynamic_sampling=True, generation_batch_prompts=len(ROUND_KINDS),
+                           max_sampling_rounds=2, on_sampling_limit="error", log_samples=6).build_algo()
+        try:
+            script = ScriptedGeneration(algo, ROUND_KINDS)
+            result = algo.train()
+        finally:
+            algo.stop()
+    (rounds,) = rounds_seen
+    return dict(result=result, script=script, rounds=rounds)
+
+
+def test_step_metrics_follow_from_the_scripted_responses(scripted_step):
+    result, (call,) = scripted_step["result"], scripted_step["script"].calls
+    dapo = result["dapo"]
+    generated = [row for group in call for row in group["rows"]]
+    trained = [row for group in call if group["kind"] == MIXED for row in group["rows"]]
+    rewards = [shaped_reward(row) for row in trained]
+    advantages = [a for group in call if group["kind"] == MIXED
+                  for a in hand_group_advantages([shaped_reward(row) for row in group["rows"]])]
+    lengths = [row["length"] for row in generated]
+    expected = {
+        "reward_mean": np.mean(rewards), "reward_max": max(rewards), "reward_min": min(rewards),
+        "train_accuracy": np.mean([row["correct"] for row in trained]),  # 1/2
+        "generated_accuracy": np.mean([row["correct"] for row in generated]),  # 16/28
+        "advantage_mean": np.mean(advantages), "advantage_max": max(advantages), "advantage_min": min(advantages),
+        "response_length_mean": np.mean(lengths), "response_length_max": max(lengths),
+        "response_length_min": min(lengths),
+        "response_clip_ratio": np.mean([row["truncated"] for row in generated]),
+        "sampling_rounds": 1, "prompts_generated": 7, "prompts_trained": 4,
+        "kept_group_ratio": 4 / 7, "all_correct_group_ratio": 2 / 7, "all_wrong_group_ratio": 1 / 7,
+        "sampling_limit_reached": 0.0,
+        "optimizer_steps": 2,  # 4 prompts / 2 per mini-batch
+    }
+    for key, value in expected.items():
+        assert dapo[key] == pytest.approx(float(value), rel=1e-5, abs=1e-6), key
+    assert dapo["generated_tokens_per_second"] == pytest.approx(sum(lengths) / dapo["generate_seconds"], rel=1e-6)
+    # Re-scoring the responses the step logged with the environment's verifier gives its accuracy.
+    (rollout,) = scripted_step["rounds"]
+    assert rollout["response_text"] == [row["text"] for row in generated]
+    env = gym.make(ENV, **ENV_CONFIG).unwrapped
+    references = [str(group["answer"]) for group in call for _ in group["rows"]]
+    rescored = env.score(rollout["response_text"], references)
+    assert [r.acc for r in rescored] == [row["correct"] for row in generated]
+    assert dapo["generated_accuracy"] == pytest.approx(np.mean([r.acc for r in rescored]))
+    # Overlong filtering: the loss ran on the finished trained responses' tokens only.
+    learner = result["learners"][DEFAULT_MODULE_ID]
+    assert learner["num_tokens"] == sum(row["length"] for row in trained if not row["truncated"])
+    assert result["env_runners"]["num_env_steps_sampled_lifetime"] == len(generated)
+
+
+def test_log_samples_are_first_responses_of_the_round_rescored(scripted_step, ray_session):
+    """result["samples"]: the first response to each of the first log_samples prompts of the step's
+    first generation round (trained on or not), with the verifier's verdict and the shaped reward."""
+    samples = scripted_step["result"]["samples"]
+    (call,) = scripted_step["script"].calls
+    assert len(samples) == min(6, len(call))  # log_samples=6, 7 prompts in the round
+    env = gym.make(ENV, **ENV_CONFIG).unwrapped
+    tokenizer = scripted_step["script"].tokenizer
+    for sample, group in zip(samples, call[:6], strict=True):
+        assert set(sample) == {"prompt", "response", "pred", "score", "reward", "acc", "truncated"}
+        assert sample["prompt"] == group["prompt"]
+        assert sample["response"] == group["rows"][0]["text"]
+        # The reference comes from the prompt itself; the verifier re-scores the logged response.
+        reference = sum(int(x) for x in ARITHMETIC_PROMPT.search(sample["prompt"]).groups())
+        (verdict,) = env.score([sample["response"]], [str(reference)])
+        assert (sample["acc"], sample["pred"], sample["score"]) == (verdict.acc, verdict.pred, verdict.score)
+        length = len(tokenizer.encode(sample["response"], add_special_tokens=False)) + (0 if sample["truncated"] else 1)
+        assert sample["reward"] == pytest.approx(verdict.score + overlong_penalty(length))
+        assert sample["truncated"] == group["rows"][0]["truncated"]
+    assert [s["acc"] for s in samples] == [True, True, True, False, True, True]  # both verdicts occur
+    # At most the round's prompts (4 here); 0 switches samples off.
+    for log_samples, expected in ((2, 2), (9, TINY["prompts_per_step"]), (0, 0)):
+        algo = make_config(log_samples=log_samples).build_algo()
+        try:
+            logged = algo.train()["samples"]
+        finally:
+            algo.stop()
+        assert len(logged) == expected, log_samples
+
+
+def test_advantages_come_from_the_shaped_rewards(ray_session, monkeypatch):
+    """Groups all right or all wrong, responses of different lengths in the overlong window: the
+    verifier's scores are constant per group (advantage 0), the shaped rewards are not."""
+    batches, minibatches = [], []
+    real_build = dapo_module.build_train_batch
+    monkeypatch.setattr(dapo_module, "build_train_batch",
+                        lambda *a, **k: batches.append(real_build(*a, **k)) or batches[-1])
+    algo = make_config(**SCRIPTED, dynamic_sampling=False, overlong_filter=False).build_algo()
+    try:
+        script = ScriptedGeneration(algo, [ALL_RIGHT, ALL_WRONG_GROUP])
+        real_update = algo._update
+        algo._update = lambda minibatch: minibatches.append(minibatch["advantages"].clone()) or real_update(minibatch)
+        result = algo.train()
+    finally:
+        algo.stop()
+    (call,), (batch,) = script.calls, batches
+    expected = [a for group in call for a in hand_group_advantages([shaped_reward(row) for row in group["rows"]])]
+    for group in range(4):  # the verifier's scores alone would give every response advantage 0
+        assert len(set(batch["score"][batch["group_index"] == group].tolist())) == 1
+    assert all(abs(a) > 0.3 for a in expected)
+    torch.testing.assert_close(batch["advantages"], torch.tensor(expected, dtype=torch.float32), rtol=1e-5, atol=1e-6)
+    # ... and these are the advantages the learner trained on, and the step reports.
+    torch.testing.assert_close(torch.sort(torch.cat(minibatches)).values, torch.sort(torch.tensor(expected, dtype=torch.float32)).values)
+    assert result["dapo"]["advantage_max"] == pytest.approx(max(expected), rel=1e-5)
+
+
+# -- 9. learner settings through RLlib: dual clip, lr warm-up, epochs, token-mean-legacy ----------------
+
+
+def hand_loss(algo, batch: dict[str, torch.Tensor], rows=slice(None), *, dual_clip=None, agg="token-mean"):
+    """(loss, metrics, gradient norm) of ``policy_loss`` on ``rows`` of a mini-batch under the local
+    learner's current weights (one pass over those rows, their own normaliser)."""
+    module = algo.learner_group._learner.module[DEFAULT_MODULE_ID].unwrapped()
+    parameters = [p for p in module.parameters() if p.requires_grad]
+    piece = {key: value[rows] for key, value in batch.items()}
+    logprobs = module.forward_train(piece)["logprobs"]
+    config = algo.config
+    loss, metrics = policy_loss(
+        logprobs, piece["old_logprobs"], piece["advantages"], piece["token_mask"],
+        clip_low=config.clip_low, clip_high=config.clip_high, dual_clip=dual_clip, agg=agg,
+    )
+    gradients = torch.autograd.grad(loss, parameters, allow_unused=True)
+    norm = math.sqrt(sum(float(g.square().sum()) for g in gradients if g is not None))
+    return float(loss.detach()), metrics, norm
+
+
+def test_dual_clip_bounds_the_loss_of_negative_advantage_tokens(ray_session):
+    algo = make_config(overlong_filter=False, dual_clip=3.0).build_algo()
+    try:
+        learner = algo.train()["learners"][DEFAULT_MODULE_ID]
+        assert learner["dual_clip_frac"] == 0.0  # on-policy ratios stay far below the bound 3
+
+        batch = _unequal_minibatch(algo)
+        # Rows 4-7 have negative advantages: every other token of theirs gets ratio e^1.5 = 4.5 > 3.
+        current = algo._old_logprobs(batch)
+        shift = torch.zeros_like(current)
+        shift[4:, ::2] = 1.5
+        batch["old_logprobs"] = torch.where(shift > 0, current - shift, batch["old_logprobs"]) * batch["response_mask"]
+        with_dual, metrics, norm = hand_loss(algo, batch, dual_clip=3.0)
+        without, _, norm_without = hand_loss(algo, batch, dual_clip=None)
+        assert metrics["dual_clip_frac"] > 0.2 and without - with_dual > 0.1  # the bound is active here
+        assert abs(norm - norm_without) > 1e-3 * norm
+        algo._update(batch)
+        logged = algo.metrics.reduce()["learners"][DEFAULT_MODULE_ID]
+    finally:
+        algo.stop()
+    assert float(logged["policy_loss"]) == pytest.approx(with_dual, rel=1e-5, abs=1e-6)
+    assert float(logged["dual_clip_frac"]) == pytest.approx(metrics["dual_clip_frac"], rel=1e-6)
+    assert float(logged["gradients_default_optimizer_global_norm"]) == pytest.approx(norm, rel=1e-4)
+
+
+def record_step_lrs(algo) -> list[float]:
+    """The learning rate of every optimizer step the local learner takes from now on."""
+    optimizer = algo.learner_group._learner._only_optimizer()
+    rates: list[float] = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: rates.append(float(opt.param_groups[0]["lr"])))
+    return rates
+
+
+def test_lr_warmup_per_optimizer_step_survives_save_and_restore(ray_session, tmp_path):
+    lr, warmup = 1e-4, 4
+    settings = dict(overlong_filter=False, lr=lr, lr_warmup_steps=warmup)  # 2 updates per iteration
+
+    def rate(k: int) -> float:
+        return lr * min(1.0, (k + 1) / warmup)
+
+    algo = make_config(**settings).build_algo()
+    try:
+        rates = record_step_lrs(algo)
+        results = [algo.train()]
+        checkpoint = algo.save_to_path(str(tmp_path / "checkpoint"))
+        results.append(algo.train())
+        weights_after_2 = learner_weights(algo)
+        results.append(algo.train())
+    finally:
+        algo.stop()
+    assert rates == pytest.approx([rate(k) for k in range(6)], rel=1e-6)
+    # RLlib logs, after each update, the rate the schedule sets for the next one; an iteration
+    # reports the mean over its 2 updates.
+    logged = [float(r["learners"][DEFAULT_MODULE_ID]["default_optimizer_learning_rate"]) for r in results]
+    assert logged == pytest.approx([(rate(2 * i + 1) + rate(2 * i + 2)) / 2 for i in range(3)], rel=1e-6)
+
+    restored = make_config(**settings).build_algo()
+    try:
+        restored.restore_from_path(checkpoint)
+        restored_rates = record_step_lrs(restored)
+        result = restored.train()
+        restored_weights = learner_weights(restored)
+    finally:
+        restored.stop()
+    assert restored_rates == pytest.approx(rates[2:4], rel=1e-6)  # [3/4, 1] x lr, as uninterrupted
+    expected, got = results[1]["learners"][DEFAULT_MODULE_ID], result["learners"][DEFAULT_MODULE_ID]
+    for key in ("default_optimizer_learning_rate", "policy_loss", "gradients_default_optimizer_global_norm"):
+        assert float(got[key]) == pytest.approx(float(expected[key]), rel=1e-6, abs=1e-9), key
+    assert result["dapo"]["optimizer_steps"] == 4
+    assert max_abs_diff(restored_weights, weights_after_2) <= 1e-6
+
+
+def test_two_epochs_take_twice_the_optimizer_steps_on_the_same_batch(ray_session):
+    runs = []
+    for epochs in (1, 2):
+        algo = make_config(overlong_filter=False, num_epochs=epochs).build_algo()
+        try:
+            before = learner_weights(algo)
+            rates = record_step_lrs(algo)
+            result = algo.train()
+            optimizer = algo.learner_group._learner._only_optimizer()
+            adam_steps = {int(state["step"]) for state in optimizer.state.values()}
+            runs.append(dict(result=result, steps=len(rates), adam_steps=adam_steps, weights=learner_weights(algo)))
+        finally:
+            algo.stop()
+    one, two = runs
+    assert (one["steps"], two["steps"]) == (2, 4)  # optimizer.step() calls on the learner
+    assert (one["adam_steps"], two["adam_steps"]) == ({2}, {4})
+    assert (one["result"]["dapo"]["optimizer_steps"], two["result"]["dapo"]["optimizer_steps"]) == (2, 4)
+    for key in ("reward_mean", "response_length_mean", "advantage_max"):  # the same generated batch
+        assert one["result"]["dapo"][key] == two["result"]["dapo"][key], key
+    assert max_abs_diff(before, one["weights"]) > 1e-5
+    assert max_abs_diff(one["weights"], two["weights"]) > 1e-5  # the second epoch moved them further
+
+
+def test_token_mean_legacy_weights_each_micro_batch_token_mean_by_its_rows(ray_session, monkeypatch):
+    """verl's old aggregation: sum over micro-batches of (micro-batch token mean x micro rows / rows);
+    token-mean on the same micro-batches stays the one-pass token mean."""
+    import dapo_rl.learner
+
+    splits = []
+    original = dapo_rl.learner.token_budget_micro_batches
+    monkeypatch.setattr(dapo_rl.learner, "token_budget_micro_batches",
+                        lambda *a, **k: splits.append(original(*a, **k)) or splits[-1])
+    budget = 40  # padded tokens: _unequal_minibatch's 8 rows split into 3 / 4 / 1 rows
+    logged, one_pass, legacy = {}, {}, {}
+    for agg in ("token-mean-legacy", "token-mean"):
+        algo = make_config(overlong_filter=False, loss_agg=agg, micro_batch_tokens=budget).build_algo()
+        try:
+            batch = _unequal_minibatch(algo)
+            micro_batches = original(batch, budget)
+            tokens = [int(batch["token_mask"][rows].sum()) for rows in micro_batches]
+            assert len(micro_batches) == 3 and len(set(tokens)) == 3, tokens
+            one_pass[agg] = hand_loss(algo, batch)[0]
+            legacy[agg] = sum(hand_loss(algo, batch, rows)[0] * len(rows) / len(batch["token_mask"])
+                              for rows in micro_batches)
+            splits.clear()
+            algo._update(batch)
+            assert [rows.tolist() for rows in splits[0]] == [rows.tolist() for rows in micro_batches]
+            logged[agg] = float(algo.metrics.reduce()["learners"][DEFAULT_MODULE_ID]["policy_loss"])
+        finally:
+            algo.stop()
+    # Both algorithms started from the same weights and got the same mini-batch.
+    assert one_pass["token-mean"] == pytest.approx(one_pass["token-mean-legacy"], rel=1e-6)
+    assert abs(legacy["token-mean"] - one_pass["token-mean"]) > 0.05  # the micro-batches' token counts differ
+    assert logged["token-mean-legacy"] == pytest.approx(legacy["token-mean-legacy"], rel=1e-5, abs=1e-6)
+    assert logged["token-mean"] == pytest.approx(one_pass["token-mean"], rel=1e-5, abs=1e-6)
+
+
+# -- 10. validation: the model, its context, the generation round -----------------------------------
+
+
+def test_validate_without_a_model_names_model_config():
+    config = DAPOConfig().environment(ENV, env_config=ENV_CONFIG).training(**TINY)
+    with pytest.raises(ValueError) as info:
+        config.validate()
+    assert "model_config" in str(info.value)
+
+
+def test_validate_names_lengths_beyond_the_tiny_context():
+    config = make_config(max_prompt_length=500, max_response_length=100, overlong_cache_len=4)
+    with pytest.raises(ValueError) as info:
+        config.validate()
+    message = str(info.value)
+    for text in ("max_prompt_length (500)", "max_response_length (100)", "512"):
+        assert text in message, message
+    make_config(max_prompt_length=500, max_response_length=12, overlong_cache_len=4).validate()  # 512 fits
+
+
+def test_generation_rounds_default_to_three_times_the_prompts_per_step(ray_session):
+    assert DAPOConfig().generation_round_prompts == 3 * 512  # the paper's 1,536
+    config = make_config(dynamic_sampling=True, generation_batch_prompts=None, max_sampling_rounds=1,
+                         on_sampling_limit="train")
+    assert config.generation_round_prompts == 3 * TINY["prompts_per_step"]
+    algo = config.build_algo()
+    try:
+        calls = []
+        backend = algo.env_runner.backend
+        real_generate = backend.generate
+        backend.generate = lambda prompts, *a, **k: calls.append(len(prompts)) or real_generate(prompts, *a, **k)
+        dapo = algo.train()["dapo"]
+    finally:
+        algo.stop()
+    assert calls == [12]  # one round (the limit) of 3 x 4 prompts
+    assert dapo["prompts_generated"] == 12 and dapo["sampling_rounds"] == 1

@@ -1,19 +1,22 @@
 """FSDP2 without Ray: two CPU processes (gloo) sharding the tiny Qwen2 give the update of one process.
 
-Each worker process shards the model (rank 1 from the meta device, its shards broadcast from rank 0), runs one AdamW step on its half of a batch with the global
-token-mean normaliser (times the world size: FSDP2 averages gradients), gathers the full weights,
-and round-trips a sharded checkpoint. The parent compares against the same step taken unsharded.
+Each worker process shards the model (rank 1 from the meta device, its shards broadcast from rank 0),
+runs one AdamW step on its half of a batch, gathers the full weights, and round-trips a sharded
+checkpoint. The loss is the learner's own (``DAPOTorchLearner.compute_loss_for_module``: the
+mini-batch's global token-mean normaliser, times the world size because FSDP2 averages gradients),
+so the learner's scaling is what makes the two processes' update the single process's. The parent
+compares against the same step taken unsharded (world size 1: no scaling).
 """
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dapo_rl.core import policy_loss
 from dapo_rl.distributed import (
     clip_gradients_by_global_norm,
     full_state_dict,
@@ -43,14 +46,31 @@ def _batch() -> dict[str, torch.Tensor]:
     return batch
 
 
-def _step(model: torch.nn.Module, wrapper: ResponseLogprobs, rows: slice, normalizer: float, scale: float):
+def _learner_loss(logprobs: torch.Tensor, batch: dict[str, torch.Tensor], normalizer: float) -> torch.Tensor:
+    """The loss DAPOTorchLearner backpropagates for this (shard of a) mini-batch: the learner's own
+    ``compute_loss_for_module``, world-size scaling under torch.distributed included."""
+    from dapo_rl.learner import DAPOTorchLearner  # imports RLlib's Learner classes; starts no Ray
+
+    rows, width = batch["response_mask"].shape
+    config = SimpleNamespace(loss_agg="token-mean", max_response_length=width, clip_low=0.2, clip_high=0.28,
+                             dual_clip=None)
+    learner_batch = {
+        "token_mask": batch["response_mask"],
+        "loss_normalizer": torch.full((rows,), normalizer),  # the global count, on every row
+        "advantages": batch["advantages"],
+        "old_logprobs": batch["old_logprobs"],
+    }
+    learner = SimpleNamespace(_loss_parts=[])  # the only learner state the loss touches
+    return DAPOTorchLearner.compute_loss_for_module(
+        learner, module_id="default_policy", config=config, batch=learner_batch, fwd_out={"logprobs": logprobs}
+    )
+
+
+def _step(model: torch.nn.Module, wrapper: ResponseLogprobs, rows: slice, normalizer: float):
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
     batch = {key: value[rows] for key, value in _batch().items()}
     logprobs, _ = wrapper(batch)
-    mask = batch["response_mask"].float()
-    loss, _ = policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], mask,
-                          clip_low=0.2, clip_high=0.28, agg="token-mean", normalizer=normalizer)
-    (loss * scale).backward()
+    _learner_loss(logprobs, batch, normalizer).backward()
     norm = clip_gradients_by_global_norm([p.grad for p in model.parameters()], MAX_NORM)
     optimizer.step()
     return optimizer, norm
@@ -67,7 +87,7 @@ def _worker(rank: int, port: int, folder: str, results: dict) -> None:
         shard_from_rank0(wrapper, model, "cpu")
         assert is_sharded(model) and not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
         total_tokens = float(_batch()["response_mask"].sum())
-        optimizer, norm = _step(model, wrapper, slice(2 * rank, 2 * rank + 2), total_tokens, WORLD)
+        optimizer, norm = _step(model, wrapper, slice(2 * rank, 2 * rank + 2), total_tokens)
         weights = full_state_dict(model)
         save_sharded(model, optimizer, folder)
 
@@ -103,7 +123,7 @@ def test_fsdp2_two_processes_give_the_single_process_update(sharded_run):
     model, _ = load_policy("tiny-qwen2", seed=0)
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     total_tokens = float(_batch()["response_mask"].sum())
-    _, norm = _step(model, ResponseLogprobs(model), slice(0, 4), total_tokens, 1.0)
+    _, norm = _step(model, ResponseLogprobs(model), slice(0, 4), total_tokens)
     expected = model.state_dict()
     gathered = sharded_run["weights"]
     assert set(gathered) == set(expected)

@@ -1,8 +1,10 @@
-"""The registered environments: Gymnasium's checker, seeding, the trainer protocol, arithmetic splits."""
+"""The registered environments: Gymnasium's checker, seeding, the trainer protocol, arithmetic splits,
+held-out configurations."""
 
 import re
 import uuid
 import warnings
+from typing import Any, ClassVar
 
 import gymnasium as gym
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import dapo_envs
-from dapo_envs import Problem, VerifierResult, register_reasoning_env
+from dapo_envs import Problem, VerifierResult, held_out_env_config, register_reasoning_env
 from dapo_envs.arithmetic import DIFFICULTY_PRESETS, ArithmeticEnv
 
 ALL_IDS = sorted(env_id for env_id in gym.registry if env_id.startswith("dapo/"))
@@ -224,6 +226,72 @@ def test_arithmetic_arguments():
     ]:
         with pytest.raises(ValueError, match=message):
             ArithmeticEnv(**bad)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Held-out configurations: what each id is evaluated on.
+# ----------------------------------------------------------------------------------------------------
+
+#: The bundled ids with a separate held-out split; every other dapo/ id evaluates on its own problems.
+HELD_OUT_OVERRIDES = {"dapo/Arithmetic-v0": {"split": "test"}}
+
+
+@pytest.mark.parametrize("env_id", ALL_IDS)
+def test_held_out_env_config_of_every_bundled_id(env_id):
+    overrides = HELD_OUT_OVERRIDES.get(env_id, {})
+    assert held_out_env_config(env_id) == overrides
+    env_config = {"max_response_chars": 1000}
+    held_out = held_out_env_config(env_id, env_config)
+    assert held_out == {"max_response_chars": 1000, **overrides}
+    assert env_config == {"max_response_chars": 1000}  # a new dict: the caller's is left alone
+    env = gym.make(env_id, **held_out).unwrapped
+    assert env.action_space.max_length == 1000
+    assert type(env).held_out_env_config == overrides
+
+
+def test_held_out_arithmetic_overrides_the_split_and_keeps_the_rest():
+    config = held_out_env_config("dapo/Arithmetic-v0", {"split": "train", "difficulty": 1})
+    assert config == {"split": "test", "difficulty": 1}
+    train = gym.make("dapo/Arithmetic-v0", difficulty=1).unwrapped
+    test = gym.make("dapo/Arithmetic-v0", **config).unwrapped
+    train_questions = {train.problem(i).question for i in range(train.num_problems)}
+    test_questions = {test.problem(i).question for i in range(test.num_problems)}
+    assert test.split == "test" and test_questions and not test_questions & train_questions
+
+
+class _HeldOutDigitsEnv(ArithmeticEnv):
+    """A user's environment that holds out its test split at one digit."""
+
+    held_out_env_config: ClassVar[dict[str, Any]] = {"split": "test", "digits": 1}
+
+
+def _make_arithmetic(**kwargs):
+    return ArithmeticEnv(**kwargs)
+
+
+def test_held_out_env_config_of_user_registered_ids():
+    suffix = uuid.uuid4().hex[:6]
+    by_class = f"test/HeldOutClass-{suffix}-v0"
+    gym.register(id=by_class, entry_point=_HeldOutDigitsEnv)  # a callable entry point
+    assert held_out_env_config(by_class, {"digits": 2, "operands": 3}) == {"split": "test", "digits": 1, "operands": 3}
+    by_string = f"test/HeldOutString-{suffix}-v0"
+    gym.register(id=by_string, entry_point="dapo_envs.arithmetic:ArithmeticEnv")  # a "module:Class" string
+    assert held_out_env_config(by_string) == {"split": "test"}
+    # A factory function names no class, so it declares no held-out split.
+    by_factory = f"test/HeldOutFactory-{suffix}-v0"
+    gym.register(id=by_factory, entry_point=_make_arithmetic)
+    assert held_out_env_config(by_factory, {"digits": 1}) == {"digits": 1}
+    # register_reasoning_env builds a MathEnv: its problems are its evaluation set.
+    data_id = f"test/HeldOutData-{suffix}-v0"
+    register_reasoning_env(
+        data_id, dataset=[{"prompt": "1+1", "answer": "2"}], verifier="dapo", prompt_template="plain"
+    )
+    assert held_out_env_config(data_id) == {}
+
+
+def test_held_out_env_config_of_an_unregistered_id():
+    with pytest.raises(ValueError, match=re.escape("'nope/Missing-v0'")):
+        held_out_env_config("nope/Missing-v0")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dapo_rl.cli import load_job, train
+from dapo_rl.jobs import load_job, train
 
 
 @pytest.mark.slow

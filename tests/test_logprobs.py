@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dapo_rl.core.logprobs import token_logprobs
 
@@ -157,24 +159,45 @@ def test_int32_tokens_accepted():
     )
 
 
-def test_never_materialises_full_logits(monkeypatch):
-    """Every (rows, V) buffer the implementation creates has at most chunk_size rows."""
-    import dapo_rl.core.logprobs as mod
+class _OutputShapes(TorchDispatchMode):
+    """Records the shape of every tensor every aten op produces (allocations, matmuls, views,
+    in-place results), forward and backward alike."""
 
-    rows_seen = []
-    real_empty = torch.empty
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[str, tuple[int, ...]]] = []
 
-    def spy_empty(*size, **kw):
-        shape = size[0] if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
-        if len(shape) == 2 and shape[1] == 37:
-            rows_seen.append(shape[0])
-        return real_empty(*size, **kw)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self.shapes.append((str(func), tuple(tensor.shape)))
+        return out
 
-    monkeypatch.setattr(mod.torch, "empty", spy_empty)
-    hidden, weight, tokens = make((40,), seed=10)  # vocab 37, H 16: (rows, 37) is a logits block
-    lp, ent = token_logprobs(hidden, weight, tokens, chunk_size=8, return_entropy=True)
-    torch.autograd.grad(lp.sum() + ent.sum(), (hidden, weight))
-    assert rows_seen and max(rows_seen) == 8
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_never_materialises_full_logits(dtype):
+    """No tensor of any op, in forward or backward, holds more than chunk_size rows of logits:
+    a (rows, V) block of any kind (a full ``hidden @ W.T``, a whole log-softmax, a full buffer)
+    would show up here whatever function created it."""
+    rows, vocab, hsize, chunk = 40, 37, 12, 8
+    hidden, weight, tokens = make((rows,), hsize=hsize, vocab=vocab, dtype=torch.float64, seed=10)
+    hidden = hidden.detach().to(dtype).requires_grad_()
+    weight = weight.detach().to(dtype).requires_grad_()
+    recorder = _OutputShapes()
+    with recorder:
+        lp, ent = token_logprobs(hidden, weight, tokens, chunk_size=chunk, return_entropy=True)
+        torch.autograd.grad(lp.sum() + ent.sum(), (hidden, weight))
+    ops = {name for name, _ in recorder.shapes}
+    assert any("addmm" in name or "mm" in name for name in ops)  # the matmuls were seen ...
+    assert any("scatter" in name for name in ops)  # ... backward's too
+    # (rows, V) blocks; (H, V) is the transposed weight fed to the matmuls.
+    logits_blocks = [shape for _, shape in recorder.shapes if len(shape) == 2 and shape[1] == vocab
+                     and shape != (hsize, vocab)]
+    assert logits_blocks and max(rows for rows, _ in logits_blocks) == chunk
+    # The (V, H) weight gradient is the largest thing allowed: far below rows x V.
+    largest = max(math.prod(shape) for _, shape in recorder.shapes)
+    assert largest <= max(chunk * vocab, vocab * hsize, rows * hsize) < rows * vocab, recorder.shapes
 
 
 def test_bfloat16_upcast_cpu():

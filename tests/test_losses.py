@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from dapo_rl.core.losses import (
     LOSS_AGGREGATIONS,
     loss_normalizer,
+    piece_normalizer,
     policy_loss,
     register_loss_aggregation,
 )
@@ -379,6 +380,57 @@ def test_per_micro_batch_token_mean_averaged_is_not_dapo():
     with_global = sum(run(lp[i : i + 1], lp[i : i + 1], adv[i : i + 1], mask[i : i + 1],
                           normalizer=loss_normalizer(mask))[0] for i in range(2))
     assert with_global == pytest.approx(full)
+
+
+def test_token_mean_legacy_pieces_follow_verls_micro_batch_formula():
+    """"token-mean-legacy" (verl's actor when the paper's run was made): on each of 2 data-parallel
+    learners, the sum over its micro-batches of (the micro-batch's own token mean x its rows / the
+    learner's rows), then DDP's average over the learners (so no world-size scaling)."""
+    agg = "token-mean-legacy"
+    lp, old, adv, mask = make_batch(seed=11, rows=8, cols=9)
+    shards = [[[0, 1, 2], [3]], [[4, 5], [6, 7]]]  # learner -> its micro-batches (rows)
+    minibatch_normalizer = loss_normalizer(mask, agg)
+    world = len(shards)
+    lp_leaf = lp.clone().requires_grad_(True)
+    total = 0.0
+    for micro_batches in shards:
+        shard_rows = sum(len(rows) for rows in micro_batches)
+        for rows in micro_batches:
+            cols = _trim(mask[rows])  # each piece padded only to its own length
+            normalizer, scale_by_world_size = piece_normalizer(
+                mask[rows, :cols], agg, minibatch_normalizer=minibatch_normalizer,
+                piece_row_share=len(rows) / shard_rows,
+            )
+            assert scale_by_world_size is False
+            loss, _ = policy_loss(lp_leaf[rows, :cols], old[rows, :cols], adv[rows], mask[rows, :cols],
+                                  agg=agg, normalizer=normalizer)
+            (loss / world).backward()  # accumulate; DDP averages the learners' gradients
+            total += loss.item() / world
+
+    # verl: mean over learners of sum over micro-batches of token_mean(micro) * micro rows / learner rows.
+    reference, reference_grad = 0.0, torch.zeros_like(lp)
+    micro_tokens = []
+    for micro_batches in shards:
+        shard_rows = sum(len(rows) for rows in micro_batches)
+        for rows in micro_batches:
+            value, grad = ref_policy_loss(lp[rows].tolist(), old[rows].tolist(), adv[rows].tolist(),
+                                          mask[rows].tolist(), "token-mean")
+            weight = len(rows) / shard_rows / world
+            reference += weight * value
+            reference_grad[rows] += weight * torch.tensor(grad, dtype=DTYPE)
+            micro_tokens.append(int(mask[rows].sum()))
+    assert micro_tokens[0] != micro_tokens[1] and micro_tokens[2] != micro_tokens[3]  # unequal micro-batches
+    assert total == pytest.approx(reference, rel=1e-12, abs=1e-15)
+    torch.testing.assert_close(lp_leaf.grad, reference_grad, rtol=1e-12, atol=1e-15)
+
+    # DAPO's token-mean weighs every token alike, whatever the split: a different loss here.
+    token_mean = run(lp, old, adv, mask, agg="token-mean")[0]
+    assert abs(total - token_mean) > 1e-3
+    assert piece_normalizer(mask[:4], "token-mean", minibatch_normalizer=minibatch_normalizer,
+                            piece_row_share=0.5) == (minibatch_normalizer, True)
+    # One learner, one piece: the legacy loss is the token mean.
+    normalizer, _ = piece_normalizer(mask, agg, minibatch_normalizer=minibatch_normalizer)
+    assert run(lp, old, adv, mask, agg=agg, normalizer=normalizer)[0] == pytest.approx(token_mean, rel=1e-12)
 
 
 def test_loss_normalizer_values():

@@ -8,8 +8,8 @@ from __future__ import annotations
 import gymnasium as gym
 import pytest
 
-from dapo_rl.cli import DEFAULT_JOB
-from dapo_rl.dapo import DAPO_SETTINGS
+from dapo_rl.dapo import DAPO_SETTINGS, DAPOConfig
+from dapo_rl.jobs import DEFAULT_JOB
 from dapo_rl.models import TINY_PRESET, build_char_tokenizer
 from reproduce import scales, settings
 from reproduce.scales import SCALES, apply_scale, resource_plan, scale_overrides
@@ -26,7 +26,7 @@ from reproduce.settings import (
 #: DAPOConfig attributes that make up a row: DAPO's own settings and RLlib's optimizer ones.
 COMPARED = [*DAPO_SETTINGS, "lr", "grad_clip", "num_epochs"]
 
-#: DAPO_FACTS.md, "Settings of the 32B run": (facts row, DAPOConfig attribute, paper, reference script).
+#: docs/paper_facts.md, "Settings of the 32B run": (facts row, DAPOConfig attribute, paper, reference script).
 #: Warm-up in optimizer steps: 16 updates per rollout step; paper 20 rollout steps, the script's
 #: verl lr_warmup_steps=10 counts rollout steps too (verl steps its scheduler once per update_actor).
 FACTS_32B = [
@@ -36,7 +36,7 @@ FACTS_32B = [
     ("grad clip", "grad_clip", 1.0, 1.0),
     ("warm-up (20 rollout steps / 10 steps)", "lr_warmup_steps", 20 * 16, 10 * 16),
     ("prompts per rollout step", "prompts_per_step", 512, 512),
-    ("generation batch", "generation_batch_prompts", 1536, 1536),
+    ("generation batch (3 x 512 unless set)", "generation_round_prompts", 1536, 1536),
     ("responses per prompt (G)", "group_size", 16, 16),
     ("mini-batch (32 prompts)", "minibatch_prompts", 32, 32),
     ("16 gradient updates per rollout step: one pass", "num_epochs", 1, 1),
@@ -48,7 +48,7 @@ FACTS_32B = [
     ("ε_low / clip_ratio_low", "clip_low", 0.2, 0.2),
     ("ε_high / clip_ratio_high", "clip_high", 0.28, 0.28),
     ("dual-clip c", "dual_clip", None, 10.0),
-    ("loss aggregation", "loss_agg", "token-mean", "token-mean"),
+    ("loss aggregation (scripts: token mean per micro-batch)", "loss_agg", "token-mean", "token-mean-legacy"),
     ("advantage: (R - mean) / std", "advantage_scale", "std", "std"),
     ("dynamic sampling", "dynamic_sampling", True, True),
     ("dynamic sampling: give up after 10 rounds", "max_sampling_rounds", 10, 10),
@@ -101,9 +101,18 @@ def test_32b_settings_match_the_facts(variant, column):
     config.validate()
 
 
-def test_variants_differ_in_warmup_overlong_filter_and_dual_clip_only():
+def test_32b_overlays_hold_only_differences_from_the_defaults():
+    # dapo_rl.settings (DAPO_SETTINGS, OPTIMIZER_DEFAULTS) is the one home of the paper's values: an overlay that
+    # restated one would be a second home.
+    defaults = DAPOConfig()
+    for overlay in (settings.COMMON_32B, *settings.VARIANTS.values()):
+        assert {key: value for key, value in overlay.items() if getattr(defaults, key) == value} == {}
+    assert all(getattr(defaults, key) == value for change in TECHNIQUES.values() for key, value in change.items())
+
+
+def test_variants_differ_in_warmup_overlong_filter_dual_clip_and_loss_only():
     differences = changed(dapo_32b("paper"), dapo_32b("reference-script"))
-    assert differences == {"lr_warmup_steps", "overlong_filter", "dual_clip"}
+    assert differences == {"lr_warmup_steps", "overlong_filter", "dual_clip", "loss_agg"}
 
 
 def test_model_path_is_used():

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
+from dapo_rl.dapo import DAPO_SETTINGS
+from dapo_rl.evaluation import evaluate_model
+from dapo_rl.jobs import DEFAULT_JOB, OPTIMIZER_KEYS, RunSettings
+from dapo_rl.models import TINY_PRESET
 from reproduce import table1
+from reproduce.scales import TINY_RESPONSE_BUDGET
 from reproduce.settings import PAPER_TABLE1, TECHNIQUE_KEYS, table1_rows
+
+
+def settings_of(config) -> dict:
+    return {key: getattr(config, key) for key in (*DAPO_SETTINGS, *OPTIMIZER_KEYS)}
 
 
 def test_paper_scale_prints_plan_and_trains_nothing(tmp_path, capsys, monkeypatch):
@@ -45,27 +55,30 @@ def test_paper_rows_skip_finished_runs_and_seed_the_rest(tmp_path, monkeypatch):
     assert len(calls) == 1
 
 
-def test_row_jobs_carry_the_rows_settings():
+def test_row_runs_train_the_row_config_itself():
     rows = table1.scaled_rows("tiny")
     assert list(rows) == list(table1_rows())
+    main_job = RunSettings.from_job(DEFAULT_JOB)
     for name, config in rows.items():
-        job = table1.row_job(config, 2, scale="tiny", quick=False)
-        assert job["seed"] == 2 and job["env"] == "dapo/Arithmetic-v0"
-        for key in TECHNIQUE_KEYS:
-            assert job["training"][key] == getattr(config, key), (name, key)
+        seeded, run = table1.row_run(config, 2, scale="tiny", quick=False)
+        assert seeded.seed == 2 and config.seed != 2  # a seeded copy; the row stays as it was
+        assert settings_of(seeded) == settings_of(config), name
+        assert (seeded.env, seeded.model_config) == ("dapo/Arithmetic-v0", {"model": TINY_PRESET})  # float32 preset
+        assert run == main_job
+    _, quick = table1.row_run(config, 0, scale="tiny", quick=True, iterations=5)
+    assert quick == dataclasses.replace(main_job, **{**table1.QUICK_JOB, "iterations": 5})
     assert table1.select_rows(list(rows), None, quick=True) == [list(rows)[0], list(rows)[-1]]
     assert table1.select_rows(list(rows), ["clip-higher", "Naive GRPO"], quick=True) == ["Naive GRPO", "+ Clip-Higher"]
-    assert job["dtype"] is None  # the preset is built in float32
 
 
-def test_gpu_row_jobs_keep_float32_weights_and_evaluate_elsewhere():
+def test_gpu_row_runs_keep_float32_weights_and_evaluate_elsewhere():
     for config in table1.scaled_rows("gpu", model_path="/models/qwen1.5b").values():
-        job = table1.row_job(config, 0, scale="gpu", quick=False)
-        assert job["model"] == "/models/qwen1.5b" and job["dtype"] == "float32"
-        assert job["eval_env"] == "dapo/MATH500-v0"
+        seeded, run = table1.row_run(config, 0, scale="gpu", quick=False)
+        assert seeded.model_config == {"model": "/models/qwen1.5b", "dtype": "float32"}
+        assert (run.eval_env, run.warmstart_steps) == ("dapo/MATH500-v0", 0)
         # One GPU: the local learner on it (the local runner generates there too), micro-batched.
-        assert (job["num_learners"], job["num_gpus_per_learner"], job["num_env_runners"]) == (0, 1, 0)
-        assert job["training"]["micro_batch_tokens"] == 16384 and job["training"]["gradient_checkpointing"]
+        assert (seeded.num_learners, seeded.num_gpus_per_learner, seeded.num_env_runners) == (0, 1, 0)
+        assert seeded.micro_batch_tokens == 16384 and seeded.gradient_checkpointing
 
 
 @pytest.mark.slow
@@ -80,7 +93,18 @@ def test_quick_table1_runs_and_resumes(ray_session, tmp_path, capsys):
     for entry in results:
         assert entry["scale"] == "tiny" and entry["iterations"] == table1.QUICK_JOB["iterations"]
         assert set(entry["techniques"]) == set(TECHNIQUE_KEYS)
-        assert 0.0 <= entry["eval_accuracy_after"] <= 1.0
+        # The accuracies are those of the run's saved policies, evaluated again from their folders
+        # with the settings the run states: the held-out split, QUICK_JOB's problems and samples, the
+        # tiny scale's lengths, sampling as trained, the run's seed.
+        folder = out / "runs" / table1.slug(entry["row"]) / "seed0"
+        held_out = dict(
+            env_config={**DEFAULT_JOB["env_config"], "split": "test"}, samples=table1.QUICK_JOB["eval_samples"],
+            num_problems=table1.QUICK_JOB["eval_problems"], max_new_tokens=TINY_RESPONSE_BUDGET["max_response_length"],
+            max_prompt_length=DEFAULT_JOB["training"]["max_prompt_length"], seed=0,
+        )
+        for when, model in (("before", "warmstart"), ("after", "model")):
+            again = evaluate_model(folder / model, "dapo/Arithmetic-v0", **held_out)
+            assert entry[f"eval_accuracy_{when}"] == again.avg_at_k, (entry["row"], when)
     assert results[0]["techniques"]["dynamic_sampling"] is False
     assert results[-1]["techniques"]["dynamic_sampling"] is True
 

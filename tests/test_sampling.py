@@ -61,7 +61,7 @@ def round_batch(start_id: int, correct: list[bool], groups: list[int]):
 
 
 def test_accumulates_until_target_and_drops_surplus_whole_groups():
-    acc = DynamicSamplingAccumulator(target_groups=3, max_rounds=5)
+    acc = DynamicSamplingAccumulator(target_groups=3, max_sampling_rounds=5)
     # Round 1: group 0 mixed, 1 all correct, 2 mixed -> 2 kept.
     assert not acc.add(*round_batch(0, [1, 0, 1, 1, 0, 1], [0, 0, 1, 1, 2, 2]))
     assert (acc.rounds, acc.num_groups, acc.done) == (1, 2, False)
@@ -79,7 +79,7 @@ def test_accumulates_until_target_and_drops_surplus_whole_groups():
 
 
 def test_surplus_keeps_groups_in_order_of_first_appearance():
-    acc = DynamicSamplingAccumulator(target_groups=2, max_rounds=1)
+    acc = DynamicSamplingAccumulator(target_groups=2, max_sampling_rounds=1)
     acc.add(*round_batch(0, [1, 0, 0, 1, 0, 1, 0, 1], [5, 9, 5, 2, 2, 9, 7, 7]))
     out = acc.result()
     # First appearances: 5 (pos 0), 9 (pos 1), 2, 7 -> keep 5 and 9, renumbered 0 and 1.
@@ -88,12 +88,12 @@ def test_surplus_keeps_groups_in_order_of_first_appearance():
 
 
 def test_round_limit_raises_with_clear_message():
-    acc = DynamicSamplingAccumulator(target_groups=4, max_rounds=2)
+    acc = DynamicSamplingAccumulator(target_groups=4, max_sampling_rounds=2)
     acc.add(*round_batch(0, [1, 0, 1, 1], [0, 0, 1, 1]))
     with pytest.raises(SamplingRoundLimitError) as info:
         acc.add(*round_batch(10, [0, 0, 1, 0], [0, 0, 1, 1]))
     message = str(info.value)
-    assert "max_rounds=2" in message and "after 2 generation rounds" in message
+    assert "max_sampling_rounds=2" in message and "after 2 generation rounds" in message
     assert "kept 2 of the 4 prompts" in message
     assert isinstance(info.value, RuntimeError)
     assert (info.value.rounds, info.value.num_groups) == (2, 2)
@@ -101,14 +101,14 @@ def test_round_limit_raises_with_clear_message():
 
 
 def test_round_limit_not_hit_when_target_met_on_last_round():
-    acc = DynamicSamplingAccumulator(target_groups=2, max_rounds=2)
+    acc = DynamicSamplingAccumulator(target_groups=2, max_sampling_rounds=2)
     acc.add(*round_batch(0, [1, 1], [0, 0]))
     assert acc.add(*round_batch(10, [1, 0, 0, 1], [0, 0, 1, 1]))
     assert not acc.limit_reached
 
 
 def test_on_limit_train_returns_what_was_collected():
-    acc = DynamicSamplingAccumulator(target_groups=4, max_rounds=2, on_limit="train")
+    acc = DynamicSamplingAccumulator(target_groups=4, max_sampling_rounds=2, on_sampling_limit="train")
     assert not acc.add(*round_batch(0, [1, 0, 1, 1], [0, 0, 1, 1]))
     assert acc.add(*round_batch(10, [0, 0, 1, 1], [0, 0, 1, 1]))
     assert acc.done and acc.limit_reached and acc.num_groups == 1
@@ -116,7 +116,7 @@ def test_on_limit_train_returns_what_was_collected():
 
 
 def test_unlimited_rounds():
-    acc = DynamicSamplingAccumulator(target_groups=1, max_rounds=0)
+    acc = DynamicSamplingAccumulator(target_groups=1, max_sampling_rounds=0)
     for _ in range(30):
         assert not acc.add(*round_batch(0, [1, 1], [0, 0]))
     assert acc.rounds == 30 and acc.num_groups == 0
@@ -125,17 +125,17 @@ def test_unlimited_rounds():
 
 def test_accumulator_validation():
     with pytest.raises(ValueError, match="0"):
-        DynamicSamplingAccumulator(target_groups=0, max_rounds=3)
+        DynamicSamplingAccumulator(target_groups=0, max_sampling_rounds=3)
     with pytest.raises(ValueError, match="retry"):
-        DynamicSamplingAccumulator(target_groups=2, max_rounds=3, on_limit="retry")
-    acc = DynamicSamplingAccumulator(target_groups=5, max_rounds=3)
+        DynamicSamplingAccumulator(target_groups=2, max_sampling_rounds=3, on_sampling_limit="retry")
+    acc = DynamicSamplingAccumulator(target_groups=5, max_sampling_rounds=3)
     batch, correct, groups = round_batch(0, [1, 0], [0, 0])
     with pytest.raises(ValueError, match="text"):
         acc.add({**batch, "text": ["only one"]}, correct, groups)
     acc.add(batch, correct, groups)
     with pytest.raises(ValueError, match="keys"):
         acc.add({"response_id": batch["response_id"]}, correct, groups)
-    assert DynamicSamplingAccumulator(target_groups=1, max_rounds=1).result() == {}
+    assert DynamicSamplingAccumulator(target_groups=1, max_sampling_rounds=1).result() == {}
 
 
 @settings(max_examples=50, deadline=None, derandomize=True)
@@ -147,7 +147,7 @@ def test_accumulator_validation():
     ),
 )
 def test_property_result_holds_only_mixed_whole_groups(target, rounds):
-    acc = DynamicSamplingAccumulator(target_groups=target, max_rounds=0)
+    acc = DynamicSamplingAccumulator(target_groups=target, max_sampling_rounds=0)
     origin: dict[int, tuple[int, int]] = {}  # response id -> (round, original group id)
     outcome: dict[int, bool] = {}
     group_size: dict[tuple[int, int], int] = {}

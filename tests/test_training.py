@@ -7,7 +7,9 @@ import torch
 
 import dapo_envs  # noqa: F401
 from dapo_rl.core import SamplingRoundLimitError, loss_normalizer
-from dapo_rl.training import PromptSampler, build_train_batch, collect_groups, minibatch_indices, take_rows
+from dapo_rl.core.micro_batches import token_budget_micro_batches, trim_padding
+from dapo_rl.prompt_sampler import PromptSampler
+from dapo_rl.training import build_train_batch, collect_groups, minibatch_indices, minibatch_with_loss_normalizer
 
 
 def _env():
@@ -79,7 +81,7 @@ def test_dynamic_sampling_keeps_only_mixed_groups_until_the_target():
 
 def test_dynamic_sampling_round_limit_in_both_modes():
     generate_round, _ = _fake_round([[[False] * 4]])
-    with pytest.raises(SamplingRoundLimitError, match="max_rounds=2 after 2 generation rounds, having kept 0"):
+    with pytest.raises(SamplingRoundLimitError, match="max_sampling_rounds=2 after 2 generation rounds, having kept 0"):
         collect_groups(generate_round, prompts_per_step=4, generation_batch_prompts=4, dynamic_sampling=True,
                        max_sampling_rounds=2, on_sampling_limit="error")
     batch, stats, _ = collect_groups(generate_round, prompts_per_step=4, generation_batch_prompts=4,
@@ -126,13 +128,13 @@ def test_minibatches_are_whole_groups_covering_each_group_once():
         assert len(group_index[rows].unique()) == 2
 
 
-def test_take_rows_trims_padding_and_carries_the_global_normaliser():
+def test_minibatch_with_loss_normalizer_trims_padding_and_carries_the_global_normaliser():
     collected = _collected()
     batch = build_train_batch(collected, pad_token_id=0, max_response_length=3, overlong_cache_len=2,
                               overlong_penalty_factor=0.0, overlong_filter=False, advantage_scale="std")
     batch["old_logprobs"] = torch.randn(batch["response_mask"].shape)
     rows = torch.tensor([1, 4])  # responses of lengths 2 and 2
-    mini = take_rows(batch, rows, loss_agg="token-mean", max_response_length=3)
+    mini = minibatch_with_loss_normalizer(batch, rows, loss_agg="token-mean", max_response_length=3)
     assert mini["response_mask"].shape[1] == 2
     assert mini["input_ids"].shape[1] == 2 + 2
     assert torch.equal(mini["old_logprobs"], batch["old_logprobs"][rows][:, :2])
@@ -141,7 +143,6 @@ def test_take_rows_trims_padding_and_carries_the_global_normaliser():
 
 def test_token_budget_micro_batches_respect_the_budget_and_cover_every_row():
     from dapo_rl.rollout.batch import pack_sequences
-    from dapo_rl.training import token_budget_micro_batches, trim_padding
 
     prompts = [[1] * n for n in (3, 5, 2, 4, 6, 1)]
     responses = [[2] * n for n in (4, 1, 7, 2, 3, 5)]

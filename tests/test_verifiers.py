@@ -1,5 +1,5 @@
-"""Verifier tables (dapo rule, boxed, gsm8k, math_verify), adversarial inputs with their time bound,
-the registry and the worker pool.
+"""Verifier tables (dapo rule, boxed, gsm8k, last_number, math_verify), adversarial inputs with their
+time bound, the registry and the worker pool.
 
 The dapo table's expected values were checked against the DAPO recipe's reference implementation
 (verl ``verl/utils/reward_score/math_dapo.py``, ``compute_score``): same ``acc`` and same ``pred`` for
@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 import dapo_envs
 from dapo_envs import VerifierResult, get_verifier, register_verifier
 from dapo_envs import verifiers as verifiers_module
-from dapo_envs.scoring import VerifierPool
+from dapo_envs.verifier_pool import VerifierPool
+from dapo_envs.verifiers import dapo as dapo_rule_module
 
 # ----------------------------------------------------------------------------------------------------
 # dapo: one row per extraction / normalisation rule. (id, response, reference, acc, pred); pred None
@@ -129,17 +130,17 @@ def test_dapo_rule_reads_only_the_last_300_characters():
 # The four normalisation steps that the recipe writes as regular expressions are implemented without
 # backtracking; on any input they must equal the regular expressions (which are the rule's definition).
 _REGEX_DEFINITIONS = [
-    (verifiers_module._keep_first_dollar_pair_per_line, lambda s: re.sub(r"(.*?)(\$)(.*?)(\$)(.*)", "$\\3$", s)),
+    (dapo_rule_module._keep_first_dollar_pair_per_line, lambda s: re.sub(r"(.*?)(\$)(.*?)(\$)(.*)", "$\\3$", s)),
     (
-        lambda s: verifiers_module._unwrap_to_first_brace(s, "\\text{"),
+        lambda s: dapo_rule_module._unwrap_to_first_brace(s, "\\text{"),
         lambda s: re.sub(r"(\\text\{)(.*?)(\})", "\\2", s),
     ),
     (
-        lambda s: verifiers_module._unwrap_to_first_brace(s, "\\overline{"),
+        lambda s: dapo_rule_module._unwrap_to_first_brace(s, "\\overline{"),
         lambda s: re.sub(r"(\\overline\{)(.*?)(\})", "\\2", s),
     ),
     (
-        lambda s: verifiers_module._unwrap_to_last_brace_on_line(s, "\\boxed{"),
+        lambda s: dapo_rule_module._unwrap_to_last_brace_on_line(s, "\\boxed{"),
         lambda s: re.sub(r"(\\boxed\{)(.*)(\})", "\\2", s),
     ),
 ]
@@ -224,6 +225,76 @@ def test_gsm8k(response, reference, acc, pred):
 
 
 # ----------------------------------------------------------------------------------------------------
+# last_number: the last number anywhere in the response, compared by value.
+# ----------------------------------------------------------------------------------------------------
+
+LAST_NUMBER_CASES = [
+    # extraction: the last number wins, wherever it is
+    ("plain", "42", "42", True, "42"),
+    ("prose", "She has 18 apples left", "18", True, "18"),
+    ("last-wins", "First 3, then 5", "5", True, "5"),
+    ("last-wins-wrong", "5, or maybe 3", "5", False, "3"),
+    ("followed-by-period", "The answer is 42.", "42", True, "42"),
+    ("decimal-followed-by-period", "It costs 2.5.", "2.5", True, "2.5"),
+    ("inside-words", "x2", "2", True, "2"),
+    ("chinese", "答案是42", "42", True, "42"),
+    ("no-number", "I do not know.", "42", False, None),
+    ("empty", "", "42", False, None),
+    ("leading-dot-is-no-number", "about .5", "0.5", False, None),
+    # signs
+    ("negative", "The low was -7 degrees", "-7", True, "-7"),
+    ("negative-is-not-positive", "x = -7", "7", False, "-7"),
+    ("chinese-negative", "答案是-42", "-42", True, "-42"),
+    ("plus-sign", "+5", "5", True, "+5"),
+    ("minus-after-digit-is-subtraction", "10-3", "3", True, "3"),
+    ("minus-after-letter-is-a-dash", "pages x-5", "5", True, "5"),
+    ("negative-zero", "-0", "0", True, "-0"),
+    # values: decimals compare by value, exactly
+    ("decimal-equals-integer", "3.0", "3", True, "3.0"),
+    ("integer-equals-decimal-reference", "3", "3.00", True, "3"),
+    ("decimal", "The cost is 2.50 dollars", "2.5", True, "2.50"),
+    ("decimal-differs", "2.51", "2.5", False, "2.51"),
+    ("exact-beyond-float", "12345678901234567891", "12345678901234567890", False, "12345678901234567891"),
+    ("version-string-is-one-decimal", "v1.2.3", "1.2", True, "1.2"),
+    ("fraction-is-two-numbers", "1/2", "0.5", False, "2"),
+    # thousands separators
+    ("commas", "1,250 apples", "1250", True, "1,250"),
+    ("commas-both-sides", "1,250", "1,250", True, "1,250"),
+    ("commas-millions-decimal", "$1,234,567.89", "1234567.89", True, "1,234,567.89"),
+    ("comma-list", "1,2", "2", True, "2"),
+    ("bad-grouping-is-two-numbers", "1,2345", "2345", True, "2345"),
+    ("comma-after-number", "It is 7, I think", "7", True, "7"),
+    # the reference
+    ("reference-with-white-space", "42", " 42\n", True, "42"),
+]
+
+
+@pytest.mark.parametrize(
+    ("response", "reference", "acc", "pred"), [c[1:] for c in LAST_NUMBER_CASES], ids=[c[0] for c in LAST_NUMBER_CASES]
+)
+def test_last_number(response, reference, acc, pred):
+    result = get_verifier("last_number")(response, reference)
+    assert (result.acc, result.score) == (acc, 1.0 if acc else -1.0)
+    if pred is None:
+        assert result.pred == "" and result.reason == "no number in the response"
+    else:
+        assert result.pred == pred and result.reason == ""
+
+
+@pytest.mark.parametrize("reference", ["\\frac{1}{2}", "42.", "$18", "1 2", "", "#### 18"])
+def test_last_number_needs_a_numeric_reference(reference):
+    result = get_verifier("last_number")("42", reference)
+    assert (result.acc, result.score, result.pred) == (False, -1.0, "")
+    assert result.reason == "the reference is not a number"
+
+
+def test_last_number_is_registered_in_process_with_a_bare_answer_format():
+    verifier = get_verifier("last_number")
+    assert not verifier.isolate and verifier.format_answer("-3.5") == "-3.5"
+    assert verifier(verifier.format_answer("1,250"), "1250").acc
+
+
+# ----------------------------------------------------------------------------------------------------
 # math_verify: symbolic equivalence (runs in worker processes); one batch, so the pool starts once.
 # ----------------------------------------------------------------------------------------------------
 
@@ -272,6 +343,9 @@ ADVERSARIAL = {
     "1MB-of-dollars": "$" * 1_000_000,
     "1MB-of-balanced-braces-in-a-box": "\\boxed{" + "{}" * 500_000 + "}",
     "1MB-of-newlines": "\n" * 1_000_000,
+    "1MB-of-numbers": "1,234.5 " * 125_000,
+    "1MB-of-comma-digits": "1," * 500_000,
+    "1MB-of-signs": "-+" * 500_000,
     "power-tower": "9**9**9**9",
     "power-tower-latex": "Answer: \\boxed{9^{9^{9^{9}}}}",
     "frac-nested-10000-open": "\\frac{" * 10_000,
@@ -280,13 +354,13 @@ ADVERSARIAL = {
     "lone-surrogates": "\ud800\udfff\udbff" * 1000,
     "invalid-utf8-bytes": b"\xff\xfe\xfd\xc3\x28",
 }
-REFERENCES = {"dapo": "5", "boxed": "5", "gsm8k": "#### 5", "math_verify": "5"}
+REFERENCES = {"dapo": "5", "boxed": "5", "gsm8k": "#### 5", "last_number": "5", "math_verify": "5"}
 IN_PROCESS_BOUND_S = 1.0
 # math_verify's limit is 1 s; killing the worker and the round trip come on top.
 ISOLATED_BOUND_S = 2.5
 
 
-@pytest.mark.parametrize("name", ["dapo", "boxed", "gsm8k"])
+@pytest.mark.parametrize("name", ["dapo", "boxed", "gsm8k", "last_number"])
 @pytest.mark.parametrize("text", list(ADVERSARIAL.values()), ids=list(ADVERSARIAL))
 def test_adversarial_response_in_process_verifiers(name, text):
     start = time.perf_counter()
@@ -295,7 +369,7 @@ def test_adversarial_response_in_process_verifiers(name, text):
     assert isinstance(result, VerifierResult) and result.acc is False and result.score == -1.0
 
 
-@pytest.mark.parametrize("name", ["dapo", "boxed", "gsm8k"])
+@pytest.mark.parametrize("name", ["dapo", "boxed", "gsm8k", "last_number"])
 def test_adversarial_reference_in_process_verifiers(name):
     # References come from data files; a pathological one must not hang the rule either.
     for text in ADVERSARIAL.values():
@@ -338,7 +412,7 @@ def _unique(prefix):
 
 
 def test_builtin_verifiers_are_registered():
-    assert {"dapo", "math_verify", "boxed", "gsm8k"} <= set(dapo_envs.list_verifiers())
+    assert {"dapo", "math_verify", "boxed", "gsm8k", "last_number"} <= set(dapo_envs.list_verifiers())
     assert get_verifier("dapo").format_answer("19") == "Answer: 19"
     assert get_verifier("math_verify").format_answer("\\frac12") == "\\boxed{\\frac12}"
 

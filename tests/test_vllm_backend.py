@@ -5,6 +5,7 @@ otherwise; see README "Scale-out" for what has and has not run)."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from types import SimpleNamespace
@@ -203,8 +204,14 @@ def test_sender_refuses_tensors_out_of_the_announced_order_or_shape():
 # -- configuration -------------------------------------------------------------------------------------
 
 
+#: The tiny preset and lengths that fit its 512-position context.
+TINY_MODEL = {"model": "tiny-qwen2"}
+TINY_LENGTHS = dict(max_prompt_length=64, max_response_length=16, overlong_cache_len=4)
+
+
 def _vllm_config(**training):
-    return DAPOConfig().environment("dapo/Arithmetic-v0").training(generation_backend="vllm", **training)
+    return (DAPOConfig().environment("dapo/Arithmetic-v0").rl_module(model_config=TINY_MODEL)
+            .training(generation_backend="vllm", **TINY_LENGTHS, **training))
 
 
 @pytest.mark.skipif(vllm_backend.vllm_available(), reason="vllm is installed here")
@@ -231,32 +238,117 @@ def test_validate_names_the_vllm_placement_it_needs(monkeypatch):
 
 
 def test_validate_names_a_bad_generation_device():
-    config = DAPOConfig().environment("dapo/Arithmetic-v0").training(generation_device="tpu")
+    config = (DAPOConfig().environment("dapo/Arithmetic-v0").rl_module(model_config=TINY_MODEL)
+              .training(generation_device="tpu", **TINY_LENGTHS))
     assert config._dapo_problems() == ["generation_device must be 'auto', 'cpu' or 'cuda[:N]', got 'tpu'"]
 
 
 # -- a real engine, where vLLM and a GPU exist ---------------------------------------------------------
 
 
+def _until_eos(tokens, eos: int) -> list[int]:
+    tokens = list(tokens)
+    return tokens[: tokens.index(eos)] if eos in tokens else tokens
+
+
+def _hf_greedy(model, prompts, *, eos: int, pad: int, max_new_tokens: int) -> list[list[int]]:
+    """Hugging Face's greedy continuation of each prompt, up to (not including) its EOS."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+    out = []
+    with torch.no_grad():
+        for ids in prompts:
+            input_ids = torch.tensor([ids])
+            generated = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
+            out.append(_until_eos(generated[0, len(ids):].tolist(), eos))
+    return out
+
+
 @pytest.mark.gpu
-def test_vllm_engine_generates_groups_and_takes_new_weights(tmp_path):
+def test_vllm_engine_takes_new_weights_the_way_the_trainer_sends_them(tmp_path):
+    """A real engine, where vLLM and a GPU exist: the engine starts from model A (the tiny preset,
+    seed 0) and greedy-decodes as Hugging Face does with A's weights; once model B's weights (seed 1)
+    have arrived, its greedy output is exactly HF's greedy output with B's weights.
+
+    Greedy decoding goes through ``vllm.SamplingParams(temperature=0)`` on the backend's engine:
+    the backend's own SamplingSettings only express sampling (temperature > 0), and a low but
+    positive temperature is still sampling in vLLM. (Zeroed weights, as an earlier version of this
+    test used, give uniform logits: every token ties, so they cannot tell a load from none.)
+
+    Transport: with two GPUs, the trainer's path -- this process is learner rank 0
+    (``learner_broadcaster`` on the second GPU, ``send_weights`` of the weight metadata), the engine's
+    worker joins and receives through ``init_weight_sync`` / ``receive_weights`` (collective_rpc).
+    With one GPU the weights go by value over the engine's RPC (``load_weights``) instead: NCCL
+    refuses a communicator with two ranks on one GPU ("Duplicate GPU detected"), so the trainer's
+    path cannot be formed between this process and an engine on the same device.
+    """
     pytest.importorskip("vllm")
     if not torch.cuda.is_available():
         pytest.skip("vLLM needs CUDA")
-    model, tokenizer = load_policy("tiny-qwen2", seed=0)
+    import vllm
+
+    from dapo_rl.rollout.vllm_backend import learner_broadcaster
+
+    model_a, tokenizer = load_policy("tiny-qwen2", seed=0)
+    model_b, _ = load_policy("tiny-qwen2", seed=1)
     folder = tmp_path / "tiny"
-    save_policy(model, tokenizer, folder)
+    save_policy(model_a, tokenizer, folder)
+    eos, pad, max_new = tokenizer.eos_token_id, tokenizer.pad_token_id, 8
     backend = VLLMGenerationBackend(
         VLLMEngineSettings(model=str(folder), dtype="float32", gpu_memory_utilization=0.2, enforce_eager=True),
-        eos_token_ids=[tokenizer.eos_token_id],
+        eos_token_ids=[eos],
     )
-    prompts = [tokenizer.encode("1+1="), tokenizer.encode("22+33=")]
-    responses = backend.generate(prompts, SamplingSettings(n=4, max_new_tokens=8), seed=0)
-    assert len(responses) == 8 and all(1 <= len(r) <= 8 for r in responses.token_ids)
-    # Zeroed weights give degenerate (constant-logit) output: the load reached the engine.
-    backend.load_weights({name: torch.zeros_like(t) for name, t in model.state_dict().items()})
-    again = backend.generate(prompts, SamplingSettings(n=4, max_new_tokens=8, temperature=1e-3), seed=0)
-    assert len({tuple(r) for r in again.token_ids}) == 1
+    prompts = [tokenizer.encode("1+1="), tokenizer.encode("22+33="), tokenizer.encode("What is 7 + 5?\n")]
+
+    # Sampling: G responses per prompt, prompt-major, within the length limit.
+    responses = backend.generate(prompts, SamplingSettings(n=4, max_new_tokens=max_new), seed=0)
+    assert len(responses) == 4 * len(prompts) and all(1 <= len(r) <= max_new for r in responses.token_ids)
+
+    def engine_greedy() -> list[list[int]]:
+        params = vllm.SamplingParams(temperature=0.0, max_tokens=max_new, stop_token_ids=[eos])
+        outputs = backend.llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
+        return [_until_eos(output.outputs[0].token_ids, eos) for output in outputs]
+
+    greedy_a = _hf_greedy(model_a, prompts, eos=eos, pad=pad, max_new_tokens=max_new)
+    greedy_b = _hf_greedy(model_b, prompts, eos=eos, pad=pad, max_new_tokens=max_new)
+    assert greedy_a != greedy_b  # the two models decode differently: the check below can fail
+    assert engine_greedy() == greedy_a
+
+    # The trainer's metadata: RLModule names (causal_lm. prefix), cast to the engine's dtype.
+    state = {f"causal_lm.{name}": tensor for name, tensor in model_b.state_dict().items()}
+    if torch.cuda.device_count() >= 2:
+        metadata = weight_metadata(state.items(), torch.float32)
+        learner_device = torch.device("cuda:1")  # the engine's worker holds cuda:0
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        errors = []
+
+        def engine_side(function, *args):
+            try:
+                function(*args)
+            except BaseException as error:  # noqa: BLE001 - re-raised below
+                errors.append(error)
+
+        # As EngineWeightSync does it: the engine starts its side (it blocks), then the learner.
+        # The learner's broadcast runs on the current CUDA stream: make its GPU the current one.
+        with torch.cuda.device(learner_device):
+            join = threading.Thread(target=engine_side, args=(backend.init_weight_sync, "127.0.0.1", port, 1, 2))
+            join.start()
+            broadcast = learner_broadcaster("127.0.0.1", port, 2, learner_device)
+            join.join(300)
+            assert not join.is_alive() and not errors, errors
+            receive = threading.Thread(target=engine_side, args=(backend.receive_weights, metadata))
+            receive.start()
+            sent = send_weights(state.items(), metadata, broadcast, device=learner_device)
+            torch.cuda.synchronize(learner_device)
+            receive.join(300)
+        assert not receive.is_alive() and not errors, errors
+        assert sent == sum(t.numel() * 4 for t in state.values())
+    else:
+        backend.load_weights(state)  # see the docstring: no NCCL between two ranks on one GPU
+    assert engine_greedy() == greedy_b
 
 
 # -- the env runner's side of a transfer -----------------------------------------------------------------
@@ -266,7 +358,7 @@ def test_env_runner_transfer_runs_in_the_background_and_reraises_its_error():
     from dapo_rl.env_runner import DAPOEnvRunner
     from dapo_rl.rollout.hf import generation_device
 
-    config = (DAPOConfig().environment("dapo/Arithmetic-v0")
+    config = (DAPOConfig().environment("dapo/Arithmetic-v0").rl_module(model_config=TINY_MODEL)
               .training(group_size=2, prompts_per_step=2, minibatch_prompts=1, max_response_length=8,
                         overlong_cache_len=2, generation_batch_prompts=2))
     runner = DAPOEnvRunner(config=config)

@@ -8,7 +8,7 @@ from dapo_rl.core.advantages import ADVANTAGE_SCALES, group_advantages
 from dapo_rl.core.logprobs import token_logprobs
 from dapo_rl.core.losses import LOSS_AGGREGATIONS, loss_normalizer, policy_loss, register_loss_aggregation
 from dapo_rl.core.sampling import DynamicSamplingAccumulator, SamplingRoundLimitError, select_informative_groups
-from dapo_rl.core.shaping import overlong_mask, soft_overlong_penalty
+from dapo_rl.core.shaping import overlong_mask, shaped_rewards, soft_overlong_penalty
 
 __all__ = [
     "ADVANTAGE_SCALES",
@@ -21,6 +21,7 @@ __all__ = [
     "policy_loss",
     "register_loss_aggregation",
     "select_informative_groups",
+    "shaped_rewards",
     "soft_overlong_penalty",
     "token_logprobs",
 ]

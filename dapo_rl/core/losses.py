@@ -16,6 +16,12 @@ The ``normalizer`` each aggregation expects (S = number of rows with at least on
 - "seq-mean-token-sum-norm" (Dr. GRPO): loss = sum of token losses / (S * L), with L = T =
   mask.shape[-1] when no normalizer is given.  normalizer = the global S times a constant L (the
   maximum response length, say): ``loss_normalizer(mask, agg, max_len=L)``.
+- "token-mean-legacy": what the run behind the authors' 52%-AIME recipe computed (verl's actor at
+  the time): the token mean of each *micro-batch*, weighted by the micro-batch's share of its
+  learner's rows (1 / the number of accumulation steps when micro-batches are equal), then averaged
+  over data-parallel learners. It is not additive: each piece uses its own normaliser
+  (:func:`piece_normalizer`), so a token's weight depends on how the mini-batch was split. With one
+  learner and no micro-batches it equals "token-mean".
 
 Rows without unmasked tokens (e.g. truncated responses under overlong filtering) are not counted in
 S: they contribute nothing, in the numerator or in the denominator.
@@ -36,7 +42,9 @@ __all__ = [
     "LOG_RATIO_CLAMP",
     "LOSS_AGGREGATIONS",
     "LossAggregation",
+    "clip_setting_problems",
     "loss_normalizer",
+    "piece_normalizer",
     "policy_loss",
     "register_loss_aggregation",
 ]
@@ -60,6 +68,9 @@ class LossAggregation:
 
     numerator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     denominator: Callable[[torch.Tensor, int | None], torch.Tensor]
+    #: True: every piece of a split mini-batch divides by the whole mini-batch's denominator (exact
+    #: under any split). False: each piece divides by its own (see ``piece_normalizer``).
+    global_normalizer: bool = True
 
     def __call__(
         self, pg_loss: torch.Tensor, mask: torch.Tensor, normalizer: float | None = None
@@ -83,11 +94,13 @@ def register_loss_aggregation(
     name: str,
     numerator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     denominator: Callable[[torch.Tensor, int | None], torch.Tensor],
+    *,
+    global_normalizer: bool = True,
 ) -> LossAggregation:
     """Register an aggregation under ``name``; raises ValueError if the name is already taken."""
     if name in LOSS_AGGREGATIONS:
         raise ValueError(f"loss aggregation {name!r} is already registered")
-    aggregation = LossAggregation(numerator, denominator)
+    aggregation = LossAggregation(numerator, denominator, global_normalizer)
     LOSS_AGGREGATIONS[name] = aggregation
     return aggregation
 
@@ -117,6 +130,7 @@ register_loss_aggregation("token-mean", _token_sum, _num_tokens)
 register_loss_aggregation("seq-mean-token-mean", _row_token_mean_sum, _num_rows)
 register_loss_aggregation("seq-mean-token-sum", _token_sum, _num_rows)
 register_loss_aggregation("seq-mean-token-sum-norm", _token_sum, _num_rows_times_len)
+register_loss_aggregation("token-mean-legacy", _token_sum, _num_tokens, global_normalizer=False)
 
 
 def _check_agg(agg: str) -> LossAggregation:
@@ -156,6 +170,58 @@ def loss_normalizer(mask: torch.Tensor, agg: str = "token-mean", *, max_len: int
     return float(aggregation.denominator(_as_bool_mask(mask), max_len))
 
 
+def piece_normalizer(
+    piece_mask: torch.Tensor,
+    agg: str,
+    *,
+    minibatch_normalizer: float,
+    piece_row_share: float = 1.0,
+    max_len: int | None = None,
+) -> tuple[float, bool]:
+    """The ``normalizer`` of one piece of a mini-batch (a micro-batch on one data-parallel learner),
+    and whether the piece's loss is to be multiplied by the world size.
+
+    Args:
+        piece_mask: (b, T) loss mask of the piece.
+        minibatch_normalizer: ``loss_normalizer`` of the whole mini-batch (all learners' rows).
+        piece_row_share: the piece's rows / its learner's rows of the mini-batch.
+
+    Returns:
+        ``(normalizer, scale_by_world_size)``. Global aggregations: the mini-batch's normaliser, and
+        True (data-parallel gradients are *averaged*, and the normaliser already divides by the global
+        count). Per-piece ones ("token-mean-legacy"): the piece's own denominator divided by its row
+        share, and False (averaging over learners is part of the aggregation).
+    """
+    aggregation = _check_agg(agg)
+    if aggregation.global_normalizer:
+        return float(minibatch_normalizer), True
+    if not 0 < piece_row_share <= 1:
+        raise ValueError(f"piece_row_share must be in (0, 1], got {piece_row_share!r}")
+    return float(aggregation.denominator(_as_bool_mask(piece_mask), max_len)) / piece_row_share, False
+
+
+def clip_setting_problems(clip_low: object, clip_high: object, dual_clip: object) -> list[str]:
+    """What is wrong with a clip setting (empty when nothing): the one home of these rules, used by
+    :func:`policy_loss` and by ``DAPOConfig.validate``.
+
+    ``clip_low`` (epsilon_low) in [0, 1): a ratio bound of 1 - clip_low must stay positive.
+    ``clip_high`` (epsilon_high) >= 0; ``math.inf`` lifts the upper bound altogether.
+    ``dual_clip`` None, or a finite c > 1 (c <= 1 would bound losses below the unclipped objective).
+    """
+    problems = []
+    if not (_is_real(clip_low) and 0 <= clip_low < 1):
+        problems.append(f"clip_low must be in [0, 1), got {clip_low!r}")
+    if not (_is_real(clip_high) and clip_high >= 0):
+        problems.append(f"clip_high must be >= 0 (math.inf: no upper bound), got {clip_high!r}")
+    if dual_clip is not None and not (_is_real(dual_clip) and 1 < dual_clip < math.inf):
+        problems.append(f"dual_clip must be None or a finite number > 1, got {dual_clip!r}")
+    return problems
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -185,7 +251,7 @@ def policy_loss(
         mask: (B, T) bool or 0/1; True on real response tokens. Values at masked positions of the
             other inputs are ignored, even if inf/NaN.
         clip_low: epsilon_low in [0, 1). DAPO: 0.2.
-        clip_high: epsilon_high >= 0. DAPO: 0.28.
+        clip_high: epsilon_high >= 0 (``math.inf``: no upper bound). DAPO: 0.28.
         dual_clip: c > 1 bounds a negative-advantage token's loss at -c * A (reference scripts: 10).
         agg: a name in ``LOSS_AGGREGATIONS``.
         normalizer: replaces the aggregation's denominator; pass ``loss_normalizer(full_mask, agg)``
@@ -200,12 +266,9 @@ def policy_loss(
             scripts' "ppo_kl"), ratio_mean, num_tokens.
     """
     aggregation = _check_agg(agg)
-    if not (isinstance(clip_low, (int, float)) and 0 <= clip_low < 1):
-        raise ValueError(f"clip_low must be in [0, 1), got {clip_low!r}")
-    if not (isinstance(clip_high, (int, float)) and 0 <= clip_high < math.inf):
-        raise ValueError(f"clip_high must be a finite number >= 0, got {clip_high!r}")
-    if dual_clip is not None and not (isinstance(dual_clip, (int, float)) and 1 < dual_clip < math.inf):
-        raise ValueError(f"dual_clip must be None or a finite number > 1, got {dual_clip!r}")
+    problems = clip_setting_problems(clip_low, clip_high, dual_clip)
+    if problems:
+        raise ValueError("; ".join(problems))
     if normalizer is not None and not (float(normalizer) >= 0 and math.isfinite(float(normalizer))):
         raise ValueError(f"normalizer must be a finite number >= 0 or None, got {normalizer!r}")
     if logprobs.dim() != 2 or old_logprobs.shape != logprobs.shape or mask.shape != logprobs.shape:

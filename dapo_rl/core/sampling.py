@@ -70,22 +70,22 @@ def select_informative_groups(correct: torch.Tensor, group_index: torch.Tensor) 
 class SamplingRoundLimitError(RuntimeError):
     """Dynamic sampling used up its generation rounds before collecting enough informative prompts."""
 
-    def __init__(self, *, max_rounds: int, rounds: int, num_groups: int, target_groups: int) -> None:
-        self.max_rounds = max_rounds
+    def __init__(self, *, max_sampling_rounds: int, rounds: int, num_groups: int, target_groups: int) -> None:
+        self.max_sampling_rounds = max_sampling_rounds
         self.rounds = rounds
         self.num_groups = num_groups
         self.target_groups = target_groups
         super().__init__(
-            f"dynamic sampling hit its limit max_rounds={max_rounds} after {rounds} generation rounds, "
+            f"dynamic sampling hit its limit max_sampling_rounds={max_sampling_rounds} after {rounds} generation rounds, "
             f"having kept {num_groups} of the {target_groups} prompts (groups) it needs with both correct "
-            "and wrong answers. The data may be too hard (or too easy) for this model: set max_rounds <= 0 "
-            "for unlimited rounds, or on_limit='train' to train on the prompts collected so far."
+            "and wrong answers. The data may be too hard (or too easy) for this model: set max_sampling_rounds <= 0 "
+            "for unlimited rounds, or on_sampling_limit='train' to train on the prompts collected so far."
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
         # The constructor is keyword-only, so the default (cls, self.args) would fail: copy.copy and
         # pickle (Ray/Tune copy an exception raised in train() and send it between processes) need this.
-        kwargs = {"max_rounds": self.max_rounds, "rounds": self.rounds, "num_groups": self.num_groups,
+        kwargs = {"max_sampling_rounds": self.max_sampling_rounds, "rounds": self.rounds, "num_groups": self.num_groups,
                   "target_groups": self.target_groups}
         return (functools.partial(type(self), **kwargs), (), self.__dict__)
 
@@ -99,29 +99,29 @@ class DynamicSamplingAccumulator:
     the round. ``result()`` concatenates what was kept, with ``group_key`` set to group ids
     renumbered 0..K-1 (ids from different rounds never collide).
 
-    Round limit: if the target is not met after ``max_rounds`` rounds (``max_rounds <= 0``: no
-    limit), ``on_limit="error"`` raises SamplingRoundLimitError (what was kept so far stays
-    available through ``result()``), and ``on_limit="train"`` marks the accumulator done so the
+    Round limit: if the target is not met after ``max_sampling_rounds`` rounds (``max_sampling_rounds <= 0``: no
+    limit), ``on_sampling_limit="error"`` raises SamplingRoundLimitError (what was kept so far stays
+    available through ``result()``), and ``on_sampling_limit="train"`` marks the accumulator done so the
     caller trains on fewer prompts (``limit_reached`` tells it so).
     """
 
     def __init__(
         self,
         target_groups: int,
-        max_rounds: int,
+        max_sampling_rounds: int,
         *,
-        on_limit: str = "error",
+        on_sampling_limit: str = "error",
         group_key: str = "group_index",
     ) -> None:
         if not (isinstance(target_groups, int) and target_groups > 0):
             raise ValueError(f"target_groups must be a positive int, got {target_groups!r}")
-        if not isinstance(max_rounds, int):
-            raise ValueError(f"max_rounds must be an int (<= 0 for unlimited), got {max_rounds!r}")
-        if on_limit not in ON_LIMIT_CHOICES:
-            raise ValueError(f"on_limit must be one of {ON_LIMIT_CHOICES}, got {on_limit!r}")
+        if not isinstance(max_sampling_rounds, int):
+            raise ValueError(f"max_sampling_rounds must be an int (<= 0 for unlimited), got {max_sampling_rounds!r}")
+        if on_sampling_limit not in ON_LIMIT_CHOICES:
+            raise ValueError(f"on_sampling_limit must be one of {ON_LIMIT_CHOICES}, got {on_sampling_limit!r}")
         self.target_groups = target_groups
-        self.max_rounds = max_rounds
-        self.on_limit = on_limit
+        self.max_sampling_rounds = max_sampling_rounds
+        self.on_sampling_limit = on_sampling_limit
         self.group_key = group_key
         self.rounds = 0
         self.num_groups = 0
@@ -131,7 +131,7 @@ class DynamicSamplingAccumulator:
 
     @property
     def done(self) -> bool:
-        """True once the target is met, or the round limit was reached with on_limit="train"."""
+        """True once the target is met, or the round limit was reached with on_sampling_limit="train"."""
         return self.num_groups >= self.target_groups or self.limit_reached
 
     @property
@@ -150,7 +150,7 @@ class DynamicSamplingAccumulator:
             ``done`` after this round.
 
         Raises:
-            SamplingRoundLimitError: on_limit="error" and the round limit is reached short of target.
+            SamplingRoundLimitError: on_sampling_limit="error" and the round limit is reached short of target.
             RuntimeError: called after ``done``.
             ValueError: malformed batch (keys differing between rounds, wrong lengths, ...).
         """
@@ -196,10 +196,10 @@ class DynamicSamplingAccumulator:
         self.num_groups += int(group_kept.sum())
         self.rounds += 1
 
-        if not self.done and self.max_rounds > 0 and self.rounds >= self.max_rounds:
-            if self.on_limit == "error":
+        if not self.done and self.max_sampling_rounds > 0 and self.rounds >= self.max_sampling_rounds:
+            if self.on_sampling_limit == "error":
                 raise SamplingRoundLimitError(
-                    max_rounds=self.max_rounds,
+                    max_sampling_rounds=self.max_sampling_rounds,
                     rounds=self.rounds,
                     num_groups=self.num_groups,
                     target_groups=self.target_groups,

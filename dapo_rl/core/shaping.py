@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["overlong_mask", "soft_overlong_penalty"]
+__all__ = ["overlong_mask", "shaped_rewards", "soft_overlong_penalty"]
 
 
 def soft_overlong_penalty(
@@ -75,3 +75,20 @@ def overlong_mask(truncated: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             raise ValueError(f"truncated must be bool or 0/1, got dtype {truncated.dtype}")
         truncated = truncated.bool()
     return torch.where(truncated.unsqueeze(-1), torch.zeros_like(mask), mask)
+
+
+def shaped_rewards(
+    score: torch.Tensor,
+    response_length: torch.Tensor,
+    *,
+    max_response_length: int,
+    overlong_cache_len: int,
+    overlong_penalty_factor: float,
+) -> torch.Tensor:
+    """Correctness reward plus the soft overlong punishment (paper Eq. 13); factor 0 switches it off."""
+    if overlong_penalty_factor == 0 or overlong_cache_len == 0:
+        return score.float()
+    penalty = soft_overlong_penalty(
+        response_length, max_len=max_response_length, cache_len=overlong_cache_len, factor=overlong_penalty_factor
+    )
+    return score.float() + penalty

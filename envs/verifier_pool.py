@@ -1,4 +1,4 @@
-"""Vectorised scoring in worker processes, with a hard time limit per item.
+"""The verifier process pool: killable worker processes that score items under a hard time limit each.
 
 A training step verifies thousands of responses, and symbolic checkers (sympy through math-verify) can
 hang on adversarial input in C code that no signal interrupts: ``9^{9^{9^9}}`` never returns. So
@@ -18,8 +18,10 @@ multiprocessing's ``spawn`` they do not re-import the parent's ``__main__``, so 
 ``DAPO_ENVS_VERIFIER_WORKERS`` workers (default: the CPU count, at most 8), is created on first use, is
 one per process, and is shut down at exit (or with :func:`shutdown`).
 
-Usage: ``dapo_envs.get_verifier(name).score(responses, references)`` routes here when needed;
-:func:`score` is the same thing as a function.
+Usage: ``dapo_envs.get_verifier(name).score(responses, references)`` routes isolated verifiers here
+(:meth:`dapo_envs.verifiers.Verifier.score` calls :func:`get_pool`). This module does not import the
+registry: it needs only the verdict type (:mod:`dapo_envs.verifiers.result`) and what
+:class:`PooledVerifier` describes, so the dependencies go one way, registry -> pool.
 """
 
 from __future__ import annotations
@@ -35,12 +37,33 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
-from dapo_envs.verifiers import Verifier, VerifierResult, as_text, get_verifier, run_verifier_fn
+from dapo_envs.verifiers.result import VerifierResult, as_text, run_verifier_fn, wrong
 
-__all__ = ["VerifierPool", "get_pool", "score", "shutdown", "default_num_workers"]
+__all__ = ["PooledVerifier", "VerifierPool", "default_num_workers", "get_pool", "shutdown"]
+
+
+class PooledVerifier(Protocol):
+    """What the pool needs of a verifier; a :class:`dapo_envs.verifiers.Verifier` has it."""
+
+    @property
+    def name(self) -> str:
+        """Names the verifier in ``reason`` strings and errors."""
+
+    @property
+    def fn(self) -> Callable[[str, str], Any]:
+        """``fn(response, reference)``, run in the workers; must pickle with cloudpickle."""
+
+    @property
+    def warmup(self) -> Callable[[], None] | None:
+        """Run once in each worker before its first item of this verifier."""
+
+    @property
+    def token(self) -> int:
+        """Identifies ``fn`` in the workers' caches: the same token must always mean the same ``fn``."""
+
 
 #: Longest a worker may take to start, or to load and warm up a verifier, before it counts as broken.
 STARTUP_TIMEOUT_S = 120.0
@@ -59,13 +82,6 @@ def default_num_workers() -> int:
             raise ValueError(f"DAPO_ENVS_VERIFIER_WORKERS must be >= 1, got {value}")
         return value
     return max(1, min(8, os.cpu_count() or 1))
-
-
-def score(
-    verifier: str | Verifier, responses: Sequence[str], references: Sequence[str], *, timeout: float | None = None
-) -> list[VerifierResult]:
-    """Score ``responses[i]`` against ``references[i]`` with a verifier (name or object), in input order."""
-    return get_verifier(verifier).score(responses, references, timeout=timeout)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -165,7 +181,7 @@ class _Worker:
 # own modules import), then the loop.
 _WORKER_BOOTSTRAP = (
     "import sys, json; sys.path[:0] = json.loads(sys.argv[2]); "
-    "from dapo_envs.scoring import _worker_entry; _worker_entry(int(sys.argv[1]))"
+    "from dapo_envs.verifier_pool import _worker_entry; _worker_entry(int(sys.argv[1]))"
 )
 
 
@@ -182,8 +198,15 @@ class VerifierPool:
         self._lock = threading.Lock()
         self._closed = False
 
-    def map(self, verifier: Verifier, pairs: Sequence[tuple[str, str]], timeout: float) -> list[VerifierResult]:
-        """Score ``(response, reference)`` pairs with ``verifier``, each under ``timeout`` seconds."""
+    def map(
+        self, verifier: PooledVerifier, pairs: Sequence[tuple[str, str]], timeout: float
+    ) -> list[VerifierResult]:
+        """Score ``(response, reference)`` pairs with ``verifier``, each under ``timeout`` seconds.
+
+        Returns one result per pair, in input order. An item over ``timeout`` or whose worker died is
+        scored wrong with the ``reason``. Raises RuntimeError when workers cannot start or load the
+        verifier, and TypeError when the verifier cannot be pickled.
+        """
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
         pairs = [(as_text(r, "response"), as_text(g, "reference")) for r, g in pairs]
@@ -221,7 +244,7 @@ class VerifierPool:
         worker.kill()
         self._workers[self._workers.index(worker)] = _Worker()
 
-    def _run(self, verifier: Verifier, pairs: list[tuple[str, str]], timeout: float) -> list[VerifierResult]:
+    def _run(self, verifier: PooledVerifier, pairs: list[tuple[str, str]], timeout: float) -> list[VerifierResult]:
         results: list[VerifierResult | None] = [None] * len(pairs)
         todo = collections.deque(range(len(pairs)))
         payload: bytes | None = None
@@ -276,9 +299,7 @@ class VerifierPool:
                         what = "starting" if worker.state == _STARTING else f"loading verifier '{name}'"
                         self._replace(worker)
                         raise RuntimeError(f"a verifier worker process died while {what} (exit code {exitcode})")
-                    results[worker.item] = VerifierResult(
-                        -1.0, False, "", f"verifier '{name}' worker process died (exit code {exitcode})"
-                    )
+                    results[worker.item] = wrong(f"verifier '{name}' worker process died (exit code {exitcode})")
                     self._replace(worker)
                     continue
                 kind = message[0]
@@ -302,9 +323,7 @@ class VerifierPool:
                 if worker.state == _IDLE or now < worker.deadline:
                     continue
                 if worker.state == _BUSY:
-                    results[worker.item] = VerifierResult(
-                        -1.0, False, "", f"timeout: verifier '{name}' took longer than {timeout:g} s"
-                    )
+                    results[worker.item] = wrong(f"timeout: verifier '{name}' took longer than {timeout:g} s")
                     self._replace(worker)
                 else:
                     what = "start" if worker.state == _STARTING else f"load verifier '{name}'"
@@ -313,7 +332,7 @@ class VerifierPool:
         return results  # type: ignore[return-value]
 
 
-def _pickle_verifier(verifier: Verifier) -> bytes:
+def _pickle_verifier(verifier: PooledVerifier) -> bytes:
     import cloudpickle
 
     try:

@@ -1,0 +1,534 @@
+"""Jobs: one DAPO run from its settings to a trained, exported and evaluated policy.
+
+The library behind ``dapo-rl train`` / ``dapo-rl eval`` and ``reproduce/``:
+
+- :data:`DEFAULT_JOB`: the main job (the embedded tiny model on ``dapo/Arithmetic-v0``, on the CPU);
+- :func:`load_job`: the default job overridden by a YAML file, then by ``key=value`` assignments;
+- :func:`build_config`: a job's validated :class:`~dapo_rl.dapo.DAPOConfig`;
+- :func:`train` (a job) and :func:`train_config` (a ``DAPOConfig`` and its :class:`RunSettings`):
+  THE pipeline: warm-start (optional), held-out accuracy, DAPO under Tune, export, held-out
+  accuracy again, ``summary.json``;
+- :func:`start_ray`, :func:`fit`, :func:`export_final_policy`: the pieces that the cluster launcher
+  (:mod:`reproduce.cluster`) shares with the pipeline;
+- :func:`evaluate_policy`: avg@k of a model folder or of a training checkpoint.
+
+Bad input (an unknown key, a wrong type, a missing model, an unknown environment id, an invalid
+setting) raises :class:`JobError`, one line naming the offending value.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import ray
+import yaml
+from ray import tune
+from tqdm import tqdm
+
+import dapo_envs
+from dapo_rl.checkpoints import export_checkpoint, is_rllib_checkpoint
+from dapo_rl.dapo import DAPOConfig, InvalidConfigError
+from dapo_rl.evaluation import EvalResult, evaluate_model, evaluate_runner
+from dapo_rl.models import TINY_PRESET, ModelNotFoundError, load_policy, save_policy
+from dapo_rl.rollout.base import SamplingSettings
+from dapo_rl.settings import DAPO_SETTINGS, OPTIMIZER_DEFAULTS
+from dapo_rl.rollout.hf import HFGenerationBackend, generation_device
+from dapo_rl.rollout.runner import GenerationRunner, PromptSettings
+from dapo_rl.tracking import LOGGERS, ProgressCallback, logger_callbacks, missing_logger_package
+from dapo_rl.warmstart import WarmStartSettings, supervised_warmstart
+
+#: The main job. Keys: the job's own (below) and, under "training", any DAPOConfig training setting.
+DEFAULT_JOB: dict[str, Any] = {
+    "env": "dapo/Arithmetic-v0",
+    "env_config": {"operators": "+"},
+    "model": TINY_PRESET,
+    "dtype": None,  # torch dtype name for a checkpoint's weights (None: as saved; the preset: float32)
+    "seed": 0,
+    "iterations": 150,
+    "num_learners": 0,
+    "num_gpus_per_learner": 0,  # > 0 with num_learners 0: the local learner trains on the GPU
+    "num_env_runners": 0,
+    "num_gpus_per_env_runner": 0,
+    "warmstart_steps": 1200,
+    "warmstart_batch_size": 64,
+    "warmstart_lr": 1e-3,
+    "warmstart_noise": 0.5,
+    "eval_env": None,  # environment id for held-out evaluation (None: the training env's held-out split)
+    "eval_problems": 200,
+    "eval_samples": 4,
+    "loggers": [],  # experiment trackers besides Tune's TensorBoard files: "wandb", "mlflow" (offline)
+    # Only the settings where this CPU job genuinely differs from the paper's 32B run (the defaults,
+    # dapo_rl.settings): a 3-layer model on 2-digit addition, on 2 cores in minutes.
+    "training": {
+        "group_size": 8,  # 8 responses per prompt already mix right and wrong answers after the warm-start
+        "prompts_per_step": 32,
+        "minibatch_prompts": 8,
+        "lr": 3e-4,  # a randomly initialised tiny model, not a pretrained 32B one
+        "lr_warmup_steps": 0,
+        "weight_decay": 0.0,
+        "max_prompt_length": 64,  # "What is 12 + 7?" and the model's 512 positions
+        "max_response_length": 16,  # "Answer: 198" and EOS take 12 tokens
+        "overlong_cache_len": 4,
+        "generation_batch_prompts": 48,  # 1.5x: most prompts are informative after the warm-start
+        "on_sampling_limit": "train",  # a short CPU run trains on what it kept rather than stopping
+    },
+}
+
+JOB_KEYS = set(DEFAULT_JOB) - {"training"}
+
+#: Training settings of RLlib's own that a job may set next to DAPO_SETTINGS.
+OPTIMIZER_KEYS = tuple(OPTIMIZER_DEFAULTS)
+
+#: The Tune experiment's folder name inside ``<output>/tune``.
+TUNE_EXPERIMENT = "dapo"
+
+
+class JobError(ValueError):
+    """Bad input to a job (settings, files, models, environment ids): one line, no traceback needed."""
+
+
+# -- settings --------------------------------------------------------------------------------------
+
+
+def load_job(config_file: str | None, assignments: Sequence[str]) -> dict[str, Any]:
+    """The default job, overridden by a YAML file, then by ``key=value`` assignments.
+
+    Keys are job keys (``iterations``, ``model``, ...), ``env_config.NAME``, or DAPOConfig training
+    settings (``group_size``, ``lr``, ...) written flat or under ``training:``.
+    """
+    training_keys = set(DAPO_SETTINGS) | set(OPTIMIZER_KEYS)
+    job = copy.deepcopy(DEFAULT_JOB)
+    overrides = _file_overrides(config_file, job) if config_file else []
+    for assignment in assignments:
+        key, value = parse_assignment(assignment, "--set")
+        overrides.append((key, value, f"--set {assignment}"))
+    for key, value, origin in overrides:
+        if key.startswith("env_config."):
+            job["env_config"][key.split(".", 1)[1]] = value
+        elif key in JOB_KEYS:
+            job[key] = _checked(key, value, DEFAULT_JOB[key], origin)
+        elif key in training_keys:
+            job["training"][key] = _checked(key, value, _paper_default(key), origin)
+        else:
+            known = sorted(JOB_KEYS | training_keys)
+            raise JobError(f"unknown setting {key!r} ({origin}); known settings: {', '.join(known)}, env_config.NAME")
+    return job
+
+
+def _file_overrides(config_file: str, job: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    """(key, value, origin) of each setting in a YAML job file; its ``env_config`` replaces the default's."""
+    try:
+        loaded = yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {}
+    except OSError as error:
+        raise JobError(f"cannot read config file {config_file}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise JobError(f"config file {config_file} is not valid YAML: {error}") from None
+    if not isinstance(loaded, dict):
+        raise JobError(f"config file {config_file} must hold a mapping of settings, got {type(loaded).__name__}")
+    overrides = []
+    for key, value in loaded.items():
+        if key in ("training", "env_config") and isinstance(value, dict):
+            if key == "env_config":
+                job["env_config"] = {}
+            prefix = "" if key == "training" else "env_config."
+            overrides += [(f"{prefix}{name}", inner, f"{config_file}: {key}.{name}") for name, inner in value.items()]
+        else:
+            overrides.append((key, value, f"{config_file}: {key}"))
+    return overrides
+
+
+def parse_assignment(assignment: str, option: str) -> tuple[str, Any]:
+    """``key=value`` from the command line (``option`` names it in errors): the value read as YAML
+    (``3``, ``1e-4``, ``true``, ``[a, b]``), else as the text."""
+    if "=" not in assignment:
+        raise JobError(f"{option} takes key=value, got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return key.strip(), raw
+
+
+def _paper_default(key: str) -> Any:
+    """The DAPOConfig default of a training setting: its type is the type a job's value must have."""
+    return {**DAPO_SETTINGS, **OPTIMIZER_DEFAULTS}[key]
+
+
+def _checked(key: str, value: Any, default: Any, origin: str) -> Any:
+    """Check a value against the type of its default (settings whose default is None accept anything)."""
+    if default is None:
+        return value
+    expected = type(default)
+    if expected is bool:
+        ok = isinstance(value, bool)
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif expected is float:
+        if isinstance(value, str):  # YAML reads "1e-5" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif expected is list and isinstance(value, str):  # --set loggers=wandb: a list of one
+        value, ok = [value], True
+    else:
+        ok = isinstance(value, expected)
+    if not ok:
+        raise JobError(f"setting {key!r} ({origin}) must be {expected.__name__}, got {value!r}")
+    return value
+
+
+def build_config(job: dict[str, Any], model: str | None = None) -> DAPOConfig:
+    """The validated DAPOConfig of a job, training ``model`` (default: the job's)."""
+    _check_env_id(job["env"])
+    model = _absolute_if_local(model or job["model"])
+    config = (
+        DAPOConfig()
+        .environment(job["env"], env_config=dict(job["env_config"]))
+        .rl_module(model_config={"model": model, **({"dtype": job["dtype"]} if job.get("dtype") else {})})
+        .training(**job["training"])
+        .learners(num_learners=job["num_learners"], num_gpus_per_learner=job["num_gpus_per_learner"])
+        .env_runners(num_env_runners=job["num_env_runners"], num_gpus_per_env_runner=job["num_gpus_per_env_runner"])
+        .debugging(seed=job["seed"], log_level="ERROR")
+    )
+    return validated(config)
+
+
+def validated(config: DAPOConfig) -> DAPOConfig:
+    """``config`` once ``validate()`` passes; else a JobError with every problem on one line."""
+    try:
+        config.validate()
+    except InvalidConfigError as error:
+        raise JobError("invalid settings: " + "; ".join(error.problems)) from None
+    except ValueError as error:  # RLlib's own checks, and a model that cannot be found
+        raise JobError(str(error)) from None
+    return config
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """What a run needs besides its DAPOConfig: length, warm-start, evaluation, trackers.
+
+    No defaults here: :data:`DEFAULT_JOB` holds them (``RunSettings.from_job(DEFAULT_JOB)``).
+    """
+
+    iterations: int
+    warmstart_steps: int  # 0: no warm-start (a pretrained model)
+    warmstart_batch_size: int
+    warmstart_lr: float
+    warmstart_noise: float
+    eval_env: str | None  # None: the training environment's held-out split
+    eval_problems: int
+    eval_samples: int
+    loggers: tuple[str, ...]  # "wandb", "mlflow"
+
+    @classmethod
+    def from_job(cls, job: dict[str, Any], **changes: Any) -> RunSettings:
+        """The run settings of a job (its keys of the same names), with ``changes`` applied."""
+        values = {field.name: job[field.name] for field in dataclasses.fields(cls)}
+        values["loggers"] = tuple(values["loggers"])
+        return dataclasses.replace(cls(**values), **changes)
+
+
+def _check_env_id(env_id: str, role: str = "environment") -> None:
+    if env_id not in gym.registry:
+        registered = sorted(i for i in gym.registry if i.startswith("dapo/"))
+        raise JobError(f"unknown {role} id {env_id!r}; registered dapo/ ids: {registered}")
+
+
+def _absolute_if_local(model: str) -> str:
+    # Tune runs the trial in its own working directory: a relative model folder must be made absolute.
+    return os.path.abspath(model) if model != TINY_PRESET and os.path.exists(model) else model
+
+
+# -- Ray and Tune ----------------------------------------------------------------------------------
+
+
+def start_ray(address: str | None = None) -> None:
+    """Connect this process to Ray once: to the cluster at ``address``, or to a new local instance.
+
+    A local instance is quiet (no dashboard, workers' logs kept off the terminal, whose output is the
+    progress bar). Ray 2.60 asks for an auth token unless RAY_AUTH_MODE says otherwise; a
+    single-machine job has no token to give.
+    """
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if ray.is_initialized():
+        return
+    if address is None:
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    else:
+        ray.init(address=address)
+
+
+def experiment_folder(output: str | os.PathLike[str]) -> Path:
+    """Where :func:`fit` keeps a run's Tune experiment (trials, their ``result.json``, checkpoints)."""
+    return Path(output) / "tune" / TUNE_EXPERIMENT
+
+
+def fit(
+    config: DAPOConfig,
+    output: str | os.PathLike[str],
+    *,
+    iterations: int,
+    callbacks: Sequence[tune.Callback] = (),
+    checkpoint_every: int = 0,
+    resume: bool = False,
+) -> tune.Result:
+    """Train ``config`` under Tune for ``iterations`` rollout steps; the result of its one trial.
+
+    Checkpoints at the end, and every ``checkpoint_every`` steps when > 0 (then the last two are
+    kept, so a crash while writing one leaves the one before). ``resume``: continue the experiment
+    already in ``output`` (a re-run after a crash) instead of starting a new trial.
+    """
+    experiment = experiment_folder(Path(output).resolve())
+    if resume and tune.Tuner.can_restore(str(experiment)):
+        tuner = tune.Tuner.restore(str(experiment), trainable="DAPO", resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            "DAPO",
+            param_space=config,
+            run_config=tune.RunConfig(
+                name=TUNE_EXPERIMENT,
+                storage_path=str(experiment.parent),
+                stop={"training_iteration": iterations},
+                checkpoint_config=tune.CheckpointConfig(
+                    checkpoint_frequency=checkpoint_every, checkpoint_at_end=True, num_to_keep=2 if checkpoint_every else 1
+                ),
+                callbacks=list(callbacks),
+                verbose=0,
+            ),
+        )
+    result = tuner.fit()[0]
+    if result.error is not None:
+        raise RuntimeError(f"the Tune trial failed: {result.error}") from result.error
+    return result
+
+
+def export_final_policy(result: tune.Result, output: str | os.PathLike[str]) -> Path:
+    """The policy of a Tune result's last checkpoint, as a Hugging Face folder ``<output>/model``."""
+    folder = Path(output) / "model"
+    export_checkpoint(result.checkpoint.path, folder)
+    return folder
+
+
+# -- the pipeline ----------------------------------------------------------------------------------
+
+
+def train(job: dict[str, Any], output: str | os.PathLike[str]) -> dict[str, Any]:
+    """Run a job (see :func:`load_job`) into the folder ``output``; see :func:`train_config`."""
+    return train_config(build_config(job), output, RunSettings.from_job(job), job=job)
+
+
+def train_config(
+    config: DAPOConfig,
+    output: str | os.PathLike[str],
+    run: RunSettings,
+    *,
+    job: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train ``config`` with DAPO and measure held-out accuracy before and after; returns the summary.
+
+    Steps: an optional supervised warm-start of the config's model (``run.warmstart_steps``; the
+    warm-started model is what DAPO then trains), avg@k on the held-out problems, ``run.iterations``
+    DAPO iterations under Tune (progress bar, ``samples.jsonl``, ``run.loggers``), export of the
+    final policy to ``<output>/model``, avg@k again. Writes ``<output>/summary.json``. ``job``, when
+    the run comes from a job, is recorded in the summary.
+
+    Raises:
+        JobError: invalid settings, an unknown environment id, a model that cannot be loaded, a
+            logger whose package is missing.
+    """
+    start = time.perf_counter()
+    output = Path(output).resolve()  # Tune runs the trial in its own working directory
+    model_config = dict(config.model_config or {})
+    model_config["model"] = _absolute_if_local(str(model_config.get("model") or ""))
+    config = validated(config.copy(copy_frozen=False).rl_module(model_config=model_config))
+    _check_run(config, run)
+    output.mkdir(parents=True, exist_ok=True)
+    try:
+        # The preset's random init follows the run's seed (each seed of a table starts elsewhere).
+        init_seed = int(model_config.get("init_seed", config.seed or 0))
+        model, tokenizer = load_policy(model_config["model"], seed=init_seed, dtype=model_config.get("dtype"),
+                                       tiny_spec=model_config.get("tiny_spec"))
+    except ValueError as error:  # a missing model folder, a bad dtype name
+        raise JobError(str(error)) from None
+    train_env, test_env, test_name = _environments(config, run)
+    prompt_settings = PromptSettings(config.max_prompt_length, config.apply_chat_template)
+    count = min(run.eval_problems, test_env.num_problems)
+    held_out = [test_env.problem(i) for i in range(count)]
+
+    def accuracy(policy: Any) -> float:
+        return _held_out_accuracy(policy, tokenizer, test_env, held_out, prompt_settings, config, run.eval_samples)
+
+    warmstart_seconds = 0.0
+    if run.warmstart_steps > 0:
+        warm_start = time.perf_counter()
+        _warm_start(model, tokenizer, train_env, prompt_settings, run, seed=int(config.seed or 0))
+        model_config["model"] = str(output / "warmstart")
+        save_policy(model, tokenizer, model_config["model"])
+        warmstart_seconds = time.perf_counter() - warm_start
+    elif model_config["model"] == TINY_PRESET:
+        model_config["init_seed"] = init_seed  # DAPO starts from the weights just evaluated
+    accuracy_before = accuracy(model)
+    print(f"held-out accuracy before DAPO: {accuracy_before:.3f}", flush=True)
+
+    rl_config = config.copy(copy_frozen=False).rl_module(model_config=model_config)
+    start_ray()
+    progress = ProgressCallback(run.iterations, output / "samples.jsonl")
+    rl_start = time.perf_counter()
+    try:
+        result = fit(rl_config, output, iterations=run.iterations, callbacks=[progress, *logger_callbacks(run.loggers, output)])
+    finally:
+        progress.close()
+    rl_seconds = time.perf_counter() - rl_start
+    model, tokenizer = load_policy(export_final_policy(result, output))
+    accuracy_after = accuracy(model)
+    print(f"held-out accuracy after DAPO:  {accuracy_after:.3f}", flush=True)
+    summary = {
+        "eval_accuracy_before": accuracy_before,
+        "eval_accuracy_after": accuracy_after,
+        "eval_metric": f"avg@{run.eval_samples} on the first {count} problems of {test_name}, temperature {config.temperature}",
+        "iterations": int(result.metrics["training_iteration"]),
+        "wall_seconds": time.perf_counter() - start,
+        "warmstart_seconds": warmstart_seconds,
+        "rl_seconds": rl_seconds,
+        "final_metrics": _plain(result.metrics),
+        "checkpoint": result.checkpoint.path,
+        "model": str(output / "model"),
+        "job": job if job is not None else _run_record(config, run),
+    }
+    write_summary(output, summary)
+    return summary
+
+
+def _check_run(config: DAPOConfig, run: RunSettings) -> None:
+    """Fail on a run's bad settings before any work: an unknown evaluation env, a missing logger package."""
+    if run.eval_env is not None:
+        _check_env_id(run.eval_env, "evaluation environment")
+    unknown = sorted(set(run.loggers) - set(LOGGERS))
+    if unknown:
+        raise JobError(f"unknown logger(s) {unknown}; loggers: {', '.join(LOGGERS)}")
+    for name in run.loggers:
+        missing = missing_logger_package(name)
+        if missing:
+            raise JobError(missing)
+    try:
+        WarmStartSettings(steps=run.warmstart_steps, batch_size=run.warmstart_batch_size, lr=run.warmstart_lr,
+                          noise=run.warmstart_noise)
+    except ValueError as error:
+        raise JobError(str(error)) from None
+
+
+def _environments(config: DAPOConfig, run: RunSettings) -> tuple[Any, Any, str]:
+    """(training env, held-out env, a name for the held-out problems): each environment declares its
+    own held-out split (``dapo_envs.held_out_env_config``)."""
+    env_config = dict(config.env_config or {})
+    test_id, base = (config.env, env_config) if run.eval_env is None else (run.eval_env, {})
+    test_config = dapo_envs.held_out_env_config(test_id, base)
+    split = [f"{key}={value}" for key, value in test_config.items() if base.get(key) != value]
+    test_name = test_id + (f" ({', '.join(split)})" if split else "")
+    try:
+        return gym.make(config.env, **env_config).unwrapped, gym.make(test_id, **test_config).unwrapped, test_name
+    except (TypeError, ValueError) as error:
+        raise JobError(f"cannot make environment {config.env!r} with env_config {env_config}: {error}") from None
+
+
+def _warm_start(model: Any, tokenizer: Any, env: Any, prompt_settings: PromptSettings, run: RunSettings, *, seed: int) -> None:
+    encoder = GenerationRunner(env, tokenizer, None, prompt_settings)
+    settings = WarmStartSettings(steps=run.warmstart_steps, batch_size=run.warmstart_batch_size, lr=run.warmstart_lr,
+                                 noise=run.warmstart_noise, seed=seed)
+    with tqdm(total=settings.steps, desc="warm-start", unit="step", file=sys.stderr) as bar:
+        supervised_warmstart(
+            model, tokenizer, env, encoder.encode_prompt, settings,
+            on_step=lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")),
+        )
+
+
+def _held_out_accuracy(model: Any, tokenizer: Any, env: Any, problems: list[Any], prompt_settings: PromptSettings,
+                       config: DAPOConfig, samples: int) -> float:
+    """avg@``samples`` of an in-memory model, sampling as the config trains (temperature, top_p, top_k)."""
+    # On the GPU when there is one, and back to the CPU after: training needs that memory.
+    model.to(generation_device())
+    try:
+        backend = HFGenerationBackend(model, pad_token_id=tokenizer.pad_token_id, eos_token_ids=[tokenizer.eos_token_id])
+        runner = GenerationRunner(env, tokenizer, backend, prompt_settings)
+        sampling = SamplingSettings(n=samples, max_new_tokens=config.max_response_length, temperature=config.temperature,
+                                    top_p=config.top_p, top_k=config.top_k)
+        return evaluate_runner(runner, problems, sampling, seed=int(config.seed or 0)).avg_at_k
+    finally:
+        model.to("cpu")
+
+
+def _run_record(config: DAPOConfig, run: RunSettings) -> dict[str, Any]:
+    """What a run from a DAPOConfig trained, for its summary: the run settings and the config's settings."""
+    return {
+        **dataclasses.asdict(run),
+        "env": config.env,
+        "env_config": dict(config.env_config or {}),
+        "model_config": dict(config.model_config or {}),
+        "seed": config.seed,
+        "training": {key: getattr(config, key) for key in (*DAPO_SETTINGS, *OPTIMIZER_KEYS)},
+    }
+
+
+def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
+    keep = ("dapo", "learners", "timers", "training_iteration", "time_total_s")
+    return json.loads(json.dumps({k: metrics[k] for k in keep if k in metrics}, default=float))
+
+
+def write_summary(output: str | os.PathLike[str], summary: dict[str, Any]) -> Path:
+    target = Path(output) / "summary.json"
+    target.write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+    return target
+
+
+# -- evaluation ------------------------------------------------------------------------------------
+
+
+def evaluate_policy(model: str | os.PathLike[str], env_id: str, **settings: Any) -> EvalResult:
+    """avg@k / pass@k / cons@k of a model folder, a preset, or a DAPO training checkpoint (whose policy
+    is exported to a temporary folder first). ``settings``: those of :func:`dapo_rl.evaluation.evaluate_model`.
+    """
+    _check_env_id(env_id)
+    try:
+        if not is_rllib_checkpoint(model):
+            return evaluate_model(model, env_id, **settings)
+        start_ray()  # restoring the checkpoint's Algorithm starts its workers
+        with tempfile.TemporaryDirectory(prefix="dapo-eval-") as folder:
+            export_checkpoint(model, folder)
+            return evaluate_model(folder, env_id, **settings)
+    except (ModelNotFoundError, ImportError) as error:  # ImportError: the vllm backend without vLLM
+        raise JobError(str(error)) from None
+
+
+__all__ = [
+    "DEFAULT_JOB",
+    "JOB_KEYS",
+    "JobError",
+    "RunSettings",
+    "build_config",
+    "evaluate_policy",
+    "experiment_folder",
+    "export_final_policy",
+    "fit",
+    "load_job",
+    "parse_assignment",
+    "start_ray",
+    "train",
+    "train_config",
+    "validated",
+    "write_summary",
+]
