@@ -14,6 +14,9 @@ import sys
 import time
 from pathlib import Path
 
+import gymnasium as gym
+
+from dapo_envs import held_out_env_config
 from dapo_rl.evaluation import evaluate_model
 from dapo_rl.jobs import JobError, evaluate_policy, load_job, parse_assignment, train
 from dapo_rl.tracking import LOGGERS
@@ -34,15 +37,23 @@ def run_train(args: argparse.Namespace) -> None:
 EVAL_OPTIONS = {
     "samples": "samples", "problems": "num_problems", "max_new_tokens": "max_new_tokens", "temperature": "temperature",
     "top_p": "top_p", "seed": "seed", "backend": "backend", "tensor_parallel_size": "tensor_parallel_size",
+    "max_prompt_length": "max_prompt_length", "chat_template": "apply_chat_template",
 }
+
+#: ``--chat-template`` values -> evaluate_model's ``apply_chat_template``.
+CHAT_TEMPLATE_CHOICES = {"auto": None, "on": True, "off": False}
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    env_config = dict(parse_assignment(assignment, "--env-config") for assignment in args.env_config)
+    given_env_config = dict(parse_assignment(assignment, "--env-config") for assignment in args.env_config)
+    # The environment's held-out problems unless --env-config says otherwise (e.g. split=train).
+    env_config = {**held_out_env_config(args.env), **given_env_config} if args.env in gym.registry else given_env_config
     if args.samples is not None and args.samples < 1:
         raise JobError(f"--samples must be >= 1, got {args.samples}")
     # Options left out keep dapo_rl.evaluation.evaluate_model's defaults (their one home).
     given = {name: getattr(args, option) for option, name in EVAL_OPTIONS.items() if getattr(args, option) is not None}
+    if "apply_chat_template" in given:
+        given["apply_chat_template"] = CHAT_TEMPLATE_CHOICES[given["apply_chat_template"]]
     result = evaluate_policy(args.model, args.env, env_config=env_config, **given)
     print(json.dumps(result.as_dict(), indent=2))
 
@@ -66,7 +77,12 @@ def parser() -> argparse.ArgumentParser:
     eval_parser.add_argument("--temperature", type=float, help=f"default {default['temperature']}")
     eval_parser.add_argument("--top-p", type=float, help=f"default {default['top_p']}")
     eval_parser.add_argument("--seed", type=int, help=f"default {default['seed']}")
-    eval_parser.add_argument("--env-config", action="append", default=[], metavar="KEY=VALUE")
+    eval_parser.add_argument("--env-config", action="append", default=[], metavar="KEY=VALUE",
+                             help="environment settings; the environment's held-out split is used unless overridden")
+    eval_parser.add_argument("--max-prompt-length", type=int, help=f"default {default['max_prompt_length']}")
+    eval_parser.add_argument("--chat-template", choices=sorted(CHAT_TEMPLATE_CHOICES),
+                             help="auto (default): the tokenizer's chat template when it has one; on; off (plain text, "
+                                  "as a job with apply_chat_template: false trains)")
     eval_parser.add_argument("--backend", choices=("hf", "vllm"), help=f"default {default['backend']}; hf: transformers "
                              "generate (on the GPU when there is one); vllm: a vLLM engine")
     eval_parser.add_argument("--tensor-parallel-size", type=int,

@@ -8,6 +8,7 @@ import struct
 import pytest
 
 from dapo_rl import tracking
+import dapo_rl.cli as cli
 from dapo_rl.cli import main
 from dapo_rl.evaluation import evaluate_model
 from dapo_rl.jobs import DEFAULT_JOB, JobError, build_config, experiment_folder, load_job
@@ -102,6 +103,21 @@ def test_eval_command_is_evaluate_model_with_the_given_options(capsys):
     # The dapo verifier needs "Answer: N": no 4-token response holds it, whatever the weights.
     assert (result["avg_at_k"], result["pass_at_k"], result["cons_at_k"]) == (0.0, 0.0, 0.0)
     assert 1 <= result["mean_response_length"] <= 4
+
+
+def test_eval_command_scores_the_held_out_split_unless_told_and_takes_the_chat_template_switch(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(cli, "evaluate_policy", lambda model, env, **kwargs: calls.append((model, env, kwargs)) or
+                        evaluate_model(model, env, **kwargs))
+    argv = ["eval", "--model", "tiny-qwen2", "--env", "dapo/Arithmetic-v0", "--samples", "1", "--problems", "2",
+            "--max-new-tokens", "2", "--chat-template", "off", "--max-prompt-length", "8"]
+    assert main(argv) == 0 and main([*argv, "--env-config", "split=train"]) == 0
+    capsys.readouterr()
+    settings = {"samples": 1, "num_problems": 2, "max_new_tokens": 2, "apply_chat_template": False, "max_prompt_length": 8}
+    assert calls == [
+        ("tiny-qwen2", "dapo/Arithmetic-v0", {"env_config": {"split": "test"}, **settings}),
+        ("tiny-qwen2", "dapo/Arithmetic-v0", {"env_config": {"split": "train"}, **settings}),
+    ]
 
 
 def test_dtype_reaches_the_module_config():
