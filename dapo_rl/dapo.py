@@ -212,6 +212,8 @@ class DAPOConfig(AlgorithmConfig):
                 f"micro_batch_tokens must be an integer >= 0 (0: no micro-batching), got {self.micro_batch_tokens!r}")
         require(isinstance(self.gradient_checkpointing, bool),
                 f"gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}")
+        require(isinstance(self.share_prompt_forward, bool),
+                f"share_prompt_forward must be True or False, got {self.share_prompt_forward!r}")
         require(self.data_parallel in DATA_PARALLEL_CHOICES,
                 f"data_parallel must be one of {list(DATA_PARALLEL_CHOICES)}, got {self.data_parallel!r}")
         require(
@@ -272,6 +274,7 @@ class DAPOConfig(AlgorithmConfig):
                 "compute_entropy": self.compute_entropy,
                 "mixed_precision": self.mixed_precision,
                 "gradient_checkpointing": self.gradient_checkpointing,
+                "share_prompt_forward": self.share_prompt_forward,
             },
         )
 

@@ -72,6 +72,7 @@ class DAPOEnvRunner(EnvRunner, Checkpointable):
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_ids=[tokenizer.eos_token_id],
                 prompts_per_call=config.generation_prompts_per_call,
+                share_prompt_prefill=config.share_prompt_forward,
             )
         self.backend = backend
         self.generation = GenerationRunner(

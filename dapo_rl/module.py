@@ -11,8 +11,8 @@
 - ``init_on_meta``: set by sharded learners other than rank 0: build without weights (they arrive
   from rank 0 when the module is sharded).
 
-DAPOConfig adds ``temperature``, ``logprob_chunk_size``, ``compute_entropy``, ``mixed_precision``
-and ``gradient_checkpointing`` from its training settings, so log-probs are of the distribution
+DAPOConfig adds ``temperature``, ``logprob_chunk_size``, ``compute_entropy``, ``mixed_precision``,
+``gradient_checkpointing`` and ``share_prompt_forward`` from its training settings, so log-probs are of the distribution
 responses were sampled from.
 """
 
@@ -70,6 +70,7 @@ class CausalLMModule(TorchRLModule):
             temperature=float(config.get("temperature", 1.0)),
             chunk_size=int(config.get("logprob_chunk_size", 1024)),
             mixed_precision=config.get("mixed_precision"),
+            share_prompts=bool(config.get("share_prompt_forward", True)),
         )
 
     def shard(self, device: Any) -> None:

@@ -9,9 +9,10 @@ this is the GPU-side forward, runnable where Ray is not installed.
 from __future__ import annotations
 
 import torch
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 from dapo_rl.core import token_logprobs
+from dapo_rl.kv_cache import cache_keyword, distinct_prompts
 
 # Config attributes that put a transform between hidden·Wᵀ and the logits; for these models the
 # projection must go through the model's own head (full logits), or log-probs would be wrong.
@@ -29,6 +30,7 @@ def response_logprobs(
     return_entropy: bool = False,
     chunk_size: int = 1024,
     mixed_precision: str | None = None,
+    share_prompts: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and entropies) of the response tokens of a packed batch.
 
@@ -41,6 +43,11 @@ def response_logprobs(
             ``position_ids`` (B, P+R) and ``response_mask`` (B, R).
         temperature: the sampling temperature; log-probs are of softmax(logits / temperature), the
             distribution the responses were drawn from.
+        share_prompts: rows with the same prompt (a group's G responses) run that prompt through
+            the backbone once and attend to its shared key/value cache; gradients from all of them
+            flow back into the one prompt forward. Same values and gradients as a forward per row,
+            up to float rounding. Not used with activation checkpointing (which drops the cache)
+            or a model whose head transforms the logits.
 
     Returns:
         ``(logprobs, entropy)``, each (B, R) float32 with zeros at masked positions; ``entropy`` is
@@ -69,7 +76,10 @@ def response_logprobs(
     else:
         backbone = model.get_decoder()
         with autocast:
-            hidden = _forward(backbone, batch).last_hidden_state[:, predicting][response_mask]
+            if share_prompts and not getattr(backbone, "gradient_checkpointing", False):
+                hidden = _shared_prompt_hidden(backbone, batch, prompt_width)[response_mask]
+            else:
+                hidden = _forward(backbone, batch).last_hidden_state[:, predicting][response_mask]
         weight = model.get_output_embeddings().weight
         if mixed_precision == "bf16":
             # Explicit casts (autocast stays off inside the custom kernel); gradients flow back
@@ -101,12 +111,14 @@ class ResponseLogprobs(torch.nn.Module):
         temperature: float = 1.0,
         chunk_size: int = 1024,
         mixed_precision: str | None = None,
+        share_prompts: bool = True,
     ) -> None:
         super().__init__()
         self.causal_lm = causal_lm
         self.temperature = temperature
         self.chunk_size = chunk_size
         self.mixed_precision = mixed_precision
+        self.share_prompts = share_prompts
 
     def forward(self, batch: dict[str, torch.Tensor], return_entropy: bool = False):
         return response_logprobs(
@@ -116,6 +128,7 @@ class ResponseLogprobs(torch.nn.Module):
             return_entropy=return_entropy,
             chunk_size=self.chunk_size,
             mixed_precision=self.mixed_precision,
+            share_prompts=self.share_prompts,
         )
 
 
@@ -126,6 +139,38 @@ def _forward(module: torch.nn.Module, batch: dict[str, torch.Tensor]):
         position_ids=batch["position_ids"],
         use_cache=False,
     )
+
+
+def _shared_prompt_hidden(backbone: torch.nn.Module, batch: dict[str, torch.Tensor], prompt_width: int) -> torch.Tensor:
+    """Hidden states at the (B, R) positions that predict the response tokens, each distinct prompt run once.
+
+    The distinct prompts (U of them) go through the backbone with a KV cache; the cache is then
+    indexed out to the B rows (an autograd-tracked gather, so each row's gradient reaches its
+    prompt's one forward) and the responses run on top of it. Column t of the result predicts
+    response token t: the last prompt position for t = 0, response position t - 1 after that.
+    """
+    input_ids, attention_mask, position_ids = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
+    first_rows, inverse = distinct_prompts(input_ids[:, :prompt_width], attention_mask[:, :prompt_width])
+    if len(first_rows) == len(inverse):  # nothing shared: one plain forward is cheaper
+        return _forward(backbone, batch).last_hidden_state[:, prompt_width - 1 : -1]
+    keyword = cache_keyword(backbone)
+    cache = DynamicCache()
+    prompt_hidden = backbone(
+        input_ids=input_ids[first_rows, :prompt_width],
+        attention_mask=attention_mask[first_rows, :prompt_width],
+        position_ids=position_ids[first_rows, :prompt_width],
+        use_cache=True,
+        **{keyword: cache},
+    ).last_hidden_state
+    cache.batch_select_indices(inverse)
+    response_hidden = backbone(
+        input_ids=input_ids[:, prompt_width:],
+        attention_mask=attention_mask,  # the whole row: the responses attend to the cached prompt
+        position_ids=position_ids[:, prompt_width:],
+        use_cache=True,
+        **{keyword: cache},
+    ).last_hidden_state
+    return torch.cat([prompt_hidden[inverse, -1:], response_hidden[:, :-1]], dim=1)
 
 
 def _has_logit_transform(model: PreTrainedModel) -> bool:

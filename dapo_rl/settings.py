@@ -38,6 +38,8 @@ DAPO_SETTINGS: dict[str, Any] = {
     "top_k": -1,  # <= 0: off
     "apply_chat_template": None,  # None: use the tokenizer's chat template when it has one
     "generation_prompts_per_call": 64,  # prompts per batched generate() call on a runner
+    "share_prompt_forward": True,  # run each prompt once per group and share its KV cache with the
+    # G responses, in hf generation and in the learner's log-prob passes (same values, less work)
     "logprob_chunk_size": 1024,  # tokens per chunk of the log-prob kernel
     "logprob_batch_rows": 64,  # rows per forward pass when recomputing old log-probs
     "compute_entropy": True,  # log the policy's token entropy (costs one extra pass per chunk)

@@ -505,7 +505,10 @@ def test_token_budget_micro_batches_give_the_same_update(ray_session, monkeypatc
             algo.stop()
     whole, micro = results
     assert splits and all(len(parts) > 1 for parts in splits)  # the local learner really split its updates
-    assert max_abs_diff(weights[0], weights[1]) < 1e-6
+    # Adam divides each gradient by its own running scale, so a rounding-level difference in a
+    # near-zero gradient moves that weight by ~1% of lr (measured: 0.8-1.1e-6 at lr 1e-4). The loss
+    # and metrics below are the strict check: Adam's first step hides a gradient's overall scale.
+    assert max_abs_diff(weights[0], weights[1]) < 5e-2 * TINY["lr"]
     for name in ("policy_loss", "clip_frac_high", "approx_kl", "entropy", "num_tokens"):
         assert micro[name] == pytest.approx(whole[name], rel=1e-5, abs=1e-7), name
 

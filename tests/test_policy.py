@@ -1,8 +1,11 @@
 """Response log-probs of a packed, padded batch equal each sequence's own unpadded computation."""
 
+import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from dapo_rl.models import TINY_PRESET, enable_activation_checkpointing, load_policy
+from dapo_rl.kv_cache import distinct_prompts
+from dapo_rl.models import TINY_PRESET, build_char_tokenizer, enable_activation_checkpointing, load_policy
 from dapo_rl.policy import response_logprobs
 from dapo_rl.rollout.batch import pack_sequences
 
@@ -95,7 +98,70 @@ def test_gradient_checkpointing_gives_the_same_logprobs_and_gradients():
 
 def test_unknown_mixed_precision_is_named():
     model, tokenizer = load_policy(TINY_PRESET, seed=4)
-    import pytest
-
     with pytest.raises(ValueError, match="fp8"):
         response_logprobs(model, _batch(tokenizer), mixed_precision="fp8")
+
+
+def _grouped_batch(tokenizer, group_size=3):
+    """Groups of responses to shared prompts of different lengths, rows of two groups interleaved."""
+    generator = torch.Generator().manual_seed(0)
+    prompts = [tokenizer("What is 12 + 7?\n").input_ids, tokenizer("3+4=").input_ids, tokenizer("x").input_ids]
+    rows_prompts, rows_responses = [], []
+    for _ in range(group_size):
+        for prompt in prompts:
+            length = int(torch.randint(0, 7, (), generator=generator))
+            rows_prompts.append(prompt)
+            rows_responses.append(torch.randint(3, 200, (length,), generator=generator).tolist())
+    return pack_sequences(rows_prompts, rows_responses, pad_token_id=tokenizer.pad_token_id)
+
+
+def _tiny_llama():
+    """SmolLM2's architecture (Llama, grouped-query attention, tied head) at test size."""
+    tokenizer = build_char_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(5)
+    return LlamaForCausalLM(config), tokenizer
+
+
+@pytest.mark.parametrize("architecture", ["qwen2", "llama"])
+def test_shared_prompt_forward_gives_the_same_logprobs_and_gradients(architecture):
+    model, tokenizer = load_policy(TINY_PRESET, seed=4) if architecture == "qwen2" else _tiny_llama()
+    model.train()
+    batch = _grouped_batch(tokenizer)
+    per_row, per_row_grads = _logprobs_and_grads(model, batch, share_prompts=False)
+    shared, shared_grads = _logprobs_and_grads(model, batch, share_prompts=True)
+    torch.testing.assert_close(shared, per_row, atol=1e-5, rtol=1e-5)
+    assert per_row_grads.keys() == shared_grads.keys()
+    for name, grad in per_row_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4)
+    # The two paths differ: the shared one runs 3 prompts, not 9.
+    calls = []
+    hook = model.get_decoder().embed_tokens.register_forward_hook(lambda _m, inputs, _o: calls.append(inputs[0].shape))
+    response_logprobs(model, batch, share_prompts=True)
+    hook.remove()
+    assert calls[0][0] == 3 and calls[1][0] == 9
+
+
+def test_shared_prompt_forward_steps_aside_under_activation_checkpointing():
+    model, tokenizer = load_policy(TINY_PRESET, seed=4)
+    batch = _grouped_batch(tokenizer)
+    model.train()
+    plain, plain_grads = _logprobs_and_grads(model, batch, share_prompts=False)
+    enable_activation_checkpointing(model)
+    checkpointed, checkpointed_grads = _logprobs_and_grads(model, batch, share_prompts=True)
+    torch.testing.assert_close(checkpointed, plain, atol=1e-5, rtol=1e-5)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, atol=1e-5, rtol=1e-4)
+
+
+def test_distinct_prompts_tells_a_pad_led_prompt_from_a_padded_one():
+    pad = 0
+    prompt_ids = torch.tensor([[pad, 5, 6], [pad, 5, 6], [7, 5, 6], [pad, 5, 6]])
+    prompt_mask = torch.tensor([[0, 1, 1], [1, 1, 1], [1, 1, 1], [0, 1, 1]])
+    first_rows, inverse = distinct_prompts(prompt_ids, prompt_mask)
+    assert len(first_rows) == 3
+    assert inverse[0] == inverse[3] and len({int(inverse[0]), int(inverse[1]), int(inverse[2])}) == 3
+    assert sorted(first_rows.tolist()) == [0, 1, 2]
+    assert torch.equal(prompt_ids[first_rows][inverse], prompt_ids)

@@ -77,6 +77,27 @@ def test_generate_returns_n_responses_per_prompt_deterministically(backend):
         assert (tokens[-1] == tokenizer.eos_token_id) if finished else (len(tokens) == 6)
 
 
+def test_shared_prompt_prefill_samples_exactly_what_generate_samples(backend):
+    generator, tokenizer = backend
+    # Prompts of different lengths (left padding inside a call) and a one-token prompt.
+    prompts = [tokenizer("1+1=").input_ids, tokenizer("12+30=").input_ids, tokenizer("7").input_ids,
+               tokenizer("What is 3 + 4?").input_ids]
+    sampling = SamplingSettings(n=3, max_new_tokens=8)
+    shared = HFGenerationBackend(generator.model, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_ids=[tokenizer.eos_token_id], prompts_per_call=3, share_prompt_prefill=True)
+    per_sample = HFGenerationBackend(generator.model, pad_token_id=tokenizer.pad_token_id,
+                                     eos_token_ids=[tokenizer.eos_token_id], prompts_per_call=3, share_prompt_prefill=False)
+    calls = []
+    hook = generator.model.get_decoder().embed_tokens.register_forward_hook(lambda _m, inputs, _o: calls.append(inputs[0].shape))
+    shared_responses = shared.generate(prompts, sampling, seed=5)
+    hook.remove()
+    expected = per_sample.generate(prompts, sampling, seed=5)
+    assert shared_responses.token_ids == expected.token_ids
+    assert shared_responses.finished == expected.finished
+    # The prefill ran once per prompt: the first call of each generate() round holds 3 rows, not 9.
+    assert calls[0][0] == 3
+
+
 def test_generate_does_not_disturb_the_callers_rng(backend):
     generator, tokenizer = backend
     torch.manual_seed(5)

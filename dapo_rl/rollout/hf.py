@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel
+from transformers import DynamicCache, GenerationConfig, PreTrainedModel
 
+from dapo_rl.kv_cache import cache_keyword
 from dapo_rl.rollout.base import GeneratedResponses, SamplingSettings
 from dapo_rl.rollout.batch import split_at_eos
 
@@ -27,6 +28,10 @@ class HFGenerationBackend:
         eos_token_ids: ids that end a response.
         prompts_per_call: prompts per ``generate`` call (each call holds ``prompts_per_call × n``
             sequences and their KV cache).
+        share_prompt_prefill: run each prompt through the model once and copy its KV cache to its
+            ``n`` samples, instead of ``generate``'s ``n`` identical prefills. The same
+            computation (the samples' distribution is unchanged), about ``n`` times less prefill
+            work; off for models whose cache is not a plain per-layer key/value cache.
     """
 
     def __init__(
@@ -36,6 +41,7 @@ class HFGenerationBackend:
         pad_token_id: int,
         eos_token_ids: Sequence[int],
         prompts_per_call: int = 64,
+        share_prompt_prefill: bool = True,
     ) -> None:
         if prompts_per_call < 1:
             raise ValueError(f"prompts_per_call must be >= 1, got {prompts_per_call}")
@@ -45,6 +51,7 @@ class HFGenerationBackend:
         self.pad_token_id = pad_token_id
         self.eos_token_ids = list(eos_token_ids)
         self.prompts_per_call = prompts_per_call
+        self.share_prompt_prefill = share_prompt_prefill
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         self.model.load_state_dict(state_dict)
@@ -81,9 +88,12 @@ class HFGenerationBackend:
                 for start in range(0, len(prompt_token_ids), self.prompts_per_call):
                     chunk = prompt_token_ids[start : start + self.prompts_per_call]
                     input_ids, attention_mask = _left_pad(chunk, self.pad_token_id, device)
-                    output = self.model.generate(
-                        input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config
-                    )
+                    if self.share_prompt_prefill and sampling.n > 1 and input_ids.shape[1] > 1:
+                        output = self._generate_from_shared_prefill(input_ids, attention_mask, sampling.n, generation_config)
+                    else:
+                        output = self.model.generate(
+                            input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config
+                        )
                     for row in output[:, input_ids.shape[1] :].tolist():
                         response, done = split_at_eos(row, self.eos_token_ids)
                         token_ids.append(response)
@@ -92,6 +102,37 @@ class HFGenerationBackend:
             self.model.train(was_training)
             self.model.generation_config = model_generation_config
         return GeneratedResponses(token_ids=token_ids, finished=finished)
+
+    def _generate_from_shared_prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int, generation_config: GenerationConfig
+    ) -> torch.Tensor:
+        """``generate`` for ``n`` samples per prompt, with each prompt's prefill computed once.
+
+        All prompt tokens but the last go through the model once per prompt; the cache is then
+        repeated ``n`` times and ``generate`` continues from it, feeding the last prompt token
+        itself (it needs at least one uncached token to produce the first logits). Positions are
+        counted over real tokens, as ``generate`` counts them for left-padded prompts.
+        """
+        cached_ids, cached_mask = input_ids[:, :-1], attention_mask[:, :-1]
+        cache = DynamicCache()
+        keyword = cache_keyword(self.model)
+        # The backbone alone: only the cache is wanted, not the vocabulary projection.
+        self.model.get_decoder()(
+            input_ids=cached_ids,
+            attention_mask=cached_mask,
+            position_ids=(cached_mask.cumsum(dim=1) - 1).clamp(min=0),
+            use_cache=True,
+            **{keyword: cache},
+        )
+        cache.batch_repeat_interleave(n)
+        per_sample = generation_config.to_dict()
+        per_sample["num_return_sequences"] = 1
+        return self.model.generate(
+            input_ids=input_ids.repeat_interleave(n, dim=0),
+            attention_mask=attention_mask.repeat_interleave(n, dim=0),
+            generation_config=GenerationConfig(**per_sample),
+            **{keyword: cache},
+        )
 
 
 def _left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
