@@ -53,7 +53,7 @@ from dapo_rl.rollout.engine_sync import EngineWeightSync
 from dapo_rl.rollout.vllm_backend import INSTALL_HINT, vllm_available
 from dapo_rl.checkpoints import write_policy_module_config
 from dapo_rl.env_runner import DAPOEnvRunner, make_reasoning_env
-from dapo_rl.learner import DAPOTorchLearner
+from dapo_rl.learner import NONFINITE_UPDATE_SKIPPED, DAPOTorchLearner
 from dapo_rl.models import load_tokenizer, save_policy
 from dapo_rl.presets import list_presets
 from dapo_rl.module import TEXT_SPACE, CausalLMModule, model_context_length
@@ -65,6 +65,10 @@ from dapo_rl.training import build_train_batch, collect_groups, minibatch_indice
 
 #: Values of ``generation_backend``.
 GENERATION_BACKENDS = ("hf", "vllm")
+
+
+class NonFiniteUpdatesError(RuntimeError):
+    """Too many updates in a row had a NaN or infinite loss or gradient (``max_consecutive_nonfinite_updates``)."""
 
 
 class InvalidConfigError(ValueError):
@@ -200,6 +204,9 @@ class DAPOConfig(AlgorithmConfig):
                 f"advantage_scale must be one of {list(ADVANTAGE_SCALES)}, got {self.advantage_scale!r}")
         require(is_int(self.max_sampling_rounds),
                 f"max_sampling_rounds must be an integer (<= 0 for unlimited), got {self.max_sampling_rounds!r}")
+        require(is_int(self.max_consecutive_nonfinite_updates) and self.max_consecutive_nonfinite_updates >= 1,
+                "max_consecutive_nonfinite_updates must be an integer >= 1, got "
+                f"{self.max_consecutive_nonfinite_updates!r}")
         require(self.on_sampling_limit in ON_LIMIT_CHOICES,
                 f"on_sampling_limit must be one of {list(ON_LIMIT_CHOICES)}, got {self.on_sampling_limit!r}")
         require(isinstance(self.temperature, (int, float)) and self.temperature > 0,
@@ -322,6 +329,8 @@ class DAPO(Algorithm):
         self._generation_rng = np.random.default_rng(seed + 1)
         self._shuffle_generator = torch.Generator().manual_seed(seed + 2)
         self._optimizer_steps = 0
+        self._consecutive_nonfinite_updates = 0
+        self._nonfinite_updates_skipped = 0  # over the run (checkpointed)
         self._engine_sync = EngineWeightSync(self.config.vllm_tensor_parallel_size, self.config.vllm_dtype)
         self._tokenizer = load_tokenizer(self.config.policy_model)
         self._latest_samples: list[dict[str, Any]] = []
@@ -459,8 +468,22 @@ class DAPO(Algorithm):
             # the count *after* this step for the next update to run at its own rate.
             timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: self._optimizer_steps + 1},
         )
-        self._optimizer_steps += 1
         self.metrics.aggregate(results, key=LEARNER_RESULTS)
+        if not _update_was_skipped(results):
+            self._optimizer_steps += 1
+            self._consecutive_nonfinite_updates = 0
+            return
+        # Not an optimizer step: the lr schedule (keyed on the count) stays where it was.
+        self._nonfinite_updates_skipped += 1
+        self._consecutive_nonfinite_updates += 1
+        limit = self.config.max_consecutive_nonfinite_updates
+        if self._consecutive_nonfinite_updates >= limit:
+            raise NonFiniteUpdatesError(
+                f"iteration {self.iteration + 1}: the last {self._consecutive_nonfinite_updates} updates had a NaN or "
+                f"infinite loss or gradient and were skipped (max_consecutive_nonfinite_updates={limit}); the weights "
+                f"are those of optimizer step {self._optimizer_steps}. Look at the rewards and advantages of this "
+                "iteration's samples, lower lr, or resume from an earlier checkpoint"
+            )
 
     def _log_step_metrics(self, batch: dict[str, torch.Tensor], stats: Any, rounds: list[dict[str, Any]], seconds: float) -> None:
         log = self.metrics.log_value
@@ -496,6 +519,7 @@ class DAPO(Algorithm):
             "all_wrong_group_ratio": stats.all_wrong_groups / max(1, stats.prompts_generated),
             "sampling_limit_reached": float(stats.limit_reached),
             "optimizer_steps": self._optimizer_steps,
+            "nonfinite_updates_skipped": self._nonfinite_updates_skipped,
             "data_epoch": self._prompt_sampler.epoch,
             "generate_seconds": generate_seconds,
             "score_seconds": sum(r["score_seconds"] for r in rounds),
@@ -585,6 +609,8 @@ class DAPO(Algorithm):
                 "generation_rng": self._generation_rng.bit_generator.state,
                 "shuffle_generator": self._shuffle_generator.get_state(),
                 "optimizer_steps": self._optimizer_steps,
+                "nonfinite_updates_skipped": self._nonfinite_updates_skipped,
+                "consecutive_nonfinite_updates": self._consecutive_nonfinite_updates,
             }
         return state
 
@@ -596,6 +622,8 @@ class DAPO(Algorithm):
             self._generation_rng.bit_generator.state = dapo_state["generation_rng"]
             self._shuffle_generator.set_state(dapo_state["shuffle_generator"])
             self._optimizer_steps = dapo_state["optimizer_steps"]
+            self._nonfinite_updates_skipped = dapo_state.get("nonfinite_updates_skipped", 0)
+            self._consecutive_nonfinite_updates = dapo_state.get("consecutive_nonfinite_updates", 0)
 
     def _policy_module_spec(self) -> RLModuleSpec:
         return self.config.get_rl_module_spec(spaces={DEFAULT_MODULE_ID: (TEXT_SPACE, TEXT_SPACE)}, inference_only=False)
@@ -621,3 +649,18 @@ def _concatenate_rollouts(parts: list[dict[str, Any]]) -> dict[str, Any]:
         elif isinstance(first, (int, float)):
             out[key] = sum(part[key] for part in parts) if key.endswith("_seconds") else first
     return out
+
+
+def _update_was_skipped(learner_results: list[dict[str, Any]]) -> bool:
+    """Whether the learners skipped the update for a non-finite loss or gradient.
+
+    Learners decide together (``DAPOTorchLearner.apply_gradients``); a split decision would leave
+    their weights apart, so it stops the run.
+    """
+    skipped = []
+    for result in learner_results:
+        value = result.get(DEFAULT_MODULE_ID, {}).get(NONFINITE_UPDATE_SKIPPED, 0)
+        skipped.append(float(value.peek() if hasattr(value, "peek") else value) > 0)
+    if len(set(skipped)) > 1:
+        raise RuntimeError(f"learners disagree on skipping a non-finite update (skipped, by learner: {skipped})")
+    return bool(skipped) and skipped[0]

@@ -4,6 +4,7 @@ What this file holds, in order:
 
 - the optimizer (AdamW, linear warm-up in optimizer steps) and the loss (``dapo_rl.core.policy_loss``);
 - one update over token-budget micro-batches with exact gradient accumulation;
+- skipping an update whose loss or gradients are not finite (``apply_gradients``);
 - old log-probs of the learner's row shard (``compute_old_logprobs``);
 - sharded (FSDP2) learners: building, gradient clipping, and their state (``gather_weights``,
   ``save_sharded_state``, ``load_sharded_state``);
@@ -29,6 +30,7 @@ with fewer micro-batches or chunks with passes that contribute nothing.
 from __future__ import annotations
 
 import copy
+import math
 import socket
 from typing import Any
 
@@ -57,6 +59,9 @@ from dapo_rl.core.micro_batches import token_budget_micro_batches, trim_padding
 
 #: Micro-batch column: its rows / the learner's rows of the mini-batch (for per-piece aggregations).
 PIECE_ROW_SHARE = "piece_row_share"
+
+#: Learner metric: updates skipped for a non-finite loss or gradient (summed over an iteration's updates).
+NONFINITE_UPDATE_SKIPPED = "nonfinite_update_skipped"
 
 
 def _world_size() -> int:
@@ -220,6 +225,30 @@ class DAPOTorchLearner(TorchLearner):
         self._log_loss_metrics(DEFAULT_MODULE_ID)
         return fwd_out, loss_per_module, {}
 
+    def apply_gradients(self, gradients_dict: dict) -> None:
+        """Step the optimizer, unless this update's loss or any gradient is NaN or infinite.
+
+        RLlib's own handling would zero the bad entries (``nan_to_num``, which also turns inf into
+        the largest float) and step anyway, moving every weight on a poisoned gradient and
+        corrupting AdamW's moments. Here a non-finite update leaves the weights and the optimizer
+        state as they were, and is counted (``nonfinite_update_skipped``); the driver stops the run
+        after ``max_consecutive_nonfinite_updates`` in a row. Learners agree on the decision (a
+        MIN over the flag), so DDP and FSDP2 learners never step apart.
+        """
+        finite = all(math.isfinite(loss) for loss, _, _ in self._loss_parts) and all(
+            bool(torch.isfinite(_local(gradient)).all()) for gradient in gradients_dict.values() if gradient is not None
+        )
+        if _world_size() > 1:
+            flag = torch.tensor([int(finite)], dtype=torch.long, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = bool(flag.item())
+        self.metrics.log_value((DEFAULT_MODULE_ID, NONFINITE_UPDATE_SKIPPED), 0 if finite else 1, reduce="sum")
+        if finite:
+            super().apply_gradients(gradients_dict)
+            return
+        for optimizer in self._optimizer_parameters:
+            optimizer.zero_grad(set_to_none=True)
+
     # Called on every learner through LearnerGroup.foreach_learner.
     def compute_old_logprobs(self, batch: dict[str, torch.Tensor], num_shards: int) -> tuple[int, torch.Tensor]:
         """Log-probs of this learner's row shard under the current weights (no grad).
@@ -320,6 +349,11 @@ class DAPOTorchLearner(TorchLearner):
         if len(optimizers) != 1:
             raise RuntimeError(f"DAPOTorchLearner expects one optimizer, has {len(optimizers)}")
         return optimizers[0]
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (sharded learners), or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _max_over_learners(value: int) -> int:

@@ -58,6 +58,8 @@ DAPO_SETTINGS: dict[str, Any] = {
     "vllm_enforce_eager": False,  # True: no CUDA graphs (faster start, slower decode)
     "vllm_sleep": False,  # release the engine's GPU memory between rounds (engines sharing GPUs)
     "log_samples": 4,  # responses reported per iteration in result["samples"] (prompt, response, reward)
+    "max_consecutive_nonfinite_updates": 8,  # an update whose loss or gradient is NaN/inf is skipped
+    # (the weights and optimizer state are left as they were); this many in a row stop the run
 }
 
 #: Generation rounds of dynamic sampling hold this many times ``prompts_per_step`` prompts unless
