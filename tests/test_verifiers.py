@@ -281,11 +281,21 @@ def test_last_number(response, reference, acc, pred):
         assert result.pred == pred and result.reason == ""
 
 
-@pytest.mark.parametrize("reference", ["\\frac{1}{2}", "42.", "$18", "1 2", "", "#### 18"])
+@pytest.mark.parametrize("reference", ["\\frac{1}{2}", "42.", "$18", "1 2", "", "#### ", "#### x", "18 ####"])
 def test_last_number_needs_a_numeric_reference(reference):
     result = get_verifier("last_number")("42", reference)
     assert (result.acc, result.score, result.pred) == (False, -1.0, "")
     assert result.reason == "the reference is not a number"
+
+
+@pytest.mark.parametrize(
+    ("response", "acc"),
+    [("so she makes 18 dollars.", True), ("18.00", True), ("9 eggs, so 17", False), ("#### 1,8", False)],
+)
+def test_last_number_reads_a_gsm8k_references_final_answer(response, acc):
+    reference = "Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.\nShe makes 9 * 2 = $<<9*2=18>>18.\n#### 18"
+    result = get_verifier("last_number")(response, reference)
+    assert result.acc is acc and result.reason == ""
 
 
 def test_last_number_is_registered_in_process_with_a_bare_answer_format():

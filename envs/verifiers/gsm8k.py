@@ -15,7 +15,7 @@ from decimal import Decimal
 
 from dapo_envs.verifiers.result import VerifierResult, verdict, wrong
 
-__all__ = ["GSM8K_RESPONSE_TAIL_CHARS", "gsm8k_rule"]
+__all__ = ["GSM8K_RESPONSE_TAIL_CHARS", "gsm8k_rule", "last_final_number"]
 
 #: How much of the response the rule reads, as verl's scorer does.
 GSM8K_RESPONSE_TAIL_CHARS = 300
@@ -25,7 +25,7 @@ GSM8K_RESPONSE_TAIL_CHARS = 300
 _GSM8K_FINAL = re.compile(r"####\s*(?:\$\s*)?(-?[0-9][0-9,]*(?:\.[0-9]+)?)")
 
 
-def _last_final_number(text: str) -> str | None:
+def last_final_number(text: str) -> str | None:
     """The number after the last ``####`` of ``text``, as written; None when there is none."""
     matches = _GSM8K_FINAL.findall(text)
     return matches[-1] if matches else None
@@ -36,11 +36,11 @@ def gsm8k_rule(response: str, reference: str) -> VerifierResult:
 
     Only the response's last 300 characters are read. ``pred`` is the response's number as written.
     """
-    pred = _last_final_number(response[-GSM8K_RESPONSE_TAIL_CHARS:])
+    pred = last_final_number(response[-GSM8K_RESPONSE_TAIL_CHARS:])
     if pred is None:
         return wrong(f"no '#### <number>' in the last {GSM8K_RESPONSE_TAIL_CHARS} characters")
     # The reference is a worked solution ending in "#### n"; it is trusted data, so all of it is read.
-    expected = _last_final_number(reference)
+    expected = last_final_number(reference)
     if expected is None:
         return wrong("the reference has no '#### <number>'", pred=pred)
     # Without the commas, what the pattern matched is always a valid decimal literal.

@@ -15,8 +15,10 @@ grammar and numbers compare by value:
   ``.5`` holds none (write ``0.5``);
 - a sentence's final period is not a decimal point: ``42.`` is ``42``.
 
-The reference must be one such number (surrounding white space allowed). ``3.0`` equals ``3``, ``1,000``
-equals ``1000``, ``-0`` equals ``0``. Linear time, in-process.
+The reference is one such number (surrounding white space allowed), or a GSM8K-style worked solution
+whose answer follows its last ``####`` (``... = 18\n#### 18``), so that ``dapo/GSM8K-v0`` can be scored
+with this rule too. ``3.0`` equals ``3``, ``1,000`` equals ``1000``, ``-0`` equals ``0``. Linear time,
+in-process.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import re
 from decimal import Decimal
 
+from dapo_envs.verifiers.gsm8k import last_final_number
 from dapo_envs.verifiers.result import VerifierResult, verdict, wrong
 
 __all__ = ["last_number_rule"]
@@ -47,6 +50,9 @@ def _value(number: str) -> Decimal:
 def last_number_rule(response: str, reference: str) -> VerifierResult:
     """+1 if the last number in the response equals the reference number; ``pred`` is it as written."""
     expected = _NUMBER.fullmatch(reference.strip())
+    if expected is None:
+        final = last_final_number(reference)  # a GSM8K solution: the number after its last "####"
+        expected = _NUMBER.fullmatch(final.strip()) if final is not None else None
     if expected is None:
         return wrong("the reference is not a number")
     numbers = _NUMBER.findall(response)
