@@ -235,11 +235,12 @@ class DAPOTorchLearner(TorchLearner):
         after ``max_consecutive_nonfinite_updates`` in a row. Learners agree on the decision (a
         MIN over the flag), so DDP and FSDP2 learners never step apart.
         """
-        finite = all(math.isfinite(loss) for loss, _, _ in self._loss_parts) and all(
-            bool(torch.isfinite(_local(gradient)).all()) for gradient in gradients_dict.values() if gradient is not None
-        )
+        gradients = [_local(gradient) for gradient in gradients_dict.values() if gradient is not None]
+        # One device-to-host sync for all gradients, not one per parameter (the learner's hot path).
+        finite_gradients = not gradients or bool(torch.stack([torch.isfinite(g).all() for g in gradients]).all())
+        finite = finite_gradients and all(math.isfinite(loss) for loss, _, _ in self._loss_parts)
         if _world_size() > 1:
-            flag = torch.tensor([int(finite)], dtype=torch.long, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+            flag = torch.tensor([int(finite)], dtype=torch.long, device=_collective_device())
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
             finite = bool(flag.item())
         self.metrics.log_value((DEFAULT_MODULE_ID, NONFINITE_UPDATE_SKIPPED), 0 if finite else 1, reduce="sum")
@@ -356,10 +357,15 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
+def _collective_device() -> str:
+    """Where a small collective's tensor lives: the GPU for NCCL, the CPU for gloo."""
+    return "cuda" if dist.get_backend() == "nccl" else "cpu"
+
+
 def _max_over_learners(value: int) -> int:
     if _world_size() == 1:
         return value
-    tensor = torch.tensor([value], dtype=torch.long, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    tensor = torch.tensor([value], dtype=torch.long, device=_collective_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return int(tensor.item())
 
