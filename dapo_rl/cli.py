@@ -18,15 +18,20 @@ import gymnasium as gym
 
 from dapo_envs import held_out_env_config
 from dapo_rl.evaluation import evaluate_model
-from dapo_rl.jobs import JobError, evaluate_policy, load_job, parse_assignment, train
+from dapo_rl.jobs import JobError, evaluate_policy, load_job, parse_assignment, resume_job, train
 from dapo_rl.tracking import LOGGERS
 
 
 def run_train(args: argparse.Namespace) -> None:
-    job = load_job(args.config, args.set)
+    if args.resume:
+        if args.config or args.output:
+            raise JobError("--resume DIR continues the run in DIR with the job it started with: drop --config/--output")
+        job, output = resume_job(args.resume, args.set), Path(args.resume)
+    else:
+        job = load_job(args.config, args.set)
+        output = Path(args.output or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}")
     job["loggers"] = list(dict.fromkeys([*job["loggers"], *args.logger]))  # job file's first, no repeats
-    output = Path(args.output or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}")
-    summary = train(job, output)
+    summary = train(job, output, resume=bool(args.resume))
     print(
         f"done in {summary['wall_seconds']:.0f}s: held-out accuracy {summary['eval_accuracy_before']:.3f} -> "
         f"{summary['eval_accuracy_after']:.3f}; model at {summary['model']}; summary at {output / 'summary.json'}"
@@ -65,6 +70,8 @@ def parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--config", help="YAML file of settings (job keys and DAPOConfig training settings)")
     train_parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
     train_parser.add_argument("--output", help="output folder (default: runs/train-<time>)")
+    train_parser.add_argument("--resume", metavar="DIR", help="continue the run in output folder DIR from its newest "
+                              "complete checkpoint (--set may change iterations, checkpoint_every, keep_checkpoints)")
     train_parser.add_argument("--logger", action="append", default=[], choices=sorted(LOGGERS),
                               help="also log to an experiment tracker, offline under the output folder (repeatable)")
     eval_parser = commands.add_parser("eval", help="avg@k / pass@k / cons@k of a Hugging Face model folder")

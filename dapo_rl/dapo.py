@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,7 +52,7 @@ from dapo_rl.distributed import (
 )
 from dapo_rl.rollout.engine_sync import EngineWeightSync
 from dapo_rl.rollout.vllm_backend import INSTALL_HINT, vllm_available
-from dapo_rl.checkpoints import write_policy_module_config
+from dapo_rl.checkpoints import write_checkpoint_manifest, write_policy_module_config
 from dapo_rl.env_runner import DAPOEnvRunner, make_reasoning_env
 from dapo_rl.learner import NONFINITE_UPDATE_SKIPPED, DAPOTorchLearner
 from dapo_rl.models import load_tokenizer, save_policy
@@ -229,6 +230,8 @@ class DAPOConfig(AlgorithmConfig):
         )
         require(self.sharded_checkpoint_dir is None or (isinstance(self.sharded_checkpoint_dir, str) and self.sharded_checkpoint_dir),
                 f"sharded_checkpoint_dir must be None or a folder path, got {self.sharded_checkpoint_dir!r}")
+        require(is_int(self.sharded_checkpoints_kept) and self.sharded_checkpoints_kept >= 1,
+                f"sharded_checkpoints_kept must be an integer >= 1, got {self.sharded_checkpoints_kept!r}")
         problems += self._generation_problems(require_installed)
         require(self.apply_chat_template in (None, True, False),
                 f"apply_chat_template must be None, True or False, got {self.apply_chat_template!r}")
@@ -334,6 +337,7 @@ class DAPO(Algorithm):
         self._engine_sync = EngineWeightSync(self.config.vllm_tensor_parallel_size, self.config.vllm_dtype)
         self._tokenizer = load_tokenizer(self.config.policy_model)
         self._latest_samples: list[dict[str, Any]] = []
+        self._previous_shard_folder: Path | None = None  # shards of the last checkpoint saved or restored
 
     # -- one rollout step ----------------------------------------------------------------------------
 
@@ -572,15 +576,22 @@ class DAPO(Algorithm):
         return next(state for rank, state in results if rank == 0)
 
     def save_to_path(self, path: Any = None, **kwargs: Any) -> str:
-        """RLlib's checkpoint; sharded learners add their shards (see ``sharded_checkpoint_dir``)."""
+        """RLlib's checkpoint; sharded learners add their shards (see ``sharded_checkpoint_dir``).
+
+        A manifest of every file is written last (``dapo_rl.checkpoints``): a checkpoint without a
+        matching one is incomplete and a resume passes it over.
+        """
         path = super().save_to_path(path, **kwargs)
-        if not self._sharded_learners:
-            return path
-        shared = self.config.sharded_checkpoint_dir
-        folder = sharded_state_target(path, shared, self.iteration)
-        self._on_all_learners(lambda learner, f=os.fspath(folder): learner.save_sharded_state(f))
-        write_policy_module_config(path, self._policy_module_spec().model_config)
-        finish_sharded_checkpoint(path, folder, shared)
+        folder = None
+        if self._sharded_learners:
+            shared = self.config.sharded_checkpoint_dir
+            folder = sharded_state_target(path, shared, self.iteration)
+            self._on_all_learners(lambda learner, f=os.fspath(folder): learner.save_sharded_state(f))
+            write_policy_module_config(path, self._policy_module_spec().model_config)
+            finish_sharded_checkpoint(path, folder, shared, keep=self.config.sharded_checkpoints_kept,
+                                      protect=self._previous_shard_folder)
+            self._previous_shard_folder = folder
+        write_checkpoint_manifest(path, iteration=self.iteration, time_total_s=self._time_total, shards=folder)
         return path
 
     def restore_from_path(self, path: Any, *args: Any, **kwargs: Any) -> None:
@@ -594,6 +605,7 @@ class DAPO(Algorithm):
                 "sharded learners (data_parallel='fsdp2'), so their weights cannot be restored from it"
             )
         if folder is not None:
+            self._previous_shard_folder = folder  # pruning keeps it until a newer checkpoint is persisted
             # Saved by sharded learners: DCP reshards onto whatever learners load it (sharded or not;
             # each unsharded learner reads the whole weights and optimizer state).
             self._on_all_learners(lambda learner, f=os.fspath(folder): learner.load_sharded_state(f))

@@ -198,7 +198,8 @@ def load_sharded_weights_unsharded(module: nn.Module, folder: str | os.PathLike[
 SHARDED_STATE_FOLDER = "sharded_learner_state"
 #: Checkpoint file naming the shards' folder when they live in ``sharded_checkpoint_dir``.
 SHARDED_STATE_POINTER = "sharded_learner_state.json"
-#: Shard folders kept in ``sharded_checkpoint_dir`` (older ones are deleted at each save).
+#: Shard folders kept in ``sharded_checkpoint_dir`` by default (the newest by save time, besides
+#: the folder just written and the one before it; see :func:`finish_sharded_checkpoint`).
 SHARDED_CHECKPOINTS_KEPT = 2
 
 
@@ -211,18 +212,29 @@ def sharded_state_target(checkpoint: str | os.PathLike[str], shared_dir: str | N
     """Where the learners write the shards of a checkpoint being saved.
 
     Inside the checkpoint, or, with ``shared_dir`` (runs across nodes: Tune persists a checkpoint
-    folder from the driver's node only), a new folder there whose name sorts in save order.
+    folder from the driver's node only), a new folder there whose name sorts in save-time order
+    (not iteration order: a resumed run saves iterations again, after the ones its crash orphaned).
     """
     if not shared_dir:
         return Path(checkpoint, SHARDED_STATE_FOLDER).resolve()
-    return Path(shared_dir).resolve() / f"iteration{iteration:06d}-{time.time_ns():020d}"
+    return Path(shared_dir).resolve() / f"{time.time_ns():020d}-iteration{iteration:06d}"
 
 
-def finish_sharded_checkpoint(checkpoint: str | os.PathLike[str], shards: Path, shared_dir: str | None) -> None:
+def finish_sharded_checkpoint(
+    checkpoint: str | os.PathLike[str],
+    shards: Path,
+    shared_dir: str | None,
+    *,
+    keep: int = SHARDED_CHECKPOINTS_KEPT,
+    protect: Path | None = None,
+) -> None:
     """After every learner wrote its shards: point the checkpoint at them, then prune old shard folders.
 
-    The pointer is written last, so a checkpoint that names shards always has them complete; pruning
-    keeps the newest ``SHARDED_CHECKPOINTS_KEPT`` folders and never the one just written.
+    The pointer is written last, so a checkpoint that names shards always has them complete. Pruning
+    keeps the ``keep`` newest folders by save time, the one just written, and ``protect``: the
+    shards of the previous checkpoint (saved or restored by this run), which is what a resume needs
+    until the checkpoint being written has been persisted by Tune. Folders a crashed run wrote but
+    never finished are older than anything written after its resume, so they go first.
     """
     if not shared_dir:
         return
@@ -230,8 +242,11 @@ def finish_sharded_checkpoint(checkpoint: str | os.PathLike[str], shards: Path, 
     temporary = pointer.with_suffix(".tmp")
     temporary.write_text(json.dumps({"path": str(shards)}), encoding="utf-8")
     os.replace(temporary, pointer)
-    for old in sorted(Path(shared_dir).resolve().glob("iteration*"))[:-SHARDED_CHECKPOINTS_KEPT]:
-        if old != shards:
+    # Only folders named by sharded_state_target: the shared folder may hold other things.
+    folders = sorted(path for path in Path(shared_dir).resolve().glob("[0-9]*-iteration[0-9]*") if path.is_dir())
+    kept = set(folders[-keep:]) | {shards.resolve()} | ({protect.resolve()} if protect is not None else set())
+    for old in folders:
+        if old not in kept:
             shutil.rmtree(old, ignore_errors=True)
 
 

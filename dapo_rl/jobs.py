@@ -6,8 +6,10 @@ The library behind ``dapo-rl train`` / ``dapo-rl eval`` and ``reproduce/``:
 - :func:`load_job`: the default job overridden by a YAML file, then by ``key=value`` assignments;
 - :func:`build_config`: a job's validated :class:`~dapo_rl.dapo.DAPOConfig`;
 - :func:`train` (a job) and :func:`train_config` (a ``DAPOConfig`` and its :class:`RunSettings`):
-  THE pipeline: warm-start (optional), held-out accuracy, DAPO under Tune, export, held-out
-  accuracy again, ``summary.json``;
+  THE pipeline: warm-start (optional), held-out accuracy, DAPO under Tune (checkpointing every
+  ``checkpoint_every`` iterations), export, held-out accuracy again, ``summary.json``;
+- :func:`resume_job` and ``train(..., resume=True)``: continue a stopped run from its newest
+  complete checkpoint (``dapo-rl train --resume DIR``);
 - :func:`start_ray`, :func:`fit`, :func:`export_final_policy`: the pieces that the cluster launcher
   (:mod:`reproduce.cluster`) shares with the pipeline;
 - :func:`evaluate_policy`: avg@k of a model folder or of a training checkpoint.
@@ -22,6 +24,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -37,7 +40,8 @@ from ray import tune
 from tqdm import tqdm
 
 import dapo_envs
-from dapo_rl.checkpoints import export_checkpoint, is_rllib_checkpoint
+from dapo_rl.checkpoints import CheckpointRecord, export_checkpoint, is_rllib_checkpoint, newest_complete_checkpoint
+from dapo_rl.dapo import DAPO as DAPOAlgorithm
 from dapo_rl.dapo import DAPOConfig, InvalidConfigError
 from dapo_rl.evaluation import EvalResult, evaluate_model, evaluate_runner
 from dapo_rl.models import TINY_PRESET, ModelNotFoundError, load_policy, save_policy
@@ -67,6 +71,8 @@ DEFAULT_JOB: dict[str, Any] = {
     "eval_env": None,  # environment id for held-out evaluation (None: the training env's held-out split)
     "eval_problems": 200,
     "eval_samples": 4,
+    "checkpoint_every": 10,  # iterations between checkpoints (0: only at the end); a resume loses fewer
+    "keep_checkpoints": 2,  # newest checkpoints kept (>= 2: a crash while writing one leaves the one before)
     "loggers": [],  # experiment trackers besides Tune's TensorBoard files: "wandb", "mlflow" (offline)
     # Only the settings where this CPU job genuinely differs from the paper's 32B run (the defaults,
     # dapo_rl.settings): a 3-layer model on 2-digit addition, on 2 cores in minutes.
@@ -93,6 +99,17 @@ OPTIMIZER_KEYS = tuple(OPTIMIZER_DEFAULTS)
 #: The Tune experiment's folder name inside ``<output>/tune``.
 TUNE_EXPERIMENT = "dapo"
 
+#: Files of a run's output folder that ``--resume`` reads: the job as it started, and what DAPO
+#: needs besides a checkpoint (the model it started from, the accuracy before).
+JOB_FILE = "job.json"
+RUN_STATE_FILE = "run_state.json"
+#: Every iteration's metrics, a JSON line each, written as they arrive (dapo_rl.tracking.ProgressCallback).
+RESULTS_FILE = "results.jsonl"
+
+#: Job keys a resume may change: how long and how often to checkpoint. Anything else would make the
+#: resumed run differ from the one its checkpoints come from.
+RESUME_KEYS = ("iterations", "checkpoint_every", "keep_checkpoints", "loggers", "eval_problems", "eval_samples")
+
 
 class JobError(ValueError):
     """Bad input to a job (settings, files, models, environment ids): one line, no traceback needed."""
@@ -107,12 +124,37 @@ def load_job(config_file: str | None, assignments: Sequence[str]) -> dict[str, A
     Keys are job keys (``iterations``, ``model``, ...), ``env_config.NAME``, or DAPOConfig training
     settings (``group_size``, ``lr``, ...) written flat or under ``training:``.
     """
-    training_keys = set(DAPO_SETTINGS) | set(OPTIMIZER_KEYS)
     job = copy.deepcopy(DEFAULT_JOB)
     overrides = _file_overrides(config_file, job) if config_file else []
-    for assignment in assignments:
-        key, value = parse_assignment(assignment, "--set")
-        overrides.append((key, value, f"--set {assignment}"))
+    return _overridden(job, overrides + _assignment_overrides(assignments))
+
+
+def resume_job(folder: str | os.PathLike[str], assignments: Sequence[str] = ()) -> dict[str, Any]:
+    """The job a run in ``folder`` was started with (its ``job.json``), with ``key=value`` assignments
+    of :data:`RESUME_KEYS` applied (e.g. ``iterations=300`` to train on)."""
+    job_file = Path(folder) / JOB_FILE
+    try:
+        job = json.loads(job_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise JobError(f"cannot resume {folder}: it has no {JOB_FILE}, so it is not the output folder of a "
+                       "`dapo-rl train` run") from None
+    except (OSError, ValueError) as error:
+        raise JobError(f"cannot resume {folder}: {job_file} is unreadable ({error})") from None
+    job = {**copy.deepcopy(DEFAULT_JOB), **job}  # keys added to dapo-rl since the run started
+    overrides = _assignment_overrides(assignments)
+    for key, _, origin in overrides:
+        if key not in RESUME_KEYS:
+            raise JobError(f"{origin}: a resume can change only {', '.join(RESUME_KEYS)}; {key!r} would make the run "
+                           "differ from the one its checkpoints come from (start a new run with --config instead)")
+    return _overridden(job, overrides)
+
+
+def _assignment_overrides(assignments: Sequence[str]) -> list[tuple[str, Any, str]]:
+    return [(*parse_assignment(assignment, "--set"), f"--set {assignment}") for assignment in assignments]
+
+
+def _overridden(job: dict[str, Any], overrides: list[tuple[str, Any, str]]) -> dict[str, Any]:
+    training_keys = set(DAPO_SETTINGS) | set(OPTIMIZER_KEYS)
     for key, value, origin in overrides:
         if key.startswith("env_config."):
             job["env_config"][key.split(".", 1)[1]] = value
@@ -233,6 +275,8 @@ class RunSettings:
     eval_env: str | None  # None: the training environment's held-out split
     eval_problems: int
     eval_samples: int
+    checkpoint_every: int  # 0: at the end only
+    keep_checkpoints: int
     loggers: tuple[str, ...]  # "wandb", "mlflow"
 
     @classmethod
@@ -257,18 +301,21 @@ def _absolute_if_local(model: str) -> str:
 # -- Ray and Tune ----------------------------------------------------------------------------------
 
 
-def start_ray(address: str | None = None) -> None:
+def start_ray(address: str | None = None, *, min_cpus: int = 1) -> None:
     """Connect this process to Ray once: to the cluster at ``address``, or to a new local instance.
 
     A local instance is quiet (no dashboard, workers' logs kept off the terminal, whose output is the
-    progress bar). Ray 2.60 asks for an auth token unless RAY_AUTH_MODE says otherwise; a
+    progress bar) and offers at least ``min_cpus`` logical CPUs even on a smaller machine (a trial
+    with 2 learners asks for 3 on a 2-core laptop: it runs, sharing the cores, instead of waiting
+    forever). Ray 2.60 asks for an auth token unless RAY_AUTH_MODE says otherwise; a
     single-machine job has no token to give.
     """
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if ray.is_initialized():
         return
     if address is None:
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+        ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.ERROR)
     else:
         ray.init(address=address)
 
@@ -278,6 +325,14 @@ def experiment_folder(output: str | os.PathLike[str]) -> Path:
     return Path(output) / "tune" / TUNE_EXPERIMENT
 
 
+@dataclasses.dataclass(frozen=True)
+class FitResult:
+    """What :func:`fit` leaves: the last iteration's Tune result and the checkpoint saved after it."""
+
+    metrics: dict[str, Any]
+    checkpoint: Path
+
+
 def fit(
     config: DAPOConfig,
     output: str | os.PathLike[str],
@@ -285,51 +340,103 @@ def fit(
     iterations: int,
     callbacks: Sequence[tune.Callback] = (),
     checkpoint_every: int = 0,
+    keep_checkpoints: int = 2,
     resume: bool = False,
-) -> tune.Result:
-    """Train ``config`` under Tune for ``iterations`` rollout steps; the result of its one trial.
+) -> FitResult:
+    """Train ``config`` under Tune until ``iterations`` rollout steps are done.
 
-    Checkpoints at the end, and every ``checkpoint_every`` steps when > 0 (then the last two are
-    kept, so a crash while writing one leaves the one before). ``resume``: continue the experiment
-    already in ``output`` (a re-run after a crash) instead of starting a new trial.
+    Checkpoints every ``checkpoint_every`` steps (0: never) and at the end, keeping the newest
+    ``keep_checkpoints``. ``resume``: continue from the newest complete checkpoint under ``output``
+    (every state it saved: weights, optimizer, lr schedule, prompt order, RNGs, iteration count) in a
+    new trial of the same experiment; without one, start afresh.
     """
     experiment = experiment_folder(Path(output).resolve())
-    if resume and tune.Tuner.can_restore(str(experiment)):
-        tuner = tune.Tuner.restore(str(experiment), trainable="DAPO", resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            "DAPO",
-            param_space=config,
-            run_config=tune.RunConfig(
-                name=TUNE_EXPERIMENT,
-                storage_path=str(experiment.parent),
-                stop={"training_iteration": iterations},
-                checkpoint_config=tune.CheckpointConfig(
-                    checkpoint_frequency=checkpoint_every, checkpoint_at_end=True, num_to_keep=2 if checkpoint_every else 1
-                ),
-                callbacks=list(callbacks),
-                verbose=0,
+    if config.sharded_checkpoint_dir:
+        # Every checkpoint Tune keeps must keep its shards.
+        config = config.copy(copy_frozen=False).training(
+            sharded_checkpoints_kept=max(config.sharded_checkpoints_kept, keep_checkpoints))
+    trainable: str | type = "DAPO"
+    if resume and (record := newest_complete_checkpoint(experiment)) is not None:
+        if record.iteration >= iterations:
+            return FitResult(_result_row(record), record.path)
+        trainable = resumed_trainable(record)
+    tuner = tune.Tuner(
+        trainable,
+        param_space=config,
+        run_config=tune.RunConfig(
+            name=TUNE_EXPERIMENT,
+            storage_path=str(experiment.parent),
+            stop={"training_iteration": iterations},
+            checkpoint_config=tune.CheckpointConfig(
+                checkpoint_frequency=checkpoint_every, checkpoint_at_end=True, num_to_keep=keep_checkpoints
             ),
-        )
+            callbacks=list(callbacks),
+            verbose=0,
+        ),
+    )
     result = tuner.fit()[0]
     if result.error is not None:
         raise RuntimeError(f"the Tune trial failed: {result.error}") from result.error
-    return result
+    return FitResult(result.metrics, Path(result.checkpoint.path))
 
 
-def export_final_policy(result: tune.Result, output: str | os.PathLike[str]) -> Path:
-    """The policy of a Tune result's last checkpoint, as a Hugging Face folder ``<output>/model``."""
+def resumed_trainable(record: CheckpointRecord) -> type[DAPOAlgorithm]:
+    """A DAPO trainable that starts from ``record``'s checkpoint instead of from scratch."""
+
+    class DAPO(DAPOAlgorithm):  # Tune names trial folders after the class: they stay DAPO_<id>_...
+        def setup(self, config: Any) -> None:
+            super().setup(config)
+            self.restore_from_path(os.fspath(record.path))
+            self._time_total = record.time_total_s  # Tune's time_total_s goes on from the checkpoint's
+
+    return DAPO
+
+
+def _result_row(record: CheckpointRecord) -> dict[str, Any]:
+    """The Tune result of the iteration after which ``record`` was saved (from its trial's result.json)."""
+    rows = [json.loads(line) for line in (record.path.parent / "result.json").read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+    return next((row for row in reversed(rows) if row.get("training_iteration") == record.iteration),
+                {"training_iteration": record.iteration})
+
+
+def iteration_results(output: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every iteration's metrics of the run in ``output`` (its ``results.jsonl``), in iteration order.
+
+    An iteration trained again after a resume is taken from its last line; a partly written last
+    line (a killed run) is skipped. A folder from before ``results.jsonl`` existed falls back on
+    Tune's ``result.json`` files.
+    """
+    files = [Path(output) / RESULTS_FILE]
+    if not files[0].is_file():
+        files = sorted(experiment_folder(output).glob("*/result.json"), key=lambda path: path.stat().st_mtime)
+    by_iteration: dict[int, dict[str, Any]] = {}
+    for results in files:
+        for line in results.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+                by_iteration[int(row["training_iteration"])] = row
+            except (ValueError, KeyError, TypeError):
+                continue
+    return [by_iteration[iteration] for iteration in sorted(by_iteration)]
+
+
+def export_final_policy(result: FitResult, output: str | os.PathLike[str]) -> Path:
+    """The policy of a fit's last checkpoint, as a Hugging Face folder ``<output>/model``."""
     folder = Path(output) / "model"
-    export_checkpoint(result.checkpoint.path, folder)
+    export_checkpoint(result.checkpoint, folder)
     return folder
 
 
 # -- the pipeline ----------------------------------------------------------------------------------
 
 
-def train(job: dict[str, Any], output: str | os.PathLike[str]) -> dict[str, Any]:
-    """Run a job (see :func:`load_job`) into the folder ``output``; see :func:`train_config`."""
-    return train_config(build_config(job), output, RunSettings.from_job(job), job=job)
+def train(job: dict[str, Any], output: str | os.PathLike[str], *, resume: bool = False) -> dict[str, Any]:
+    """Run a job (see :func:`load_job`) into the folder ``output``; see :func:`train_config`.
+
+    ``resume``: ``output`` holds a run stopped part-way (``job`` from :func:`resume_job`).
+    """
+    return train_config(build_config(job), output, RunSettings.from_job(job), job=job, resume=resume)
 
 
 def train_config(
@@ -338,14 +445,19 @@ def train_config(
     run: RunSettings,
     *,
     job: dict[str, Any] | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Train ``config`` with DAPO and measure held-out accuracy before and after; returns the summary.
 
     Steps: an optional supervised warm-start of the config's model (``run.warmstart_steps``; the
     warm-started model is what DAPO then trains), avg@k on the held-out problems, ``run.iterations``
-    DAPO iterations under Tune (progress bar, ``samples.jsonl``, ``run.loggers``), export of the
-    final policy to ``<output>/model``, avg@k again. Writes ``<output>/summary.json``. ``job``, when
-    the run comes from a job, is recorded in the summary.
+    DAPO iterations under Tune (progress bar, ``samples.jsonl``, ``run.loggers``, a checkpoint every
+    ``run.checkpoint_every``), export of the final policy to ``<output>/model``, avg@k again. Writes
+    ``<output>/summary.json``. ``job``, when the run comes from a job, is recorded in the summary.
+
+    ``resume``: ``output`` holds this run stopped part-way. Once DAPO had started (``run_state.json``
+    is there), the warm-start and the first evaluation are not redone, and DAPO continues from the
+    newest complete checkpoint (from its start when there is none yet); before that, the run starts over.
 
     Raises:
         JobError: invalid settings, an unknown environment id, a model that cannot be loaded, a
@@ -357,7 +469,77 @@ def train_config(
     model_config["model"] = _absolute_if_local(str(model_config.get("model") or ""))
     config = validated(config.copy(copy_frozen=False).rl_module(model_config=model_config))
     _check_run(config, run)
+    train_env, test_env, test_name = _environments(config, run)
     output.mkdir(parents=True, exist_ok=True)
+    if job is not None and not resume:
+        _write_json(output / JOB_FILE, job)  # what --resume restarts from
+    prompt_settings = PromptSettings(config.max_prompt_length, config.apply_chat_template)
+    count = min(run.eval_problems, test_env.num_problems)
+    held_out = [test_env.problem(i) for i in range(count)]
+
+    def accuracy(policy: Any, tokenizer: Any) -> float:
+        return _held_out_accuracy(policy, tokenizer, test_env, held_out, prompt_settings, config, run.eval_samples)
+
+    state = _read_run_state(output) if resume else None
+    if state is None:
+        if resume and (output / JOB_FILE).is_file():
+            print(f"{output} has no DAPO state yet (stopped before DAPO started): starting the run over", flush=True)
+        state = _prepare_dapo(config, model_config, run, output, train_env, prompt_settings, accuracy)
+        _write_json(output / RUN_STATE_FILE, state)
+    else:
+        resumed = newest_complete_checkpoint(experiment_folder(output))
+        where = f"from iteration {resumed.iteration} ({resumed.path})" if resumed else "from iteration 0 (no checkpoint)"
+        print(f"resuming {output} {where}", flush=True)
+        for log in (output / "samples.jsonl", output / RESULTS_FILE):  # the resume logs those iterations again
+            _drop_lines_after(log, resumed.iteration if resumed else 0)
+    print(f"held-out accuracy before DAPO: {state['accuracy_before']:.3f}", flush=True)
+
+    rl_config = config.copy(copy_frozen=False).rl_module(model_config=state["model_config"])
+    start_ray(min_cpus=_trial_cpus(rl_config))
+    progress = ProgressCallback(run.iterations, output / "samples.jsonl", output / RESULTS_FILE)
+    rl_start = time.perf_counter()
+    try:
+        result = fit(rl_config, output, iterations=run.iterations, checkpoint_every=run.checkpoint_every,
+                     keep_checkpoints=run.keep_checkpoints, resume=resume,
+                     callbacks=[progress, *logger_callbacks(run.loggers, output)])
+    finally:
+        progress.close()
+    rl_seconds = time.perf_counter() - rl_start
+    model, tokenizer = load_policy(export_final_policy(result, output))
+    accuracy_after = accuracy(model, tokenizer)
+    print(f"held-out accuracy after DAPO:  {accuracy_after:.3f}", flush=True)
+    summary = {
+        "eval_accuracy_before": state["accuracy_before"],
+        "eval_accuracy_after": accuracy_after,
+        "eval_metric": f"avg@{run.eval_samples} on the first {count} problems of {test_name}, temperature {config.temperature}",
+        "iterations": int(result.metrics["training_iteration"]),
+        "wall_seconds": time.perf_counter() - start,
+        "warmstart_seconds": state["warmstart_seconds"],
+        "rl_seconds": rl_seconds,
+        "resumed": resume,
+        "final_metrics": _plain(result.metrics),
+        "checkpoint": str(result.checkpoint),
+        "model": str(output / "model"),
+        "job": job if job is not None else _run_record(config, run),
+    }
+    write_summary(output, summary)
+    return summary
+
+
+def _trial_cpus(config: DAPOConfig) -> int:
+    """Logical CPUs a Tune trial of ``config`` asks for (its main process, learners, env runners)."""
+    bundles = DAPOAlgorithm.default_resource_request(config).bundles
+    return math.ceil(sum(bundle.get("CPU", 0) for bundle in bundles))
+
+
+def _prepare_dapo(config: DAPOConfig, model_config: dict[str, Any], run: RunSettings, output: Path, train_env: Any,
+                  prompt_settings: PromptSettings, accuracy: Any) -> dict[str, Any]:
+    """Load the model, warm-start it (``run.warmstart_steps`` > 0) and measure its held-out accuracy.
+
+    Returns the run state DAPO starts from: the ``model_config`` to train (the warm-started folder,
+    or the preset with the seed that initialised it), ``accuracy_before`` and ``warmstart_seconds``.
+    """
+    model_config = dict(model_config)
     try:
         # The preset's random init follows the run's seed (each seed of a table starts elsewhere).
         init_seed = int(model_config.get("init_seed", config.seed or 0))
@@ -365,14 +547,6 @@ def train_config(
                                        tiny_spec=model_config.get("tiny_spec"))
     except ValueError as error:  # a missing model folder, a bad dtype name
         raise JobError(str(error)) from None
-    train_env, test_env, test_name = _environments(config, run)
-    prompt_settings = PromptSettings(config.max_prompt_length, config.apply_chat_template)
-    count = min(run.eval_problems, test_env.num_problems)
-    held_out = [test_env.problem(i) for i in range(count)]
-
-    def accuracy(policy: Any) -> float:
-        return _held_out_accuracy(policy, tokenizer, test_env, held_out, prompt_settings, config, run.eval_samples)
-
     warmstart_seconds = 0.0
     if run.warmstart_steps > 0:
         warm_start = time.perf_counter()
@@ -382,36 +556,42 @@ def train_config(
         warmstart_seconds = time.perf_counter() - warm_start
     elif model_config["model"] == TINY_PRESET:
         model_config["init_seed"] = init_seed  # DAPO starts from the weights just evaluated
-    accuracy_before = accuracy(model)
-    print(f"held-out accuracy before DAPO: {accuracy_before:.3f}", flush=True)
+    return {"model_config": model_config, "accuracy_before": accuracy(model, tokenizer),
+            "warmstart_seconds": warmstart_seconds}
 
-    rl_config = config.copy(copy_frozen=False).rl_module(model_config=model_config)
-    start_ray()
-    progress = ProgressCallback(run.iterations, output / "samples.jsonl")
-    rl_start = time.perf_counter()
+
+def _read_run_state(output: Path) -> dict[str, Any] | None:
     try:
-        result = fit(rl_config, output, iterations=run.iterations, callbacks=[progress, *logger_callbacks(run.loggers, output)])
-    finally:
-        progress.close()
-    rl_seconds = time.perf_counter() - rl_start
-    model, tokenizer = load_policy(export_final_policy(result, output))
-    accuracy_after = accuracy(model)
-    print(f"held-out accuracy after DAPO:  {accuracy_after:.3f}", flush=True)
-    summary = {
-        "eval_accuracy_before": accuracy_before,
-        "eval_accuracy_after": accuracy_after,
-        "eval_metric": f"avg@{run.eval_samples} on the first {count} problems of {test_name}, temperature {config.temperature}",
-        "iterations": int(result.metrics["training_iteration"]),
-        "wall_seconds": time.perf_counter() - start,
-        "warmstart_seconds": warmstart_seconds,
-        "rl_seconds": rl_seconds,
-        "final_metrics": _plain(result.metrics),
-        "checkpoint": result.checkpoint.path,
-        "model": str(output / "model"),
-        "job": job if job is not None else _run_record(config, run),
-    }
-    write_summary(output, summary)
-    return summary
+        return json.loads((output / RUN_STATE_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except ValueError:  # killed while writing it: DAPO had not started
+        return None
+
+
+def _write_json(target: Path, value: Any) -> None:
+    """Write ``target`` whole or not at all (a kill mid-write leaves the old file or none)."""
+    temporary = target.with_name(target.name + ".tmp")
+    temporary.write_text(json.dumps(value, indent=2, default=str), encoding="utf-8")
+    os.replace(temporary, target)
+
+
+def _drop_lines_after(log: Path, iteration: int) -> None:
+    """Drop the JSON lines of a log (samples.jsonl, results.jsonl) about iterations after ``iteration``,
+    and a partly written last line."""
+    if not log.is_file():
+        return
+    kept = []
+    for line in log.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row.get("iteration", row.get("training_iteration", 0)) <= iteration:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    temporary = log.with_name(log.name + ".tmp")
+    temporary.write_text("".join(kept), encoding="utf-8")
+    os.replace(temporary, log)
 
 
 def _check_run(config: DAPOConfig, run: RunSettings) -> None:
@@ -425,6 +605,10 @@ def _check_run(config: DAPOConfig, run: RunSettings) -> None:
         missing = missing_logger_package(name)
         if missing:
             raise JobError(missing)
+    if not (isinstance(run.checkpoint_every, int) and run.checkpoint_every >= 0):
+        raise JobError(f"checkpoint_every must be an integer >= 0 (0: only at the end), got {run.checkpoint_every!r}")
+    if not (isinstance(run.keep_checkpoints, int) and run.keep_checkpoints >= 1):
+        raise JobError(f"keep_checkpoints must be an integer >= 1, got {run.keep_checkpoints!r}")
     try:
         WarmStartSettings(steps=run.warmstart_steps, batch_size=run.warmstart_batch_size, lr=run.warmstart_lr,
                           noise=run.warmstart_noise)
@@ -491,7 +675,7 @@ def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def write_summary(output: str | os.PathLike[str], summary: dict[str, Any]) -> Path:
     target = Path(output) / "summary.json"
-    target.write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+    _write_json(target, summary)
     return target
 
 
@@ -516,7 +700,12 @@ def evaluate_policy(model: str | os.PathLike[str], env_id: str, **settings: Any)
 
 __all__ = [
     "DEFAULT_JOB",
+    "JOB_FILE",
     "JOB_KEYS",
+    "RESULTS_FILE",
+    "RESUME_KEYS",
+    "RUN_STATE_FILE",
+    "FitResult",
     "JobError",
     "RunSettings",
     "build_config",
@@ -524,8 +713,11 @@ __all__ = [
     "experiment_folder",
     "export_final_policy",
     "fit",
+    "iteration_results",
     "load_job",
     "parse_assignment",
+    "resume_job",
+    "resumed_trainable",
     "start_ray",
     "train",
     "train_config",

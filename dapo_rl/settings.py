@@ -50,6 +50,8 @@ DAPO_SETTINGS: dict[str, Any] = {
     "data_parallel": "ddp",  # with num_learners > 1: "ddp" replicates the weights, "fsdp2" shards them
     "sharded_checkpoint_dir": None,  # fsdp2 across nodes: shared storage for the checkpoint shards
     # (None: inside the checkpoint folder, which Tune persists from the driver's node only)
+    "sharded_checkpoints_kept": 2,  # shard folders kept there, newest first (>= Tune's checkpoints kept;
+    # the previous checkpoint's folder is always kept too)
     "generation_backend": "hf",  # "hf": transformers generate; "vllm": a vLLM engine per env runner
     "generation_device": "auto",  # hf backend: "auto" (the GPU when the runner sees one), "cpu", "cuda"
     "vllm_tensor_parallel_size": 1,  # GPUs per engine (= num_gpus_per_env_runner)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ray import tune
+from ray.tune.utils.util import SafeFallbackEncoder
 from tqdm import tqdm
 
 #: Experiment trackers by logger name: (import name, pip package). The ``tracking`` extra installs both.
@@ -58,14 +59,26 @@ def logger_callbacks(names: Sequence[str], output: Path) -> list[tune.Callback]:
     return callbacks
 
 
-class ProgressCallback(tune.Callback):
-    """A progress bar over iterations, a one-line summary per iteration, and the iteration's samples
-    (``result["samples"]``: prompt, response, reward, acc...) appended to ``samples_file`` as JSON
-    lines, each with its ``iteration``."""
+#: Sections of a Tune result that ``results.jsonl`` keeps (the rest is config and bookkeeping).
+RESULT_SECTIONS = ("training_iteration", "time_total_s", "timestamp", "dapo", "learners", "env_runners", "timers",
+                   "num_env_steps_sampled_lifetime", "num_training_step_calls_per_iteration")
 
-    def __init__(self, iterations: int, samples_file: Path | None = None) -> None:
+
+class ProgressCallback(tune.Callback):
+    """A progress bar over iterations, a one-line summary per iteration, and, as each iteration's
+    result arrives:
+
+    - its samples (``result["samples"]``: prompt, response, reward, acc...) appended to
+      ``samples_file`` as JSON lines, each with its ``iteration``;
+    - its metrics appended to ``results_file`` as one JSON line. Tune's own ``result.json`` reaches
+      the output folder only when Tune syncs its staging folder (every few checkpoints), so a
+      killed run would lose the last iterations' metrics from it; this file has every one.
+    """
+
+    def __init__(self, iterations: int, samples_file: Path | None = None, results_file: Path | None = None) -> None:
         self.iterations = iterations
         self.samples_file = samples_file
+        self.results_file = results_file
         self.bar: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -73,14 +86,19 @@ class ProgressCallback(tune.Callback):
         return {**self.__dict__, "bar": None}
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        if self.bar is None:
-            self.bar = tqdm(total=self.iterations, desc="DAPO", unit="iter", file=sys.stderr)
+        if self.bar is None:  # a resumed run's first result is past iteration 1
+            self.bar = tqdm(total=self.iterations, initial=result["training_iteration"] - 1, desc="DAPO", unit="iter",
+                            file=sys.stderr)
         self.bar.update(1)
         self.bar.write(summary_line(result))
         if self.samples_file is not None and result.get("samples"):
             with open(self.samples_file, "a", encoding="utf-8") as file:
                 for sample in result["samples"]:
                     file.write(json.dumps({"iteration": result["training_iteration"], **sample}, default=str) + "\n")
+        if self.results_file is not None:
+            row = {key: result[key] for key in RESULT_SECTIONS if key in result}
+            with open(self.results_file, "a", encoding="utf-8") as file:
+                file.write(json.dumps(row, cls=SafeFallbackEncoder) + "\n")
 
     def close(self) -> None:
         if self.bar is not None:

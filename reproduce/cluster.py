@@ -26,7 +26,7 @@ import ray
 
 from dapo_rl.dapo import DAPOConfig
 from dapo_rl.evaluation import evaluate_model
-from dapo_rl.jobs import export_final_policy, fit, start_ray, write_summary
+from dapo_rl.jobs import RESULTS_FILE, export_final_policy, fit, start_ray, write_summary
 from dapo_rl.tracking import ProgressCallback
 from reproduce.scales import resource_plan
 from reproduce.settings import EvalSettings
@@ -63,7 +63,7 @@ def run_row_on_cluster(
     check_cluster(ray.cluster_resources(), config)
     # Learners on every node write their checkpoint shards here (folder is on shared storage).
     config = config.copy(copy_frozen=False).training(sharded_checkpoint_dir=str(folder / "sharded_checkpoints"))
-    progress = ProgressCallback(iterations, folder / "samples.jsonl")
+    progress = ProgressCallback(iterations, folder / "samples.jsonl", folder / RESULTS_FILE)
     try:
         result = fit(config, folder, iterations=iterations, callbacks=[progress], checkpoint_every=checkpoint_every,
                      resume=True)
@@ -90,7 +90,7 @@ def run_row_on_cluster(
         "eval": scores.as_dict(),
         "iterations": int(result.metrics.get("training_iteration", iterations)),
         "wall_seconds": time.perf_counter() - started,
-        "checkpoint": str(result.checkpoint.path),
+        "checkpoint": str(result.checkpoint),
         "model": str(model_folder),
     }
     write_summary(folder, summary)

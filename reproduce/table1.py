@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from dapo_rl.dapo import DAPOConfig
-from dapo_rl.jobs import DEFAULT_JOB, RunSettings, experiment_folder, train_config
+from dapo_rl.jobs import DEFAULT_JOB, RunSettings, iteration_results, train_config
 from reproduce.cluster import run_row_on_cluster
 from reproduce.scales import PAPER_ITERATIONS, SCALES, apply_scale, resource_plan
 from reproduce.settings import (
@@ -126,7 +126,8 @@ def seeded(config: DAPOConfig, seed: int) -> DAPOConfig:
 def run_one(config: DAPOConfig, run: RunSettings, folder: Path) -> tuple[dict[str, Any], bool]:
     """Train one run into ``folder`` unless it is done. Returns (summary, skipped)."""
     done = finished_summary(folder)
-    return (done, True) if done is not None else (train_config(config, folder, run), False)
+    # A folder without a summary holds a run stopped part-way: it continues from its last checkpoint.
+    return (done, True) if done is not None else (train_config(config, folder, run, resume=True), False)
 
 
 def run_paper_row(config: DAPOConfig, seed: int, folder: Path, iterations: int | None) -> tuple[dict[str, Any], bool]:
@@ -146,19 +147,9 @@ def finished_summary(folder: Path) -> dict[str, Any] | None:
 
 
 def iteration_metrics(folder: Path) -> list[dict[str, Any]]:
-    """Per-iteration results of a run's Tune trial (``tune/dapo/<trial>/result.json``, JSON lines)."""
-    files = sorted(experiment_folder(folder).glob("*/result.json"))
-    if not files:
-        return []
-    rows = []
-    for line in files[-1].read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a partly written last line
-    return rows
+    """Per-iteration results of a run's Tune trials (``tune/dapo/<trial>/result.json``), a resumed run's
+    trials merged (``dapo_rl.jobs.iteration_results``)."""
+    return iteration_results(folder)
 
 
 def _get(result: dict[str, Any], path: tuple[str, ...]) -> float | None:
