@@ -18,7 +18,7 @@ import gymnasium as gym
 
 from dapo_envs import held_out_env_config
 from dapo_rl.evaluation import evaluate_model
-from dapo_rl.jobs import JobError, evaluate_policy, load_job, parse_assignment, resume_job, train
+from dapo_rl.jobs import JobError, RunStoppedError, evaluate_policy, load_job, parse_assignment, resume_job, train
 from dapo_rl.tracking import LOGGERS
 
 
@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     except JobError as error:
         print(f"dapo-rl: error: {error}", file=sys.stderr)
         return 2
+    except RunStoppedError as error:
+        print(f"dapo-rl: training stopped: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -51,6 +51,7 @@ from dapo_rl.distributed import (
     sharded_state_target,
 )
 from dapo_rl.rollout.engine_sync import EngineWeightSync
+from dapo_rl.rollout.runner import PROMPT_TRUNCATION_CHOICES
 from dapo_rl.rollout.vllm_backend import INSTALL_HINT, vllm_available
 from dapo_rl.checkpoints import write_checkpoint_manifest, write_policy_module_config
 from dapo_rl.env_runner import DAPOEnvRunner, make_reasoning_env
@@ -66,6 +67,13 @@ from dapo_rl.training import build_train_batch, collect_groups, minibatch_indice
 
 #: Values of ``generation_backend``.
 GENERATION_BACKENDS = ("hf", "vllm")
+
+#: Longest a round waits for an env runner to come back when every remote runner has failed.
+ENV_RUNNER_RECOVERY_S = 300.0
+
+
+class LearnerFailedError(RuntimeError):
+    """A learner process died (or stopped answering) during a training step; the others cannot go on."""
 
 
 class NonFiniteUpdatesError(RuntimeError):
@@ -115,6 +123,9 @@ class DAPOConfig(AlgorithmConfig):
             setattr(self, name, default)
         self.env_runner_cls = DAPOEnvRunner
         self.num_env_runners = 0
+        # A failed env runner's share is sampled again by the algorithm (DAPO._sample_on_remote_runners)
+        # while Ray restarts it; RLlib's own calls (weight syncs) must not stop the run meanwhile.
+        self.ignore_env_runner_failures = True
         # RLlib asks for spaces before any env runner exists (e.g. build_learner); ours are text.
         self.observation_space = TEXT_SPACE
         self.action_space = TEXT_SPACE
@@ -233,6 +244,8 @@ class DAPOConfig(AlgorithmConfig):
         require(is_int(self.sharded_checkpoints_kept) and self.sharded_checkpoints_kept >= 1,
                 f"sharded_checkpoints_kept must be an integer >= 1, got {self.sharded_checkpoints_kept!r}")
         problems += self._generation_problems(require_installed)
+        require(self.prompt_truncation in PROMPT_TRUNCATION_CHOICES,
+                f"prompt_truncation must be one of {list(PROMPT_TRUNCATION_CHOICES)}, got {self.prompt_truncation!r}")
         require(self.apply_chat_template in (None, True, False),
                 f"apply_chat_template must be None, True or False, got {self.apply_chat_template!r}")
         require(isinstance(self.env, str) and bool(self.env),
@@ -334,6 +347,8 @@ class DAPO(Algorithm):
         self._optimizer_steps = 0
         self._consecutive_nonfinite_updates = 0
         self._nonfinite_updates_skipped = 0  # over the run (checkpointed)
+        self._env_runner_failures = 0  # sampling calls lost to a failed env runner and redone, over the run
+        self._round_env_runner_failures = 0  # the same, this iteration
         self._engine_sync = EngineWeightSync(self.config.vllm_tensor_parallel_size, self.config.vllm_dtype)
         self._tokenizer = load_tokenizer(self.config.policy_model)
         self._latest_samples: list[dict[str, Any]] = []
@@ -342,8 +357,36 @@ class DAPO(Algorithm):
     # -- one rollout step ----------------------------------------------------------------------------
 
     def training_step(self) -> None:
+        try:
+            self._training_step()
+        except ray.exceptions.RayActorError as error:
+            raise self._learner_failure(error) from error
+
+    def _learner_failure(self, error: ray.exceptions.RayActorError) -> Exception:
+        """The error to stop the run with when a Ray actor died in a step: which learner, and how to go on.
+
+        Env runners' failures never reach here (their shares are sampled again, see
+        ``_sample_on_remote_runners``); so a dead actor is a learner, and learners hold shards of one
+        update (DDP/FSDP2 collectives), which the others cannot finish without it.
+        """
+        num_learners = int(self.config.num_learners or 0)
+        if num_learners == 0:
+            return error
+        answers = self.learner_group.foreach_learner(lambda learner: True, healthy_only=False, timeout_seconds=10)
+        answered = {result.actor_id for result in answers.result_or_errors if result.ok}
+        actor_ids = sorted(self.learner_group._worker_manager.actor_ids())
+        dead = [index for index, actor_id in enumerate(actor_ids) if actor_id not in answered]
+        which = f"learner {', '.join(map(str, dead))}" if dead else "a learner"
+        return LearnerFailedError(
+            f"{which} of {num_learners} died during iteration {self.iteration + 1} ({type(error).__name__}); the "
+            "others cannot finish an update without it, so the run stops here. The last checkpoint holds every "
+            "learner's state: resume the run from it (dapo-rl train --resume <output folder>)"
+        )
+
+    def _training_step(self) -> None:
         config = self.config
         step_start = time.perf_counter()
+        self._round_env_runner_failures = 0
         runner_metrics: list[Any] = []
         with self.metrics.log_time((TIMERS, "generate_and_score")):
             collected, stats, rounds = collect_groups(
@@ -411,6 +454,7 @@ class DAPO(Algorithm):
                 "response": rollout["response_text"][row],
                 "pred": rollout["pred"][row],
                 "score": float(rollout["score"][row]),
+                "reason": rollout["reason"][row],
                 "reward": float(reward),
                 "acc": bool(rollout["acc"][row]),
                 "truncated": bool(rollout["truncated"][row]),
@@ -421,26 +465,62 @@ class DAPO(Algorithm):
     def _generate_round(self, num_prompts: int, runner_metrics: list[Any]) -> dict[str, Any]:
         problems = self._prompt_sampler.next(num_prompts)
         seed = int(self._generation_rng.integers(2**31 - 1))
-        group = self.env_runner_group
-        if group.num_healthy_remote_env_runners() == 0:
+        if int(self.config.num_env_runners or 0) == 0:
             rollout = self.env_runner.sample_groups(problems, seed)
             runner_metrics.append(self.env_runner.get_metrics())
             return rollout
-        runner_ids = group.healthy_env_runner_ids()
-        shares = np.array_split(np.arange(len(problems)), len(runner_ids))
-        calls = [
-            (lambda runner, part=[problems[i] for i in share], s=seed + k: (runner.sample_groups(part, s), runner.get_metrics()))
-            for k, share in enumerate(shares)
-        ]
-        results = group.foreach_env_runner(calls, remote_worker_ids=runner_ids, local_env_runner=False)
-        parts = []
+        return self._sample_on_remote_runners(problems, seed, runner_metrics)
+
+    def _sample_on_remote_runners(self, problems: list[Any], seed: int, runner_metrics: list[Any]) -> dict[str, Any]:
+        """Split ``problems`` into one share per configured env runner and sample them remotely.
+
+        A runner that dies mid-call (its process killed, out of memory) loses only its share: the
+        share is sampled again, with the same seed, on a healthy runner, while Ray restarts the dead
+        one (``restart_failed_env_runners``) and ``restore_env_runners`` gives it the current
+        weights. So the round's samples are those of a round without the failure. Each failed call
+        is counted (``dapo/env_runner_failures``).
+        """
+        group = self.env_runner_group
+        shares = np.array_split(np.arange(len(problems)), group.num_remote_env_runners())
+        pending = {k: [problems[i] for i in share] for k, share in enumerate(shares) if len(share)}
+        parts: dict[int, dict[str, Any]] = {}
+        deadline = time.monotonic() + ENV_RUNNER_RECOVERY_S
+        while pending:
+            healthy = group.healthy_env_runner_ids()
+            if not healthy:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"no env runner came back within {ENV_RUNNER_RECOVERY_S:.0f} s after the runners failed "
+                        f"({self._env_runner_failures} failed sampling calls this run)")
+                self.restore_env_runners(group)
+                time.sleep(0.2)
+                continue
+            wave = list(zip(pending, healthy))  # one share per healthy runner at a time
+            calls = [
+                (lambda runner, part=pending[k], s=seed + k: (runner.sample_groups(part, s), runner.get_metrics()))
+                for k, _ in wave
+            ]
+            share_of_runner = {runner_id: k for k, runner_id in wave}
+            results = group._worker_manager.foreach_actor(calls, remote_actor_ids=[r for _, r in wave])
+            for result in results.result_or_errors:
+                k = share_of_runner[result.actor_id]
+                if result.ok:
+                    parts[k] = result.get()
+                    del pending[k]
+            failed = len(wave) - sum(1 for _, runner_id in wave if share_of_runner[runner_id] in parts)
+            # A failed runner's share goes to the next healthy one; the failed runner rejoins once Ray
+            # has restarted it (restore_env_runners, when no runner is left, and at each iteration's start).
+            self._env_runner_failures += failed
+            self._round_env_runner_failures += failed
+        rollouts = []
         offset = 0
-        for rollout, metrics in results:
+        for k in sorted(parts):
+            rollout, metrics = parts[k]
             rollout["group_index"] = rollout["group_index"] + offset
             offset += len(rollout["group_index"]) // self.config.group_size
-            parts.append(rollout)
+            rollouts.append(rollout)
             runner_metrics.append(metrics)
-        return _concatenate_rollouts(parts)
+        return _concatenate_rollouts(rollouts)
 
     def _groups_fitting_learners(self, group_index: torch.Tensor) -> torch.Tensor:
         """Mark groups that would leave a mini-batch unevenly split over learners as dropped (-1).
@@ -495,6 +575,7 @@ class DAPO(Algorithm):
         generated_lengths = np.concatenate([r["response_length"] for r in rounds])
         generated_truncated = np.concatenate([r["truncated"] for r in rounds])
         generate_seconds = sum(r["generate_seconds"] for r in rounds)
+        verifier_failures = int(sum(r["verifier_failed"].sum() for r in rounds))
         trained = batch["group_index"] >= 0
 
         def over_trained(column: str, reduce: str) -> float:
@@ -524,6 +605,12 @@ class DAPO(Algorithm):
             "sampling_limit_reached": float(stats.limit_reached),
             "optimizer_steps": self._optimizer_steps,
             "nonfinite_updates_skipped": self._nonfinite_updates_skipped,
+            # Responses scored wrong because the verifier failed on them (see VerifierResult.failed).
+            "verifier_failures": verifier_failures,
+            # Sampling calls whose env runner died (killed, out of memory), redone on another runner.
+            "env_runner_failures": self._round_env_runner_failures,
+            "env_runner_failures_total": self._env_runner_failures,
+            "env_runners_restored_total": self._counters["total_num_restored_workers"],
             "data_epoch": self._prompt_sampler.epoch,
             "generate_seconds": generate_seconds,
             "score_seconds": sum(r["score_seconds"] for r in rounds),
@@ -532,6 +619,7 @@ class DAPO(Algorithm):
         }
         for name, value in values.items():
             log(("dapo", name), float(value), window=1)
+        log(("dapo", "verifier_failures_lifetime"), verifier_failures, reduce="lifetime_sum")
 
     # -- weights, checkpoints and export -------------------------------------------------------------
 
@@ -569,7 +657,12 @@ class DAPO(Algorithm):
         For collectives: a learner marked unhealthy must not be skipped (the others would wait for
         it forever), and an error must not pass silently.
         """
-        return [result.get() for result in self.learner_group.foreach_learner(function, healthy_only=False)]
+        results = []
+        for result in self.learner_group.foreach_learner(function, healthy_only=False):
+            if not result.ok:  # get() hands back the error rather than raising it
+                raise result.get()
+            results.append(result.get())
+        return results
 
     def _gathered_learner_state(self) -> dict[str, Any]:
         results = self._on_all_learners(lambda learner: learner.gather_weights())
@@ -623,6 +716,7 @@ class DAPO(Algorithm):
                 "optimizer_steps": self._optimizer_steps,
                 "nonfinite_updates_skipped": self._nonfinite_updates_skipped,
                 "consecutive_nonfinite_updates": self._consecutive_nonfinite_updates,
+                "env_runner_failures": self._env_runner_failures,
             }
         return state
 
@@ -636,6 +730,7 @@ class DAPO(Algorithm):
             self._optimizer_steps = dapo_state["optimizer_steps"]
             self._nonfinite_updates_skipped = dapo_state.get("nonfinite_updates_skipped", 0)
             self._consecutive_nonfinite_updates = dapo_state.get("consecutive_nonfinite_updates", 0)
+            self._env_runner_failures = dapo_state.get("env_runner_failures", 0)
 
     def _policy_module_spec(self) -> RLModuleSpec:
         return self.config.get_rl_module_spec(spaces={DEFAULT_MODULE_ID: (TEXT_SPACE, TEXT_SPACE)}, inference_only=False)

@@ -79,7 +79,7 @@ class DAPOEnvRunner(EnvRunner, Checkpointable):
             self.env,
             tokenizer,
             backend,
-            PromptSettings(self.config.max_prompt_length, self.config.apply_chat_template),
+            PromptSettings(self.config.max_prompt_length, self.config.apply_chat_template, self.config.prompt_truncation),
         )
 
     def _vllm_engine(self, tokenizer: Any) -> VLLMGenerationBackend:

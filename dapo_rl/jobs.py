@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import json
 import logging
 import math
@@ -34,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
+import numpy as np
+from gymnasium.envs.registration import load_env_creator
 import ray
 import yaml
 from ray import tune
@@ -44,7 +47,7 @@ from dapo_rl.checkpoints import CheckpointRecord, export_checkpoint, is_rllib_ch
 from dapo_rl.dapo import DAPO as DAPOAlgorithm
 from dapo_rl.dapo import DAPOConfig, InvalidConfigError
 from dapo_rl.evaluation import EvalResult, evaluate_model, evaluate_runner
-from dapo_rl.models import TINY_PRESET, ModelNotFoundError, load_policy, save_policy
+from dapo_rl.models import TINY_PRESET, ModelNotFoundError, load_policy, load_tokenizer, save_policy
 from dapo_rl.rollout.base import SamplingSettings
 from dapo_rl.settings import DAPO_SETTINGS, OPTIMIZER_DEFAULTS
 from dapo_rl.rollout.hf import HFGenerationBackend, generation_device
@@ -115,6 +118,11 @@ class JobError(ValueError):
     """Bad input to a job (settings, files, models, environment ids): one line, no traceback needed."""
 
 
+class RunStoppedError(RuntimeError):
+    """Training stopped part-way (a learner died, too many non-finite updates, ...); the message says
+    why and how to continue from the newest complete checkpoint."""
+
+
 # -- settings --------------------------------------------------------------------------------------
 
 
@@ -174,8 +182,11 @@ def _file_overrides(config_file: str, job: dict[str, Any]) -> list[tuple[str, An
         loaded = yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {}
     except OSError as error:
         raise JobError(f"cannot read config file {config_file}: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        raise JobError(f"config file {config_file} is not valid YAML: {error}") from None
+    except yaml.YAMLError as error:  # one line: where, and what the parser expected
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise JobError(f"config file {config_file} is not valid YAML: {where}{what}") from None
     if not isinstance(loaded, dict):
         raise JobError(f"config file {config_file} must hold a mapping of settings, got {type(loaded).__name__}")
     overrides = []
@@ -376,7 +387,10 @@ def fit(
     )
     result = tuner.fit()[0]
     if result.error is not None:
-        raise RuntimeError(f"the Tune trial failed: {result.error}") from result.error
+        cause = result.error  # a RayTaskError's text is the worker's traceback: name the error it wraps
+        while getattr(cause, "cause", None) is not None:
+            cause = cause.cause
+        raise RuntimeError(f"the Tune trial failed: {type(cause).__name__}: {cause}") from result.error
     return FitResult(result.metrics, Path(result.checkpoint.path))
 
 
@@ -470,12 +484,14 @@ def train_config(
     config = validated(config.copy(copy_frozen=False).rl_module(model_config=model_config))
     _check_run(config, run)
     train_env, test_env, test_name = _environments(config, run)
+    prompt_settings = PromptSettings(config.max_prompt_length, config.apply_chat_template, config.prompt_truncation)
+    count = min(run.eval_problems, test_env.num_problems)
+    held_out = [test_env.problem(i) for i in range(count)]
+    _check_prompt_lengths(config, train_env, held_out, prompt_settings)
+    # Every check passed: from here on the run writes into its folder.
     output.mkdir(parents=True, exist_ok=True)
     if job is not None and not resume:
         _write_json(output / JOB_FILE, job)  # what --resume restarts from
-    prompt_settings = PromptSettings(config.max_prompt_length, config.apply_chat_template)
-    count = min(run.eval_problems, test_env.num_problems)
-    held_out = [test_env.problem(i) for i in range(count)]
 
     def accuracy(policy: Any, tokenizer: Any) -> float:
         return _held_out_accuracy(policy, tokenizer, test_env, held_out, prompt_settings, config, run.eval_samples)
@@ -502,6 +518,10 @@ def train_config(
         result = fit(rl_config, output, iterations=run.iterations, checkpoint_every=run.checkpoint_every,
                      keep_checkpoints=run.keep_checkpoints, resume=resume,
                      callbacks=[progress, *logger_callbacks(run.loggers, output)])
+    except RuntimeError as error:
+        newest = newest_complete_checkpoint(experiment_folder(output))
+        where = f"its newest complete checkpoint is iteration {newest.iteration}" if newest else "it has no checkpoint yet"
+        raise RunStoppedError(f"{error}\n{output}: {where}; continue with: dapo-rl train --resume {output}") from error
     finally:
         progress.close()
     rl_seconds = time.perf_counter() - rl_start
@@ -524,6 +544,25 @@ def train_config(
     }
     write_summary(output, summary)
     return summary
+
+
+#: Training prompts whose length is checked before a run starts (all of them in a smaller data set).
+PROMPTS_CHECKED = 20_000
+
+
+def _check_prompt_lengths(config: DAPOConfig, train_env: Any, held_out: list[Any], prompt_settings: PromptSettings) -> None:
+    """With ``prompt_truncation="error"``: fail now, naming the problem, if a training prompt (all of
+    them, or ``PROMPTS_CHECKED`` spread over a larger set) or a held-out one is over max_prompt_length."""
+    if prompt_settings.truncation != "error":
+        return
+    try:
+        runner = GenerationRunner(train_env, load_tokenizer(config.policy_model), None, prompt_settings)
+        count = train_env.num_problems
+        indices = range(count) if count <= PROMPTS_CHECKED else np.linspace(0, count - 1, PROMPTS_CHECKED).astype(int)
+        runner.check_prompt_lengths([train_env.problem(int(i)) for i in indices])
+        runner.check_prompt_lengths(held_out)
+    except ValueError as error:  # PromptTooLongError, a tokenizer without a chat template, a missing model
+        raise JobError(str(error)) from None
 
 
 def _trial_cpus(config: DAPOConfig) -> int:
@@ -624,10 +663,26 @@ def _environments(config: DAPOConfig, run: RunSettings) -> tuple[Any, Any, str]:
     test_config = dapo_envs.held_out_env_config(test_id, base)
     split = [f"{key}={value}" for key, value in test_config.items() if base.get(key) != value]
     test_name = test_id + (f" ({', '.join(split)})" if split else "")
+    _check_env_config_keys(config.env, env_config)
     try:
         return gym.make(config.env, **env_config).unwrapped, gym.make(test_id, **test_config).unwrapped, test_name
     except (TypeError, ValueError) as error:
         raise JobError(f"cannot make environment {config.env!r} with env_config {env_config}: {error}") from None
+
+
+def _check_env_config_keys(env_id: str, env_config: dict[str, Any]) -> None:
+    """An env_config key the environment does not take fails here, named with the ones it takes."""
+    entry_point = gym.spec(env_id).entry_point
+    creator = load_env_creator(entry_point) if isinstance(entry_point, str) else entry_point
+    try:
+        parameters = inspect.signature(creator).parameters
+    except (TypeError, ValueError):  # a creator whose signature cannot be read: gym.make will tell
+        return
+    if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values()):
+        return
+    unknown = sorted(set(env_config) - set(parameters))
+    if unknown:
+        raise JobError(f"unknown env_config key(s) {unknown} for {env_id}; it takes: {', '.join(parameters)}")
 
 
 def _warm_start(model: Any, tokenizer: Any, env: Any, prompt_settings: PromptSettings, run: RunSettings, *, seed: int) -> None:
@@ -705,6 +760,7 @@ __all__ = [
     "RESULTS_FILE",
     "RESUME_KEYS",
     "RUN_STATE_FILE",
+    "RunStoppedError",
     "FitResult",
     "JobError",
     "RunSettings",

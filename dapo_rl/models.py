@@ -12,6 +12,7 @@ No Ray import: this module is used on GPU machines where Ray is not installed.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -186,7 +187,37 @@ def resolve_model_folder(model: str | os.PathLike[str]) -> str:
             f"model {str(model)!r} is neither a preset ({', '.join(list_presets())}), a .gguf file, nor a local "
             f"model folder with a config.json (nothing is downloaded: give a path to a Hugging Face model folder)"
         )
+    problem = model_folder_problem(path)
+    if problem is not None:
+        raise ModelNotFoundError(problem)
     return path
+
+
+#: Weight files of a Hugging Face folder: one file, or an index naming its shards.
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def model_folder_problem(folder: str | os.PathLike[str]) -> str | None:
+    """What a model folder lacks to load (its weights, a shard its index names, its tokenizer), or None."""
+    folder = os.fspath(folder)
+    present = set(os.listdir(folder))
+    index = next((name for name in WEIGHT_INDEXES if name in present), None)
+    if index is not None:
+        try:
+            with open(os.path.join(folder, index), encoding="utf-8") as file:
+                shards = sorted(set(json.load(file)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as error:
+            return f"model folder {folder}: {index} is unreadable ({type(error).__name__}: {error})"
+        missing = [shard for shard in shards if shard not in present]
+        if missing:
+            return f"model folder {folder}: {index} names weight file(s) that are missing: {', '.join(missing)}"
+    elif not present & set(WEIGHT_FILES):
+        return f"model folder {folder} has no weights (none of {', '.join(WEIGHT_FILES + WEIGHT_INDEXES)})"
+    if not present & set(TOKENIZER_FILES):
+        return f"model folder {folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})"
+    return None
 
 
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:

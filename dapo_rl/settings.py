@@ -28,7 +28,7 @@ DAPO_SETTINGS: dict[str, Any] = {
     "on_sampling_limit": "error",  # at the round limit: "error" stops, "train" trains on what was kept
     "generation_batch_prompts": None,  # prompts per generation round with dynamic sampling; None: 3 x
     # prompts_per_step, the paper's ratio (1,536 for 512)
-    "max_prompt_length": 2048,  # tokens; longer prompts are cut from the left
+    "max_prompt_length": 2048,  # tokens; a longer prompt: see prompt_truncation
     "max_response_length": 20480,  # tokens: 16384 expected + 4096 overlong cache
     "overlong_cache_len": 4096,  # L_cache of the soft overlong punishment
     "overlong_penalty_factor": 1.0,  # 0 switches the soft overlong punishment off
@@ -37,6 +37,8 @@ DAPO_SETTINGS: dict[str, Any] = {
     "top_p": 1.0,
     "top_k": -1,  # <= 0: off
     "apply_chat_template": None,  # None: use the tokenizer's chat template when it has one
+    "prompt_truncation": "error",  # a prompt over max_prompt_length tokens: "error" names it and stops
+    # (verl's default: a silently cut question is a data bug); "left" keeps its last tokens
     "generation_prompts_per_call": 64,  # prompts per batched generate() call on a runner
     "share_prompt_forward": True,  # run each prompt once per group and share its KV cache with the
     # G responses, in hf generation and in the learner's log-prob passes (same values, less work)

@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from dapo_envs.verifiers.result import VerifierResult, as_text, run_verifier_fn, wrong
+from dapo_envs.verifiers.result import VerifierResult, as_text, run_verifier_fn, verifier_failure
 
 __all__ = ["PooledVerifier", "VerifierPool", "default_num_workers", "get_pool", "shutdown"]
 
@@ -129,7 +129,8 @@ def _worker_main(conn: multiprocessing.connection.Connection) -> None:
             name, fn = functions[token]
             result = run_verifier_fn(fn, name, response, reference)
             pred = result.pred if len(result.pred) <= _MAX_PRED_CHARS else result.pred[:_MAX_PRED_CHARS] + "..."
-            conn.send(("result", index, float(result.score), bool(result.acc), str(pred), str(result.reason)))
+            conn.send(("result", index, float(result.score), bool(result.acc), str(pred), str(result.reason),
+                       bool(result.failed)))
         elif kind == "stop":
             return
 
@@ -299,7 +300,7 @@ class VerifierPool:
                         what = "starting" if worker.state == _STARTING else f"loading verifier '{name}'"
                         self._replace(worker)
                         raise RuntimeError(f"a verifier worker process died while {what} (exit code {exitcode})")
-                    results[worker.item] = wrong(f"verifier '{name}' worker process died (exit code {exitcode})")
+                    results[worker.item] = verifier_failure(f"verifier '{name}' worker process died (exit code {exitcode})")
                     self._replace(worker)
                     continue
                 kind = message[0]
@@ -314,8 +315,8 @@ class VerifierPool:
                         "cannot be pickled must be registered with isolate=False."
                     )
                 elif kind == "result":
-                    _, index, score_value, acc, pred, reason = message
-                    results[index] = VerifierResult(score_value, acc, pred, reason)
+                    _, index, score_value, acc, pred, reason, failed = message
+                    results[index] = VerifierResult(score_value, acc, pred, reason, failed)
                     worker.state, worker.item = _IDLE, None
 
             now = time.monotonic()
@@ -323,7 +324,7 @@ class VerifierPool:
                 if worker.state == _IDLE or now < worker.deadline:
                     continue
                 if worker.state == _BUSY:
-                    results[worker.item] = wrong(f"timeout: verifier '{name}' took longer than {timeout:g} s")
+                    results[worker.item] = verifier_failure(f"timeout: verifier '{name}' took longer than {timeout:g} s")
                     self._replace(worker)
                 else:
                     what = "start" if worker.state == _STARTING else f"load verifier '{name}'"

@@ -180,3 +180,60 @@ def test_train_logs_offline_to_wandb_and_mlflow_and_appends_samples(ray_session,
     # The first response of each trained group, up to log_samples: all 4 groups train without dynamic sampling.
     assert samples == [{"iteration": 1, **sample} for sample in result["samples"]]
     assert len(samples) == 4 and {"prompt", "response", "reward", "acc"} <= set(samples[0])
+
+
+def _bad_inputs(folder):
+    """(arguments, message) of each bad input that `dapo-rl train` must refuse before it starts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (folder / "broken.yaml").write_text("training: {lr: 1e-4\n")
+    (folder / "list.yaml").write_text("- lr\n- 1e-4\n")
+    pq.write_table(pa.table({"prompt": ["What is 1 + 1?", None], "answer": ["2", "3"]}), folder / "bad_row.parquet")
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string()), "answer": pa.array([], pa.string())}),
+                   folder / "empty.parquet")
+    from dapo_rl.models import load_policy, save_policy
+
+    save_policy(*load_policy("tiny-qwen2"), folder / "no_weights")
+    (folder / "no_weights" / "model.safetensors").unlink()
+    save_policy(*load_policy("tiny-qwen2"), folder / "no_tokenizer")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / "no_tokenizer" / name).unlink()
+    math_env = ["--set", "env=dapo/Math-v0", "--set", "env_config={}"]
+    return [
+        (["--config", str(folder / "broken.yaml")],
+         f"config file {folder / 'broken.yaml'} is not valid YAML: line 2, column 1: expected ',' or '}}'"),
+        (["--config", str(folder / "list.yaml")], "must hold a mapping of settings, got list"),
+        (["--set", "env_config.digitz=3"],
+         r"unknown env_config key\(s\) \['digitz'\] for dapo/Arithmetic-v0; it takes: operands, operators, digits"),
+        ([*math_env, "--set", f"env_config.dataset={folder / 'bad_row.parquet'}"],
+         rf"{folder / 'bad_row.parquet'}: row 1, column 'prompt': expected a string, got null"),
+        ([*math_env, "--set", f"env_config.dataset={folder / 'empty.parquet'}"], "the data set has no rows"),
+        (["--set", "max_prompt_length=12"],
+         r"prompts checked are over max_prompt_length; the first: the prompt of problem 0 \(id .*\) has \d+ tokens, "
+         r"over max_prompt_length 12: raise max_prompt_length, or set prompt_truncation='left'"),
+        (["--set", f"model={folder / 'no_weights'}"], rf"model folder {folder / 'no_weights'} has no weights"),
+        (["--set", f"model={folder / 'no_tokenizer'}"], rf"model folder {folder / 'no_tokenizer'} has no tokenizer"),
+    ]
+
+
+def test_bad_input_is_refused_up_front_with_one_line_naming_it(capsys, tmp_path):
+    bad_inputs = _bad_inputs(tmp_path)
+    capsys.readouterr()
+    for arguments, message in bad_inputs:
+        output = tmp_path / "out"
+        assert main(["train", *arguments, "--output", str(output)]) == 2, arguments
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert re.search(message, err), (arguments, err)
+        assert not output.exists(), arguments  # refused before anything was written
+
+
+def test_resume_refuses_a_folder_that_is_not_a_run_and_settings_it_cannot_change(capsys, tmp_path):
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    assert f"cannot resume {tmp_path}: it has no job.json" in capsys.readouterr().err
+    (tmp_path / "job.json").write_text(json.dumps({"iterations": 3}))
+    assert main(["train", "--resume", str(tmp_path), "--set", "lr=1"]) == 2
+    assert "--set lr=1: a resume can change only iterations" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path), "--config", "x.yaml"]) == 2
+    assert "drop --config/--output" in capsys.readouterr().err

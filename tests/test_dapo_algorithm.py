@@ -783,13 +783,14 @@ def test_log_samples_are_first_responses_of_the_round_rescored(scripted_step, ra
     env = gym.make(ENV, **ENV_CONFIG).unwrapped
     tokenizer = scripted_step["script"].tokenizer
     for sample, group in zip(samples, call[:6], strict=True):
-        assert set(sample) == {"prompt", "response", "pred", "score", "reward", "acc", "truncated"}
+        assert set(sample) == {"prompt", "response", "pred", "score", "reason", "reward", "acc", "truncated"}
         assert sample["prompt"] == group["prompt"]
         assert sample["response"] == group["rows"][0]["text"]
         # The reference comes from the prompt itself; the verifier re-scores the logged response.
         reference = sum(int(x) for x in ARITHMETIC_PROMPT.search(sample["prompt"]).groups())
         (verdict,) = env.score([sample["response"]], [str(reference)])
-        assert (sample["acc"], sample["pred"], sample["score"]) == (verdict.acc, verdict.pred, verdict.score)
+        assert (sample["acc"], sample["pred"], sample["score"], sample["reason"]) == (
+            verdict.acc, verdict.pred, verdict.score, verdict.reason)
         length = len(tokenizer.encode(sample["response"], add_special_tokens=False)) + (0 if sample["truncated"] else 1)
         assert sample["reward"] == pytest.approx(verdict.score + overlong_penalty(length))
         assert sample["truncated"] == group["rows"][0]["truncated"]

@@ -8,6 +8,7 @@ with a message naming the iteration.
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -133,3 +134,159 @@ def test_sharded_learners_agree_to_skip_when_one_shard_is_poisoned(ray_session, 
         assert result["dapo"]["optimizer_steps"] == UPDATES_PER_STEP - 1
     finally:
         algo.stop()
+
+
+# -- a user's verifier that fails, in the training loop ---------------------------------------------
+
+#: A verifier with bugs, chosen per response by a hash of its text: it raises, returns a word, returns
+#: NaN, hangs, or kills its own worker process; otherwise it compares the last number. Built from
+#: source so that cloudpickle sends it to the verifier workers by value (importing this test module
+#: there would import Ray and torch into every replacement worker).
+ABUSIVE_VERIFIER = """
+import os, re, signal, time, zlib
+
+def abusive(response, reference):
+    kind = zlib.crc32(response.encode()) % 16
+    if kind == 0:
+        raise RuntimeError("bug in the user's verifier")
+    if kind == 1:
+        return "correct"
+    if kind == 2:
+        return float("nan")
+    if kind == 3:
+        time.sleep(60)
+    if kind == 4:
+        os.kill(os.getpid(), signal.SIGKILL)
+    numbers = re.findall(r"-?\\d+", response)
+    return bool(numbers) and numbers[-1] == reference
+"""
+FAILURE_KINDS = {0: "raised RuntimeError: bug in the user's verifier", 1: "returned str, not a VerifierResult",
+                 2: "returned a non-finite score (nan)", 3: "timeout: verifier", 4: "worker process died"}
+
+
+def abusive_verifier():
+    namespace = {"__name__": "abusive_verifier_source"}
+    exec(ABUSIVE_VERIFIER, namespace)  # noqa: S102 - the test's own source, above
+    return namespace["abusive"]
+
+
+def test_a_failing_user_verifier_costs_only_its_responses_and_is_counted(ray_session):
+    import zlib
+
+    algo = (
+        DAPOConfig()
+        .rl_module(model_config={"model": "tiny-qwen2"})
+        .environment(ENV, env_config={"operators": "+", "verifier": abusive_verifier(), "verifier_timeout": 0.5})
+        .training(**{**TINY, "prompts_per_step": 8, "generation_batch_prompts": 8, "log_samples": 8})
+        .debugging(seed=0)
+        .build_algo()
+    )
+    try:
+        results = [algo.train() for _ in range(2)]
+        runner = algo.env_runner.generation
+        problems = algo._prompt_sampler.env.sample_problems(4, np.random.default_rng(0))
+        rollout = runner.sample(problems, algo.env_runner.sampling_settings(), seed=0)
+    finally:
+        algo.stop()
+    # The run went on: both iterations trained and their rewards stayed finite.
+    failures = [result["dapo"]["verifier_failures"] for result in results]
+    assert all(failure > 0 for failure in failures), failures
+    assert results[-1]["dapo"]["verifier_failures_lifetime"] == sum(failures)
+    for result in results:
+        assert math.isfinite(result["dapo"]["reward_mean"]) and math.isfinite(result["dapo"]["reward_min"])
+        assert math.isfinite(result["learners"][DEFAULT_MODULE_ID]["policy_loss"])
+    # Each response the verifier failed on is scored wrong, flagged, and says why.
+    kinds = [zlib.crc32(text.encode()) % 16 for text in rollout["response_text"]]
+    for kind, failed, score, reason in zip(kinds, rollout["verifier_failed"], rollout["score"], rollout["reason"],
+                                           strict=True):
+        assert failed == (kind in FAILURE_KINDS)
+        if failed:
+            assert score == -1.0 and FAILURE_KINDS[kind] in reason
+    assert set(kinds) & set(FAILURE_KINDS), "no response met a failure; widen the sample"
+
+
+# -- a remote env runner killed in the middle of sampling -------------------------------------------
+
+#: A verifier that runs inside the env runner (isolate=False) and SIGKILLs that process the first time
+#: it is called anywhere (a marker file says whether it has); otherwise an ordinary last-number check.
+KILL_ONCE_VERIFIER = """
+import os, signal
+
+def kill_once(response, reference):
+    try:
+        os.close(os.open(MARKER, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return response.strip().endswith(reference)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def kill_once_verifier(marker):
+    from dapo_envs import Verifier
+
+    namespace = {"__name__": "kill_once_verifier_source", "MARKER": str(marker)}
+    exec(KILL_ONCE_VERIFIER, namespace)  # noqa: S102 - the test's own source, above
+    return Verifier(name="kill-once", fn=namespace["kill_once"], isolate=False)
+
+
+def test_a_killed_env_runner_is_restarted_and_its_share_sampled_again(ray_session, tmp_path):
+    def run(marker):
+        algo = (
+            make_config()
+            .environment(ENV, env_config={"operators": "+", "verifier": kill_once_verifier(marker)})
+            .env_runners(num_env_runners=2)
+            .build_algo()
+        )
+        try:
+            results = [algo.train() for _ in range(2)]
+            # Ray restarts the killed runner in the background; each iteration's start brings back
+            # those that are up. Wait for it, then train once more with both runners.
+            deadline = time.monotonic() + 120
+            while algo.env_runner_group.num_healthy_remote_env_runners() < 2 and time.monotonic() < deadline:
+                time.sleep(1)
+                algo.restore_env_runners(algo.env_runner_group)
+            results.append(algo.train())
+            healthy = algo.env_runner_group.num_healthy_remote_env_runners()
+            runner_weights = algo.env_runner_group.foreach_env_runner(
+                lambda runner: {k: np.asarray(v) for k, v in runner.module.get_state().items()}, local_env_runner=False)
+            learner = learner_weights(algo)
+        finally:
+            algo.stop()
+        for weights in runner_weights:  # the restarted runner holds the current weights too
+            assert weights.keys() == learner.keys() and max_abs_diff(learner, weights) == 0.0
+        return results, healthy
+
+    unharmed_marker = tmp_path / "already_killed"
+    unharmed_marker.touch()  # this run's verifier never kills
+    reference, _ = run(unharmed_marker)
+    killed, healthy = run(tmp_path / "kill_marker")
+    assert (tmp_path / "kill_marker").exists()  # a runner process really was killed mid-sampling
+    assert [r["dapo"]["env_runner_failures"] for r in killed] == [1, 0, 0]
+    assert killed[-1]["dapo"]["env_runner_failures_total"] == 1
+    assert killed[-1]["dapo"]["env_runners_restored_total"] == 1 and healthy == 2  # back, with the weights
+    assert [r["dapo"]["env_runner_failures"] for r in reference] == [0, 0, 0]
+    # The dead runner's share was sampled again with its seed: the run trains exactly as if unharmed.
+    for expected, got in zip(reference, killed, strict=True):
+        for name in ("reward_mean", "generated_accuracy", "response_length_mean", "prompts_trained", "optimizer_steps"):
+            assert got["dapo"][name] == expected["dapo"][name], name
+        assert got["learners"][DEFAULT_MODULE_ID]["policy_loss"] == expected["learners"][DEFAULT_MODULE_ID]["policy_loss"]
+
+
+def test_a_killed_learner_stops_the_run_naming_it_and_how_to_resume(ray_session):
+    import os
+    import signal
+
+    from dapo_rl.dapo import LearnerFailedError
+
+    algo = make_config().learners(num_learners=2).build_algo()
+    try:
+        algo.train()
+        pids = [r.get() for r in algo.learner_group.foreach_learner(lambda learner: os.getpid())]
+        os.kill(pids[1], signal.SIGKILL)  # between steps: no collective is waiting on it
+        with pytest.raises(LearnerFailedError) as raised:
+            algo.train()
+    finally:
+        algo.stop()
+    message = str(raised.value)
+    assert message.startswith("learner 1 of 2 died during iteration 2 (")
+    assert "dapo-rl train --resume" in message

@@ -455,8 +455,27 @@ def test_a_raising_verifier_scores_wrong_with_the_reason():
     name = _unique("raises")
     register_verifier(name, _raises, isolate=False)
     result = get_verifier(name)("x", "y")
-    assert (result.acc, result.score) == (False, -1.0)
+    assert (result.acc, result.score, result.failed) == (False, -1.0, True)
     assert "ZeroDivisionError: boom" in result.reason
+
+
+@pytest.mark.parametrize(
+    ("returned", "reason"),
+    [
+        ("yes", "returned str, not a VerifierResult"),
+        (None, "returned NoneType, not a VerifierResult"),
+        (float("nan"), "returned a non-finite score (nan)"),
+        ({"score": float("inf")}, "returned a non-finite score (inf)"),
+    ],
+)
+def test_a_verifier_returning_no_usable_verdict_fails_that_response(returned, reason):
+    name = _unique("bad-return")
+    register_verifier(name, lambda response, reference: returned, isolate=False)
+    result = get_verifier(name)("x", "y")
+    assert (result.score, result.acc, result.failed) == (-1.0, False, True)
+    assert result.reason == f"verifier '{name}' {reason}"
+    # A plain wrong answer is not a failure of the verifier.
+    assert not get_verifier("last_number")("no number here", "3").failed
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -483,10 +502,12 @@ def test_pool_kills_hung_and_dead_workers_and_keeps_order():
         for response, result in zip(responses, results):
             if response == "hang":
                 assert result.reason == "timeout: verifier 'slow' took longer than 0.5 s" and not result.acc
+                assert result.failed
             elif response == "die":
                 assert "worker process died (exit code 3)" in result.reason and not result.acc
+                assert result.failed
             else:
-                assert result.acc is (response != "x") and result.reason == ""
+                assert result.acc is (response != "x") and result.reason == "" and not result.failed
         # The pool still works afterwards, with its replaced workers.
         assert [r.acc for r in pool.map(verifier, [("q", "q"), ("q", "r")], timeout=0.5)] == [True, False]
         processes = [worker.process for worker in pool._workers]

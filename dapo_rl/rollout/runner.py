@@ -25,12 +25,33 @@ class PromptSettings:
 
     ``apply_chat_template``: True wraps the prompt as one user turn with the tokenizer's chat
     template, False feeds the plain text, None (auto) uses the template when the tokenizer has one.
-    Prompts longer than ``max_prompt_length`` tokens are cut from the left, as the reference
-    scripts do (the question's end and the answer instruction are kept).
+    ``truncation``: what a prompt longer than ``max_prompt_length`` tokens gets: ``"left"`` cuts it
+    from the left, as the reference scripts do (the question's end and the answer instruction are
+    kept); ``"error"`` raises :class:`PromptTooLongError` naming the problem (verl's default: a
+    silently cut question is a data bug). Training uses the ``prompt_truncation`` setting.
     """
 
     max_prompt_length: int
     apply_chat_template: bool | None = None
+    truncation: str = "left"
+
+    def __post_init__(self) -> None:
+        if self.truncation not in PROMPT_TRUNCATION_CHOICES:
+            raise ValueError(f"truncation must be one of {list(PROMPT_TRUNCATION_CHOICES)}, got {self.truncation!r}")
+
+
+#: Values of ``PromptSettings.truncation`` (and of the ``prompt_truncation`` setting).
+PROMPT_TRUNCATION_CHOICES = ("error", "left")
+
+
+class PromptTooLongError(ValueError):
+    """A prompt has more tokens than ``max_prompt_length`` and truncation is ``"error"``."""
+
+
+def prompt_too_long_message(problem: Any, length: int, limit: int) -> str:
+    where = f"problem {problem.index} (id {problem.problem_id!r}, {problem.data_source})"
+    return (f"the prompt of {where} has {length} tokens, over max_prompt_length {limit}: raise max_prompt_length, "
+            "or set prompt_truncation='left' to keep each prompt's last max_prompt_length tokens")
 
 
 class GenerationRunner:
@@ -59,16 +80,38 @@ class GenerationRunner:
         self.eos_token_ids = [tokenizer.eos_token_id]
 
     def encode_prompt(self, problem: Any) -> list[int]:
-        """Token ids of a problem's prompt (chat-templated or plain), left-truncated to the limit."""
+        """Token ids of a problem's prompt (chat-templated or plain), within ``max_prompt_length``:
+        left-truncated, or :class:`PromptTooLongError` (see :class:`PromptSettings`)."""
+        ids = self.prompt_token_ids(problem)
+        limit = self.prompt_settings.max_prompt_length
+        if len(ids) <= limit:
+            return ids
+        if self.prompt_settings.truncation == "error":
+            raise PromptTooLongError(prompt_too_long_message(problem, len(ids), limit))
+        return ids[-limit:]
+
+    def prompt_token_ids(self, problem: Any) -> list[int]:
+        """Token ids of a problem's whole prompt (chat-templated or plain), however long."""
         if self._use_chat_template:
             ids = self.tokenizer.apply_chat_template(problem.messages, add_generation_prompt=True, tokenize=True)
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # some versions return a BatchEncoding
                 ids = ids["input_ids"]
         else:
             ids = self.tokenizer(problem.prompt, add_special_tokens=True).input_ids
-        ids = list(ids)
+        return list(ids)
+
+    def check_prompt_lengths(self, problems: Sequence[Any]) -> None:
+        """Raise :class:`PromptTooLongError` for the first of ``problems`` whose prompt is over the
+        limit, with how many are (a no-op when truncation is ``"left"``)."""
+        if self.prompt_settings.truncation != "error":
+            return
         limit = self.prompt_settings.max_prompt_length
-        return ids[-limit:] if len(ids) > limit else ids
+        over = [(problem, length) for problem in problems if (length := len(self.prompt_token_ids(problem))) > limit]
+        if over:
+            problem, length = over[0]
+            raise PromptTooLongError(
+                f"{len(over)} of {len(problems)} prompts checked are over max_prompt_length; the first: "
+                + prompt_too_long_message(problem, length, limit))
 
     def sample(self, problems: Sequence[Any], sampling: SamplingSettings, *, seed: int) -> dict[str, Any]:
         """Generate ``sampling.n`` responses for each problem and score them.
@@ -77,7 +120,10 @@ class GenerationRunner:
         ``prompt_token_ids`` / ``response_token_ids`` (lists of lists), ``response_text`` (list),
         ``group_index`` (N,) int64 = i, ``truncated`` (N,) bool (hit the length limit without EOS),
         ``response_length`` (N,) int64, ``score`` (N,) float32 (the verifier's reward, before
-        shaping), ``acc`` (N,) bool, ``pred`` (list, the extracted answers); and ``generate_seconds``, ``score_seconds`` (floats).
+        shaping), ``acc`` (N,) bool, ``pred`` (list, the extracted answers), ``reason`` (list, why a
+        response was scored wrong without a comparison, else ""), ``verifier_failed`` (N,) bool (the
+        verifier raised, returned no verdict, timed out or killed its worker: scored wrong); and
+        ``generate_seconds``, ``score_seconds`` (floats).
         """
         generate_start = time.perf_counter()
         prompt_ids = [self.encode_prompt(problem) for problem in problems]
@@ -98,6 +144,8 @@ class GenerationRunner:
             "score": np.asarray([r.score for r in results], dtype=np.float32),
             "acc": np.asarray([r.acc for r in results], dtype=bool),
             "pred": [r.pred for r in results],
+            "reason": [r.reason for r in results],
+            "verifier_failed": np.asarray([r.failed for r in results], dtype=bool),
             "generate_seconds": score_start - generate_start,
             "score_seconds": score_end - score_start,
         }

@@ -9,6 +9,7 @@ keeps their dependencies one way (registry -> pool -> this module, registry -> r
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -20,6 +21,7 @@ __all__ = [
     "coerce_result",
     "run_verifier_fn",
     "verdict",
+    "verifier_failure",
     "wrong",
 ]
 
@@ -38,17 +40,26 @@ class VerifierResult:
         pred: The answer extracted from the response ("" when none was found).
         reason: Why the response was scored wrong without a comparison (no answer found, time limit
             exceeded, verifier error); "" when the answer was compared.
+        failed: The verifier itself failed on this response (it raised, returned something that is not
+            a verdict or a finite score, ran past its time limit, or killed its worker process), so the
+            response was scored wrong without a verdict on it; training counts these.
     """
 
     score: float
     acc: bool
     pred: str
     reason: str = ""
+    failed: bool = False
 
 
 def wrong(reason: str = "", pred: str = "") -> VerifierResult:
     """A wrong verdict reached without comparing answers (``reason`` says why)."""
     return VerifierResult(score=WRONG_SCORE, acc=False, pred=pred, reason=reason)
+
+
+def verifier_failure(reason: str) -> VerifierResult:
+    """A wrong score given because the verifier failed on the response (``reason`` says how)."""
+    return VerifierResult(score=WRONG_SCORE, acc=False, pred="", reason=reason, failed=True)
 
 
 def verdict(correct: bool, pred: str) -> VerifierResult:
@@ -65,18 +76,21 @@ def coerce_result(raw: Any, verifier_name: str) -> VerifierResult:
     """
     if isinstance(raw, VerifierResult):
         # Field types are not enforced by the dataclass; a user's numpy bool or int pred is normalised here.
-        return VerifierResult(float(raw.score), bool(raw.acc), str(raw.pred), str(raw.reason))
-    if isinstance(raw, bool):
+        result = VerifierResult(float(raw.score), bool(raw.acc), str(raw.pred), str(raw.reason), bool(raw.failed))
+    elif isinstance(raw, bool):
         return verdict(raw, "")
-    if isinstance(raw, (int, float)):
-        score = float(raw)
-        return VerifierResult(score=score, acc=score > 0, pred="")
-    if isinstance(raw, Mapping) and "score" in raw:
+    elif isinstance(raw, (int, float)):
+        result = VerifierResult(score=float(raw), acc=float(raw) > 0, pred="")
+    elif isinstance(raw, Mapping) and "score" in raw:
         score = float(raw["score"])
         acc = bool(raw["acc"]) if "acc" in raw else score > 0
         pred = raw.get("pred", "")
-        return VerifierResult(score=score, acc=acc, pred="" if pred is None else str(pred))
-    return wrong(f"verifier '{verifier_name}' returned {type(raw).__name__}, not a VerifierResult")
+        result = VerifierResult(score=score, acc=acc, pred="" if pred is None else str(pred))
+    else:
+        return verifier_failure(f"verifier '{verifier_name}' returned {type(raw).__name__}, not a VerifierResult")
+    if not math.isfinite(result.score):  # a NaN reward would reach the loss
+        return verifier_failure(f"verifier '{verifier_name}' returned a non-finite score ({result.score})")
+    return result
 
 
 def as_text(value: Any, what: str) -> str:
@@ -97,4 +111,4 @@ def run_verifier_fn(fn: Callable[[str, str], Any], name: str, response: str, ref
     try:
         return coerce_result(fn(response, reference), name)
     except Exception as error:  # noqa: BLE001 - a verifier bug must cost one reward, not the training run
-        return wrong(f"verifier '{name}' raised {type(error).__name__}: {str(error)[:200]}")
+        return verifier_failure(f"verifier '{name}' raised {type(error).__name__}: {str(error)[:200]}")
