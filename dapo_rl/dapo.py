@@ -616,6 +616,7 @@ class DAPO(Algorithm):
             "score_seconds": sum(r["score_seconds"] for r in rounds),
             "generated_tokens_per_second": float(generated_lengths.sum()) / max(1e-9, generate_seconds),
             "step_seconds": seconds,
+            "torch_threads": torch.get_num_threads(),  # of this process (the Tune trial's): its CPUs
         }
         for name, value in values.items():
             log(("dapo", name), float(value), window=1)

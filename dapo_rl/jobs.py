@@ -65,6 +65,9 @@ DEFAULT_JOB: dict[str, Any] = {
     "iterations": 150,
     "num_learners": 0,
     "num_gpus_per_learner": 0,  # > 0 with num_learners 0: the local learner trains on the GPU
+    # CPUs (torch threads) of each learner; None: automatic (see fit: a local learner's trial takes
+    # the cores the Ray cluster has to spare, not RLlib's 1, which would leave torch one thread)
+    "num_cpus_per_learner": None,
     "num_env_runners": 0,
     "num_gpus_per_env_runner": 0,
     "warmstart_steps": 1200,
@@ -253,11 +256,38 @@ def build_config(job: dict[str, Any], model: str | None = None) -> DAPOConfig:
         .environment(job["env"], env_config=dict(job["env_config"]))
         .rl_module(model_config={"model": model, **({"dtype": job["dtype"]} if job.get("dtype") else {})})
         .training(**job["training"])
-        .learners(num_learners=job["num_learners"], num_gpus_per_learner=job["num_gpus_per_learner"])
+        .learners(num_learners=job["num_learners"], num_gpus_per_learner=job["num_gpus_per_learner"],
+                  num_cpus_per_learner=_learner_cpus(job))
         .env_runners(num_env_runners=job["num_env_runners"], num_gpus_per_env_runner=job["num_gpus_per_env_runner"])
         .debugging(seed=job["seed"], log_level="ERROR")
     )
     return validated(config)
+
+
+def _learner_cpus(job: dict[str, Any]) -> int | str:
+    """The ``num_cpus_per_learner`` of a job: the given number, or "auto" (resolved by :func:`fit`)."""
+    cpus = job["num_cpus_per_learner"]
+    if cpus is None:
+        return "auto"
+    if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1:
+        raise JobError(f"num_cpus_per_learner must be an integer >= 1 or null (automatic), got {cpus!r}")
+    return cpus
+
+
+def with_trial_threads(config: DAPOConfig) -> DAPOConfig:
+    """``config`` with its local learner's CPUs set to the Ray cluster's spare cores (at most this
+    machine's), when it has a local CPU learner and leaves ``num_cpus_per_learner`` on "auto".
+
+    With ``num_learners=0`` the learner (and, with ``num_env_runners=0``, the generating runner) runs
+    in the Tune trial's own process. Ray gives an actor as many threads as CPUs it holds, and RLlib's
+    "auto" sizes that process at 1 CPU: torch would run one thread on a machine with more.
+    """
+    if int(config.num_learners or 0) > 0 or config.num_cpus_per_learner != "auto" or config.num_gpus_per_learner:
+        return config
+    others = int(config.num_env_runners or 0) * float(config.num_cpus_per_env_runner or 0)
+    spare = int(ray.cluster_resources().get("CPU", 1) - others) if ray.is_initialized() else 1
+    cpus = max(1, min(os.cpu_count() or 1, spare))
+    return config.copy(copy_frozen=False).learners(num_cpus_per_learner=cpus)
 
 
 def validated(config: DAPOConfig) -> DAPOConfig:
@@ -356,12 +386,14 @@ def fit(
 ) -> FitResult:
     """Train ``config`` under Tune until ``iterations`` rollout steps are done.
 
+    A local learner's trial gets the cluster's spare cores as torch threads (:func:`with_trial_threads`).
     Checkpoints every ``checkpoint_every`` steps (0: never) and at the end, keeping the newest
     ``keep_checkpoints``. ``resume``: continue from the newest complete checkpoint under ``output``
     (every state it saved: weights, optimizer, lr schedule, prompt order, RNGs, iteration count) in a
     new trial of the same experiment; without one, start afresh.
     """
     experiment = experiment_folder(Path(output).resolve())
+    config = with_trial_threads(config)
     if config.sharded_checkpoint_dir:
         # Every checkpoint Tune keeps must keep its shards.
         config = config.copy(copy_frozen=False).training(
@@ -778,5 +810,6 @@ __all__ = [
     "train",
     "train_config",
     "validated",
+    "with_trial_threads",
     "write_summary",
 ]
