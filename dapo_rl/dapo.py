@@ -503,11 +503,11 @@ class DAPO(Algorithm):
             share_of_runner = {runner_id: k for k, runner_id in wave}
             results = group._worker_manager.foreach_actor(calls, remote_actor_ids=[r for _, r in wave])
             for result in results.result_or_errors:
-                k = share_of_runner[result.actor_id]
                 if result.ok:
+                    k = share_of_runner[result.actor_id]
                     parts[k] = result.get()
                     del pending[k]
-            failed = len(wave) - sum(1 for _, runner_id in wave if share_of_runner[runner_id] in parts)
+            failed = sum(1 for k, _ in wave if k in pending)
             # A failed runner's share goes to the next healthy one; the failed runner rejoins once Ray
             # has restarted it (restore_env_runners, when no runner is left, and at each iteration's start).
             self._env_runner_failures += failed

@@ -36,9 +36,9 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-from gymnasium.envs.registration import load_env_creator
 import ray
 import yaml
+from gymnasium.envs.registration import load_env_creator
 from ray import tune
 from tqdm import tqdm
 
@@ -112,8 +112,9 @@ RUN_STATE_FILE = "run_state.json"
 #: Every iteration's metrics, a JSON line each, written as they arrive (dapo_rl.tracking.ProgressCallback).
 RESULTS_FILE = "results.jsonl"
 
-#: Job keys a resume may change: how long and how often to checkpoint. Anything else would make the
-#: resumed run differ from the one its checkpoints come from.
+#: Job keys a resume may change: how long to train, how often to checkpoint, what to log and how
+#: much to evaluate. Anything else would make the resumed run differ from the one its checkpoints
+#: come from.
 RESUME_KEYS = ("iterations", "checkpoint_every", "keep_checkpoints", "loggers", "eval_problems", "eval_samples")
 
 
@@ -400,8 +401,10 @@ def fit(
             sharded_checkpoints_kept=max(config.sharded_checkpoints_kept, keep_checkpoints))
     trainable: str | type = "DAPO"
     if resume and (record := newest_complete_checkpoint(experiment)) is not None:
-        if record.iteration >= iterations:
-            return FitResult(_result_row(record), record.path)
+        if record.iteration >= iterations:  # done: only the export and evaluation were left
+            row = {"training_iteration": record.iteration}
+            row = next((r for r in iteration_results(output) if r["training_iteration"] == record.iteration), row)
+            return FitResult(row, record.path)
         trainable = resumed_trainable(record)
     tuner = tune.Tuner(
         trainable,
@@ -436,14 +439,6 @@ def resumed_trainable(record: CheckpointRecord) -> type[DAPOAlgorithm]:
             self._time_total = record.time_total_s  # Tune's time_total_s goes on from the checkpoint's
 
     return DAPO
-
-
-def _result_row(record: CheckpointRecord) -> dict[str, Any]:
-    """The Tune result of the iteration after which ``record`` was saved (from its trial's result.json)."""
-    rows = [json.loads(line) for line in (record.path.parent / "result.json").read_text(encoding="utf-8").splitlines()
-            if line.strip()]
-    return next((row for row in reversed(rows) if row.get("training_iteration") == record.iteration),
-                {"training_iteration": record.iteration})
 
 
 def iteration_results(output: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -519,7 +514,8 @@ def train_config(
     prompt_settings = PromptSettings(config.max_prompt_length, config.apply_chat_template, config.prompt_truncation)
     count = min(run.eval_problems, test_env.num_problems)
     held_out = [test_env.problem(i) for i in range(count)]
-    _check_prompt_lengths(config, train_env, held_out, prompt_settings)
+    if not resume:  # a resumed run's prompts were checked when it started
+        _check_prompt_lengths(config, train_env, held_out, prompt_settings)
     # Every check passed: from here on the run writes into its folder.
     output.mkdir(parents=True, exist_ok=True)
     if job is not None and not resume:
@@ -634,9 +630,7 @@ def _prepare_dapo(config: DAPOConfig, model_config: dict[str, Any], run: RunSett
 def _read_run_state(output: Path) -> dict[str, Any] | None:
     try:
         return json.loads((output / RUN_STATE_FILE).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except ValueError:  # killed while writing it: DAPO had not started
+    except (FileNotFoundError, ValueError):  # DAPO had not started (the file is written whole, see _write_json)
         return None
 
 
