@@ -28,7 +28,7 @@ import ray
 import torch
 from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
-from ray.rllib.core import COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
+from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 from ray.rllib.utils.metrics import (
@@ -40,6 +40,7 @@ from ray.rllib.utils.metrics import (
 
 from dapo_rl.core import ADVANTAGE_SCALES, LOSS_AGGREGATIONS, shaped_rewards
 from dapo_rl.core.losses import clip_setting_problems
+from dapo_rl.core.off_policy import behaviour_importance_weights, importance_weight_cap_problem
 from dapo_rl.core.sampling import ON_LIMIT_CHOICES
 from dapo_rl.distributed import (
     DATA_PARALLEL_CHOICES,
@@ -53,6 +54,7 @@ from dapo_rl.distributed import (
 from dapo_rl.rollout.engine_sync import EngineWeightSync
 from dapo_rl.rollout.runner import PROMPT_TRUNCATION_CHOICES
 from dapo_rl.rollout.vllm_backend import INSTALL_HINT, vllm_available
+from dapo_rl.async_rollouts import RolloutStream, concatenate_rollouts
 from dapo_rl.checkpoints import write_checkpoint_manifest, write_policy_module_config
 from dapo_rl.env_runner import DAPOEnvRunner, make_reasoning_env
 from dapo_rl.learner import NONFINITE_UPDATE_SKIPPED, DAPOTorchLearner
@@ -129,6 +131,17 @@ class DAPOConfig(AlgorithmConfig):
         # RLlib asks for spaces before any env runner exists (e.g. build_learner); ours are text.
         self.observation_space = TEXT_SPACE
         self.action_space = TEXT_SPACE
+
+    @property
+    def _dont_auto_sync_env_runner_states(self) -> bool:
+        # RLlib's step() ends with a blocking call on every remote runner (connector states, which
+        # DAPO's runners do not have). With asynchronous rollouts that call would queue behind the
+        # rounds the runners hold, making each step wait for generation: skip it then.
+        return self._skip_env_runner_state_sync or bool(self.max_staleness)
+
+    @_dont_auto_sync_env_runner_states.setter
+    def _dont_auto_sync_env_runner_states(self, value: bool) -> None:
+        self._skip_env_runner_state_sync = bool(value)
 
     def training(self, **kwargs: Any) -> DAPOConfig:
         """Set training settings: any key of ``DAPO_SETTINGS``, or RLlib's own (``lr``, ``grad_clip``,
@@ -231,6 +244,8 @@ class DAPOConfig(AlgorithmConfig):
                 f"micro_batch_tokens must be an integer >= 0 (0: no micro-batching), got {self.micro_batch_tokens!r}")
         require(isinstance(self.gradient_checkpointing, bool),
                 f"gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}")
+        require(isinstance(self.recompute_old_logprobs, bool),
+                f"recompute_old_logprobs must be True or False, got {self.recompute_old_logprobs!r}")
         require(isinstance(self.share_prompt_forward, bool),
                 f"share_prompt_forward must be True or False, got {self.share_prompt_forward!r}")
         require(self.data_parallel in DATA_PARALLEL_CHOICES,
@@ -244,6 +259,7 @@ class DAPOConfig(AlgorithmConfig):
         require(is_int(self.sharded_checkpoints_kept) and self.sharded_checkpoints_kept >= 1,
                 f"sharded_checkpoints_kept must be an integer >= 1, got {self.sharded_checkpoints_kept!r}")
         problems += self._generation_problems(require_installed)
+        problems += self._async_problems()
         require(self.prompt_truncation in PROMPT_TRUNCATION_CHOICES,
                 f"prompt_truncation must be one of {list(PROMPT_TRUNCATION_CHOICES)}, got {self.prompt_truncation!r}")
         require(self.apply_chat_template in (None, True, False),
@@ -266,7 +282,7 @@ class DAPOConfig(AlgorithmConfig):
         tensor_parallel = self.vllm_tensor_parallel_size
         if not (isinstance(tensor_parallel, int) and tensor_parallel >= 1):
             problems.append(f"vllm_tensor_parallel_size must be an integer >= 1, got {tensor_parallel!r}")
-        if int(self.num_env_runners or 0) < 1:
+        if int(self.num_env_runners or 0) < 1 and not self.in_evaluation:
             problems.append(
                 "generation_backend='vllm' runs its engines in remote env runners: set "
                 f"env_runners(num_env_runners=N >= 1), got num_env_runners={self.num_env_runners}"
@@ -284,6 +300,18 @@ class DAPOConfig(AlgorithmConfig):
             problems.append(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization!r}")
         if self.vllm_dtype not in ("bfloat16", "float16", "float32"):
             problems.append(f"vllm_dtype must be 'bfloat16', 'float16' or 'float32', got {self.vllm_dtype!r}")
+        return problems
+
+    def _async_problems(self) -> list[str]:
+        staleness = self.max_staleness
+        if isinstance(staleness, bool) or not isinstance(staleness, (int, np.integer)) or staleness < 0:
+            return [f"max_staleness must be an integer >= 0 (0: synchronous), got {staleness!r}"]
+        problems = [problem] if (problem := importance_weight_cap_problem(self.importance_weight_cap)) else []
+        # RLlib validates a copy for evaluation whose num_env_runners is evaluation_num_env_runners.
+        if staleness and int(self.num_env_runners or 0) < 1 and not self.in_evaluation:
+            problems.append(
+                f"max_staleness={staleness} generates in remote env runners while the learners update: set "
+                f"env_runners(num_env_runners=N >= 1), got num_env_runners={self.num_env_runners}")
         return problems
 
     def get_default_rl_module_spec(self) -> RLModuleSpec:
@@ -353,6 +381,13 @@ class DAPO(Algorithm):
         self._tokenizer = load_tokenizer(self.config.policy_model)
         self._latest_samples: list[dict[str, Any]] = []
         self._previous_shard_folder: Path | None = None  # shards of the last checkpoint saved or restored
+        # Asynchronous rollouts (max_staleness >= 1): rounds requested ahead, the policy version
+        # (rollout steps' worth of updates) of the learners' weights, rounds dropped as too old.
+        self._stream: RolloutStream | None = None
+        self._stream_needs_weights = False
+        self._policy_version = 0
+        self._stale_rounds_dropped = 0  # over the run
+        self._step_extra: dict[str, float] = {}  # reset by each step
 
     # -- one rollout step ----------------------------------------------------------------------------
 
@@ -388,9 +423,14 @@ class DAPO(Algorithm):
         step_start = time.perf_counter()
         self._round_env_runner_failures = 0
         runner_metrics: list[Any] = []
+        asynchronous = bool(config.max_staleness)
+        self._step_extra = {}  # this step's metrics of asynchronous rollouts and generator log-probs
+        if asynchronous:
+            self._start_stream()
+        generate_round = self._next_stream_round if asynchronous else self._generate_round
         with self.metrics.log_time((TIMERS, "generate_and_score")):
             collected, stats, rounds = collect_groups(
-                lambda count: self._generate_round(count, runner_metrics),
+                lambda count: generate_round(count, runner_metrics),
                 prompts_per_step=config.prompts_per_step,
                 generation_batch_prompts=config.generation_round_prompts,
                 dynamic_sampling=config.dynamic_sampling,
@@ -413,8 +453,12 @@ class DAPO(Algorithm):
             # A step cut short by the round limit (on_sampling_limit="train") may keep no group at
             # all: then there is nothing to train on (and a forward pass on zero rows would fail).
             has_data = bool((batch["group_index"] >= 0).any())
-            if has_data:
+            if has_data and config.recompute_old_logprobs:
                 batch["old_logprobs"] = self._old_logprobs(batch)
+                if asynchronous:
+                    self._add_importance_weights(batch)
+            elif has_data:
+                self._take_generator_logprobs(batch)
 
         with self.metrics.log_time((TIMERS, "update")):
             for _ in range(config.num_epochs if has_data else 0):
@@ -425,7 +469,11 @@ class DAPO(Algorithm):
                                            max_response_length=config.max_response_length))
 
         with self.metrics.log_time((TIMERS, "sync_weights")):
-            self.sync_runner_weights()
+            if asynchronous:
+                self._policy_version += 1
+                self._push_weights_to_stream()
+            else:
+                self.sync_runner_weights()
 
         self._log_step_metrics(batch, stats, rounds, time.perf_counter() - step_start)
         self._latest_samples = self._samples(rounds[0])
@@ -461,6 +509,93 @@ class DAPO(Algorithm):
             }
             for row, reward in zip(rows.tolist(), rewards.tolist(), strict=True)
         ]
+
+    # -- asynchronous rollouts (max_staleness >= 1; see dapo_rl.async_rollouts) ----------------------
+
+    def _start_stream(self) -> None:
+        """Before a step: the stream exists and the runners hold this version's weights."""
+        self._step_extra.update(rounds_ready_at_start=0.0, wait_seconds=0.0, stale_rounds_dropped=0.0)
+        if self._stream is None:
+            self._stream = RolloutStream(
+                self.env_runner_group,
+                lambda problems, seed: (lambda runner: (runner.sample_groups(problems, seed), runner.get_metrics())),
+                lambda: self.restore_env_runners(self.env_runner_group),
+                recovery_seconds=ENV_RUNNER_RECOVERY_S,
+            )
+            self._stream_needs_weights = True
+        if self._stream_needs_weights:  # a new stream, or one abandoned by a restore (set_state)
+            self._push_weights_to_stream()
+            self._stream_needs_weights = False
+        self._step_extra["rounds_ready_at_start"] = float(self._stream.rounds_complete())
+
+    def _request_round(self) -> None:
+        config = self.config
+        count = config.generation_round_prompts if config.dynamic_sampling else config.prompts_per_step
+        problems = self._prompt_sampler.next(count)
+        self._stream.request(problems, int(self._generation_rng.integers(2**31 - 1)))
+
+    def _next_stream_round(self, num_prompts: int, runner_metrics: list[Any]) -> dict[str, Any]:
+        """The oldest requested round, with ``max_staleness`` more requested behind it; a round more
+        than ``max_staleness`` versions old is dropped (see dapo_rl.async_rollouts for why none is
+        in steady state)."""
+        while True:
+            if not len(self._stream):
+                self._request_round()  # needed now: generated by the current weights
+            wait_start = time.perf_counter()
+            finished = self._stream.next_round()
+            self._step_extra["wait_seconds"] += time.perf_counter() - wait_start
+            # Replace it at once, so the runners generate while the learners update.
+            while len(self._stream) < self.config.max_staleness:
+                self._request_round()
+            runner_metrics.extend(finished.runner_metrics)
+            staleness = self._policy_version - finished.policy_version
+            if staleness <= self.config.max_staleness:
+                rollout = finished.rollout
+                rollout["staleness"] = np.full(len(rollout["group_index"]), staleness, dtype=np.int64)
+                return rollout
+            self._step_extra["stale_rounds_dropped"] += 1
+            self._stale_rounds_dropped += 1
+
+    def _push_weights_to_stream(self, runner_ids: list[int] | None = None) -> None:
+        """Send the learners' weights, with their policy version, to the runners, without waiting."""
+        if self.config.generation_backend == "vllm":
+            # Unverified (no vLLM here): the NCCL broadcast needs the engines, so this waits for the
+            # rounds the runners hold to finish; the version follows in their call queue.
+            self._sync_engine_weights()
+            state_ref = None
+        elif self._sharded_learners:
+            state_ref = ray.put(self._gathered_learner_state())
+        else:
+            state_ref = ray.put(self.learner_group.get_state(
+                components=COMPONENT_LEARNER + "/" + COMPONENT_RL_MODULE, inference_only=True)[COMPONENT_LEARNER])
+        self._stream.push_weights(state_ref, self._policy_version, runner_ids)
+
+    def restore_env_runners(self, env_runner_group: Any) -> list[int]:
+        restored = super().restore_env_runners(env_runner_group)
+        if restored and self._stream is not None and env_runner_group is self.env_runner_group:
+            # RLlib's restore copies the local runner's weights; in the asynchronous path those are
+            # not kept current: send the learners' with their version (a restarted runner holds -1).
+            self._push_weights_to_stream(list(restored))
+        return restored
+
+    def _add_importance_weights(self, batch: dict[str, torch.Tensor]) -> None:
+        """The truncated behaviour importance weights of the stale responses (dapo_rl.core.off_policy)."""
+        weights, metrics = behaviour_importance_weights(
+            batch["old_logprobs"], batch["behaviour_logprobs"], batch["token_mask"],
+            batch["staleness"] > 0, cap=self.config.importance_weight_cap)
+        batch["importance_weights"] = weights
+        self._step_extra.update(metrics)
+
+    def _take_generator_logprobs(self, batch: dict[str, torch.Tensor]) -> None:
+        """``recompute_old_logprobs=False``: the generator's log-probs are the old (proximal) ones, so
+        the ratio and the clip are taken against the policy that sampled each token (its importance
+        weight is the ratio itself). A token the generator gave no log-prob for carries no loss."""
+        behaviour = batch["behaviour_logprobs"]
+        known = torch.isfinite(behaviour)
+        batch["old_logprobs"] = torch.where(known, behaviour, 0.0)
+        unknown = (batch["token_mask"].bool() & ~known).sum()
+        batch["token_mask"] = batch["token_mask"] * known
+        self._step_extra["tokens_without_generator_logprob"] = float(unknown)
 
     def _generate_round(self, num_prompts: int, runner_metrics: list[Any]) -> dict[str, Any]:
         problems = self._prompt_sampler.next(num_prompts)
@@ -520,7 +655,7 @@ class DAPO(Algorithm):
             offset += len(rollout["group_index"]) // self.config.group_size
             rollouts.append(rollout)
             runner_metrics.append(metrics)
-        return _concatenate_rollouts(rollouts)
+        return concatenate_rollouts(rollouts)
 
     def _groups_fitting_learners(self, group_index: torch.Tensor) -> torch.Tensor:
         """Mark groups that would leave a mini-batch unevenly split over learners as dropped (-1).
@@ -618,9 +753,24 @@ class DAPO(Algorithm):
             "step_seconds": seconds,
             "torch_threads": torch.get_num_threads(),  # of this process (the Tune trial's): its CPUs
         }
+        if self.config.max_staleness:
+            values.update(self._async_metrics(rounds))
+        values.update(self._step_extra)
         for name, value in values.items():
             log(("dapo", name), float(value), window=1)
         log(("dapo", "verifier_failures_lifetime"), verifier_failures, reduce="lifetime_sum")
+
+    def _async_metrics(self, rounds: list[dict[str, Any]]) -> dict[str, float]:
+        """What asynchronous rollouts did this step: how old the responses it took were (trained on or
+        filtered out), what was dropped, and the learner's wait for generation."""
+        staleness = np.concatenate([r["staleness"] for r in rounds]).astype(np.float64)
+        return {
+            "policy_version": self._policy_version,
+            "staleness_mean": float(staleness.mean()),
+            "staleness_max": float(staleness.max()),
+            "stale_rounds_dropped_total": self._stale_rounds_dropped,
+            "stream_failed_calls_total": self._stream.failed_calls,
+        }
 
     # -- weights, checkpoints and export -------------------------------------------------------------
 
@@ -718,6 +868,8 @@ class DAPO(Algorithm):
                 "nonfinite_updates_skipped": self._nonfinite_updates_skipped,
                 "consecutive_nonfinite_updates": self._consecutive_nonfinite_updates,
                 "env_runner_failures": self._env_runner_failures,
+                "policy_version": self._policy_version,
+                "stale_rounds_dropped": self._stale_rounds_dropped,
             }
         return state
 
@@ -732,6 +884,12 @@ class DAPO(Algorithm):
             self._nonfinite_updates_skipped = dapo_state.get("nonfinite_updates_skipped", 0)
             self._consecutive_nonfinite_updates = dapo_state.get("consecutive_nonfinite_updates", 0)
             self._env_runner_failures = dapo_state.get("env_runner_failures", 0)
+            self._policy_version = dapo_state.get("policy_version", 0)
+            self._stale_rounds_dropped = dapo_state.get("stale_rounds_dropped", 0)
+            if self._stream is not None:
+                # Rounds requested before the restore come from weights this run no longer has.
+                self._stream.abandon()
+                self._stream_needs_weights = True
 
     def _policy_module_spec(self) -> RLModuleSpec:
         return self.config.get_rl_module_spec(spaces={DEFAULT_MODULE_ID: (TEXT_SPACE, TEXT_SPACE)}, inference_only=False)
@@ -745,18 +903,6 @@ class DAPO(Algorithm):
             module.set_state(self.learner_group.get_weights()[DEFAULT_MODULE_ID])
         save_policy(module.causal_lm, module.tokenizer, folder)
         return os.fspath(folder)
-
-
-def _concatenate_rollouts(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, first in parts[0].items():
-        if isinstance(first, np.ndarray):
-            out[key] = np.concatenate([part[key] for part in parts])
-        elif isinstance(first, list):
-            out[key] = [item for part in parts for item in part[key]]
-        elif isinstance(first, (int, float)):
-            out[key] = sum(part[key] for part in parts) if key.endswith("_seconds") else first
-    return out
 
 
 def _update_was_skipped(learner_results: list[dict[str, Any]]) -> bool:

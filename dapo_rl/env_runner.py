@@ -53,6 +53,10 @@ class DAPOEnvRunner(EnvRunner, Checkpointable):
     def __init__(self, *, config: Any, **kwargs: Any) -> None:
         super().__init__(config=config, **kwargs)
         self._weights_seq_no = 0
+        # Rollout steps' worth of updates in the weights held (asynchronous rollouts tag each round
+        # with it); set by receive_policy. A runner restarted after a failure starts at -1: its
+        # rounds count as too old until the algorithm has sent it weights with their version.
+        self._policy_version = 0 if self.worker_index == 0 or not self.config.max_staleness else -1
         self.env = make_reasoning_env(self.config)
         self._transfer: tuple[threading.Thread, list[BaseException], bool] | None = None
         self._joined_weight_sync = False
@@ -94,6 +98,7 @@ class DAPOEnvRunner(EnvRunner, Checkpointable):
                 enable_sleep_mode=config.vllm_sleep,
                 enforce_eager=config.vllm_enforce_eager,
                 seed=int(config.seed or 0) + self.worker_index,
+                logprobs_mode="processed_logprobs" if config.max_staleness or not config.recompute_old_logprobs else None,
             ),
             eos_token_ids=[tokenizer.eos_token_id],
         )
@@ -108,6 +113,8 @@ class DAPOEnvRunner(EnvRunner, Checkpointable):
             temperature=config.temperature,
             top_p=config.top_p,
             top_k=config.top_k,
+            # The behaviour policy's log-probs, for the off-policy correction of asynchronous rollouts.
+            logprobs=bool(config.max_staleness) or not config.recompute_old_logprobs,
         )
 
     def sample_groups(self, problems: list[Any], seed: int) -> dict[str, Any]:
@@ -118,6 +125,7 @@ class DAPOEnvRunner(EnvRunner, Checkpointable):
         rollout = self.generation.sample(problems, self.sampling_settings(), seed=seed)
         num_responses = len(rollout["acc"])
         rollout["weights_seq_no"] = self._weights_seq_no
+        rollout["policy_version"] = self._policy_version
         self.num_env_steps_sampled_lifetime += num_responses
         self.metrics.log_value(NUM_ENV_STEPS_SAMPLED_LIFETIME, num_responses, reduce="lifetime_sum")
         return rollout
@@ -135,6 +143,14 @@ class DAPOEnvRunner(EnvRunner, Checkpointable):
                 + (f" and unsupported arguments {sorted(rllib_kwargs)}" if rllib_kwargs else "")
             )
         return self.sample_groups(problems, seed)
+
+    def receive_policy(self, state: Any, version: int) -> None:
+        """Take the learners' weights (None: they arrived otherwise, e.g. over NCCL to a vLLM engine)
+        and the policy version they are (asynchronous rollouts)."""
+        if state is not None:
+            self.set_state({**ray.get(state), WEIGHTS_SEQ_NO: 0} if isinstance(state, ray.ObjectRef)
+                           else {**state, WEIGHTS_SEQ_NO: 0})
+        self._policy_version = int(version)
 
     # -- weight transfer to a vLLM engine: started here, completed while the learners send --------
 

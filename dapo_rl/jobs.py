@@ -118,6 +118,10 @@ RESULTS_FILE = "results.jsonl"
 RESUME_KEYS = ("iterations", "checkpoint_every", "keep_checkpoints", "loggers", "eval_problems", "eval_samples")
 
 
+#: Settings with a non-None default for which None means something (``importance_weight_cap``: no correction).
+NULLABLE_KEYS = ("importance_weight_cap",)
+
+
 class JobError(ValueError):
     """Bad input to a job (settings, files, models, environment ids): one line, no traceback needed."""
 
@@ -223,8 +227,9 @@ def _paper_default(key: str) -> Any:
 
 
 def _checked(key: str, value: Any, default: Any, origin: str) -> Any:
-    """Check a value against the type of its default (settings whose default is None accept anything)."""
-    if default is None:
+    """Check a value against the type of its default (settings whose default is None accept anything,
+    and those of ``NULLABLE_KEYS`` accept None)."""
+    if default is None or (value is None and key in NULLABLE_KEYS):
         return value
     expected = type(default)
     if expected is bool:

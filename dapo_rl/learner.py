@@ -151,6 +151,7 @@ class DAPOTorchLearner(TorchLearner):
             dual_clip=config.dual_clip,
             agg=config.loss_agg,
             normalizer=normalizer,
+            importance_weights=batch["importance_weights"] if "importance_weights" in batch else None,
         )
         if scale_by_world_size:
             # DDP averages gradients over learners; the normaliser is already global (see module doc).

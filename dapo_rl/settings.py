@@ -61,6 +61,14 @@ DAPO_SETTINGS: dict[str, Any] = {
     "vllm_gpu_memory_utilization": 0.6,  # share of each GPU the engine may take (weights + KV cache)
     "vllm_enforce_eager": False,  # True: no CUDA graphs (faster start, slower decode)
     "vllm_sleep": False,  # release the engine's GPU memory between rounds (engines sharing GPUs)
+    "max_staleness": 0,  # asynchronous rollouts: remote env runners keep generating while the learners
+    # update, and a response may come from weights up to this many rollout steps old (older rounds
+    # are dropped); 0: synchronous, the paper's algorithm
+    "importance_weight_cap": 2.0,  # C of the behaviour importance weight min(pi_prox / pi_behav, C) on
+    # responses from older weights (max_staleness >= 1); None: no correction
+    "recompute_old_logprobs": True,  # True: the learners recompute the old log-probs under the weights
+    # the update starts from (the proximal policy); False: take the generator's (no extra forward pass;
+    # the clip is then against the policy that sampled each token)
     "log_samples": 4,  # responses reported per iteration in result["samples"] (prompt, response, reward)
     "max_consecutive_nonfinite_updates": 8,  # an update whose loss or gradient is NaN/inf is skipped
     # (the weights and optimizer state are left as they were); this many in a row stop the run

@@ -60,7 +60,7 @@ def logger_callbacks(names: Sequence[str], output: Path) -> list[tune.Callback]:
 
 
 #: Sections of a Tune result that ``results.jsonl`` keeps (the rest is config and bookkeeping).
-RESULT_SECTIONS = ("training_iteration", "time_total_s", "timestamp", "dapo", "learners", "env_runners", "timers",
+RESULT_SECTIONS = ("training_iteration", "time_total_s", "time_this_iter_s", "timestamp", "dapo", "learners", "env_runners", "timers",
                    "num_env_steps_sampled_lifetime", "num_training_step_calls_per_iteration")
 
 

@@ -31,6 +31,7 @@ LEARNER_COLUMNS = (
     "token_mask",
     "advantages",
     "old_logprobs",
+    "importance_weights",  # asynchronous rollouts only (max_staleness >= 1)
     "loss_normalizer",
     "loss_tokens",
 )
@@ -138,7 +139,9 @@ def build_train_batch(
     ``position_ids`` (B, P+R); ``response_mask`` (B, R) real response tokens; ``token_mask`` (B, R)
     the tokens that carry loss (overlong filtering zeroes truncated responses); ``rewards``,
     ``advantages`` (B,) float32; ``group_index`` (B,) int64; ``truncated``, ``acc`` (B,) bool;
-    ``score`` (B,) float32 (the verifier's reward before shaping).
+    ``score`` (B,) float32 (the verifier's reward before shaping). From asynchronous rollouts also
+    ``behaviour_logprobs`` (B, R) float32 (the generator's, 0 at padding) and ``staleness`` (B,)
+    int64 (rollout steps between the generating weights and the update's).
     """
     packed = pack_sequences(collected["prompt_token_ids"], collected["response_token_ids"], pad_token_id=pad_token_id)
     rewards = shaped_rewards(
@@ -152,7 +155,7 @@ def build_train_batch(
     truncated = collected["truncated"].bool()
     advantages = group_advantages(rewards, group_index, scale=advantage_scale)
     token_mask = overlong_mask(truncated, packed["response_mask"]) if overlong_filter else packed["response_mask"]
-    return {
+    batch = {
         "input_ids": packed["input_ids"],
         "attention_mask": packed["attention_mask"],
         "position_ids": packed["position_ids"],
@@ -165,6 +168,14 @@ def build_train_batch(
         "acc": collected["acc"].bool(),
         "score": collected["score"].float(),
     }
+    if "behaviour_logprobs" in collected:
+        behaviour = torch.zeros_like(packed["response_mask"])
+        for row, values in enumerate(collected["behaviour_logprobs"]):
+            behaviour[row, : len(values)] = torch.tensor(np.asarray(values), dtype=torch.float32)
+        batch["behaviour_logprobs"] = behaviour
+    if "staleness" in collected:
+        batch["staleness"] = collected["staleness"].long()
+    return batch
 
 
 def minibatch_indices(

@@ -122,3 +122,28 @@ def test_checkpoint_generation_config_does_not_change_sampling(backend):
     finally:
         generator.model.generation_config = saved
     assert altered == plain
+
+
+@pytest.mark.parametrize("share_prompt_prefill", [True, False])
+def test_generator_logprobs_equal_a_forward_pass_and_leave_sampling_unchanged(backend, share_prompt_prefill):
+    """The behaviour log-probs of asynchronous training: log_softmax(logits / T) of each sampled token
+    under the generating weights, the same numbers a teacher-forced forward pass gives."""
+    generator, tokenizer = backend
+    model = generator.model
+    prompts = [tokenizer("1+1=").input_ids, tokenizer("12+30=").input_ids, tokenizer("7").input_ids]
+    backend_ = HFGenerationBackend(model, pad_token_id=tokenizer.pad_token_id, eos_token_ids=[tokenizer.eos_token_id],
+                                   prompts_per_call=2, share_prompt_prefill=share_prompt_prefill)
+    plain = SamplingSettings(n=3, max_new_tokens=7, temperature=0.7)
+    with_logprobs = SamplingSettings(n=3, max_new_tokens=7, temperature=0.7, logprobs=True)
+    expected = backend_.generate(prompts, plain, seed=3)
+    generated = backend_.generate(prompts, with_logprobs, seed=3)
+    assert expected.logprobs is None
+    assert generated.token_ids == expected.token_ids and generated.finished == expected.finished
+    assert [len(row) for row in generated.logprobs] == [len(row) for row in generated.token_ids]
+    for index, response in enumerate(generated.token_ids):
+        prompt = prompts[index // 3]
+        ids = torch.as_tensor([list(prompt) + response])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
+        reference = torch.log_softmax(logits / 0.7, dim=-1).gather(-1, torch.as_tensor(response).unsqueeze(-1)).squeeze(-1)
+        assert torch.allclose(torch.as_tensor(generated.logprobs[index]), reference, atol=1e-4), index

@@ -5,6 +5,7 @@ otherwise; see README "Scale-out" for what has and has not run)."""
 
 from __future__ import annotations
 
+import math
 import socket
 import threading
 import time
@@ -397,3 +398,23 @@ def test_env_runner_transfer_runs_in_the_background_and_reraises_its_error():
     with pytest.raises(ConnectionError, match="rank 3 never joined"):
         runner.finish_weight_transfer()
     runner.stop()
+
+
+def test_sampled_token_logprobs_come_from_vllms_logprobs_and_a_dropped_stop_token_has_none():
+    def entry(token, value):
+        return {token: SimpleNamespace(logprob=value), token + 100: SimpleNamespace(logprob=-9.0)}
+
+    stopped = SimpleNamespace(index=0, token_ids=(1, 2), finish_reason="stop", stop_reason=None,
+                              logprobs=[entry(1, -0.5), entry(2, -1.5)])
+    cut = SimpleNamespace(index=1, token_ids=(3, 4, 5), finish_reason="length", stop_reason=None,
+                          logprobs=[entry(3, -0.1), entry(4, -0.2), entry(5, -0.3)])
+    responses = responses_from_outputs([SimpleNamespace(outputs=[cut, stopped])], n=2, eos_token_ids=[EOS], logprobs=True)
+    assert responses.token_ids == [[1, 2, EOS], [3, 4, 5]]
+    assert responses.logprobs[0][:2] == [-0.5, -1.5] and math.isnan(responses.logprobs[0][2])
+    assert responses.logprobs[1] == [-0.1, -0.2, -0.3]
+    settings = SamplingSettings(n=2, max_new_tokens=4, logprobs=True)
+    assert sampling_params_kwargs(settings, eos_token_ids=[EOS], seed=1)["logprobs"] == 0
+    assert "logprobs" not in sampling_params_kwargs(SamplingSettings(n=2, max_new_tokens=4), eos_token_ids=[EOS], seed=1)
+    no_logprobs = SimpleNamespace(index=0, token_ids=(1,), finish_reason="length", stop_reason=None, logprobs=None)
+    with pytest.raises(RuntimeError, match="returned no logprobs"):
+        responses_from_outputs([SimpleNamespace(outputs=[no_logprobs])], n=1, eos_token_ids=[EOS], logprobs=True)

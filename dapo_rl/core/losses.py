@@ -233,13 +233,21 @@ def policy_loss(
     dual_clip: float | None = None,
     agg: str = "token-mean",
     normalizer: float | None = None,
+    importance_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped surrogate loss with decoupled clip (Clip-Higher) and optional dual clip.
 
     Per token, with r = exp(logprobs - old_logprobs) and A the advantage:
         pg_loss = -min(r * A, clip(r, 1 - clip_low, 1 + clip_high) * A)
         if dual_clip = c and A < 0:  pg_loss = min(pg_loss, -c * A)
+        with importance_weights w:   pg_loss = w * pg_loss
     then aggregated over the unmasked tokens by ``agg`` (see the module docstring).
+
+    The weighted form is the decoupled objective of asynchronous training: ``old_logprobs`` are the
+    *proximal* policy's (recomputed under the weights the update starts from), and ``w`` is the
+    truncated behaviour importance weight min(pi_prox / pi_behav, C) of the policy that generated the
+    token (``dapo_rl.core.off_policy.behaviour_importance_weights``). Without weights the loss is
+    exactly the synchronous one.
 
     Gradients flow through ``logprobs`` only (old log-probs and advantages are treated as data). A
     token exactly at a clip bound counts as *not* clipped: it keeps its full gradient -A * r.
@@ -256,6 +264,7 @@ def policy_loss(
         agg: a name in ``LOSS_AGGREGATIONS``.
         normalizer: replaces the aggregation's denominator; pass ``loss_normalizer(full_mask, agg)``
             for every micro-batch / shard so that their losses sum to the whole mini-batch's loss.
+        importance_weights: None, or (B, T) non-negative per-token weights (treated as data).
 
     Returns:
         loss: 0-d tensor to minimise (0 with a grad path when no token is unmasked).
@@ -263,7 +272,8 @@ def policy_loss(
             clip_frac_high (A > 0 and r > 1 + clip_high), clip_frac_low (A < 0 and r < 1 - clip_low),
             dual_clip_frac (A < 0 and the dual clip bound is active), approx_kl (KL(old || new) by the
             k3 estimator mean(r - 1 - log r), >= 0), approx_kl_k1 (mean(old - new), the reference
-            scripts' "ppo_kl"), ratio_mean, num_tokens.
+            scripts' "ppo_kl"), ratio_mean, num_tokens; with importance_weights also
+            importance_weight_mean.
     """
     aggregation = _check_agg(agg)
     problems = clip_setting_problems(clip_low, clip_high, dual_clip)
@@ -282,6 +292,8 @@ def policy_loss(
         )
     if not logprobs.is_floating_point():
         raise ValueError(f"logprobs must be floating point, got dtype {logprobs.dtype}")
+    if importance_weights is not None and importance_weights.shape != logprobs.shape:
+        raise ValueError(f"importance_weights must be (B, T) = {tuple(logprobs.shape)}, got {tuple(importance_weights.shape)}")
     mask = _as_bool_mask(mask)
 
     # Ratios of low-precision (bf16) log-probs are too coarse for a 0.2 clip: compute in >= float32.
@@ -304,6 +316,9 @@ def policy_loss(
         dual_bound = -dual_clip * advantages
         dual_active = (advantages < 0) & (pg_loss > dual_bound)
         pg_loss = torch.where(dual_active, dual_bound, pg_loss)
+    if importance_weights is not None:
+        # After the clips, as in the decoupled objective: the weight corrects for who sampled the token.
+        pg_loss = importance_weights.detach().to(dtype) * pg_loss
     pg_loss = torch.where(mask, pg_loss, 0.0)
     loss = aggregation(pg_loss, mask, normalizer)
 
@@ -332,5 +347,7 @@ def policy_loss(
             ]
         ).tolist()  # one device sync for all metrics
         metrics = dict(zip(names, values, strict=True))
+        if importance_weights is not None:
+            metrics["importance_weight_mean"] = float(token_mean(importance_weights))
         metrics["num_tokens"] = float(num_tokens)
     return loss, metrics

@@ -22,7 +22,7 @@ def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     trimmed = dict(batch)
     for key in ("input_ids", "attention_mask", "position_ids"):
         trimmed[key] = batch[key][:, left_pad : prompt_width + response_width]
-    for key in ("response_mask", "token_mask", "old_logprobs"):
+    for key in ("response_mask", "token_mask", "old_logprobs", "importance_weights"):
         if key in batch:
             trimmed[key] = batch[key][:, :response_width]
     return trimmed

@@ -16,13 +16,19 @@ import torch
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """How responses are sampled. ``top_k <= 0`` and ``top_p == 1.0`` switch those filters off."""
+    """How responses are sampled. ``top_k <= 0`` and ``top_p == 1.0`` switch those filters off.
+
+    ``logprobs``: also return each sampled token's log-prob under the generating weights,
+    log_softmax(logits / temperature) (the behaviour policy of asynchronous training; top-k/top-p
+    filtering is not reflected, as the learner's log-probs do not reflect it either).
+    """
 
     n: int
     max_new_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
+    logprobs: bool = False
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -41,10 +47,13 @@ class GeneratedResponses:
 
     ``token_ids[j]`` holds the response's tokens up to and including its EOS; ``finished[j]`` is
     False when the response hit ``max_new_tokens`` without an EOS (a truncated, overlong response).
+    ``logprobs[j]`` (when ``SamplingSettings.logprobs``) has one log-prob per token of ``token_ids[j]``
+    (NaN where the generator gave none).
     """
 
     token_ids: list[list[int]]
     finished: list[bool]
+    logprobs: list[list[float]] | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -5,11 +5,46 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-from transformers import DynamicCache, GenerationConfig, PreTrainedModel
+from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
 from dapo_rl.kv_cache import cache_keyword
 from dapo_rl.rollout.base import GeneratedResponses, SamplingSettings
 from dapo_rl.rollout.batch import split_at_eos
+
+
+class SampledTokenLogprobs(LogitsProcessor):
+    """Records the log-prob of each token ``generate`` samples, under the generating weights.
+
+    ``generate`` applies custom processors before its temperature and top-k/top-p warpers, so this
+    one sees the model's logits and takes log_softmax(logits / temperature): the distribution the
+    learner's log-probs are computed over. The sampled token is known only at the next call (it is
+    then the last input id), so one (rows, vocab) row of log-probs is held at a time, not one per
+    step; :meth:`finish` takes the last token's. The scores are returned unchanged: sampling (and
+    the random stream) is the same with or without it.
+    """
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+        self._pending: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self._take(input_ids[:, -1])
+        self._pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        if self._pending is not None:
+            self.steps.append(self._pending.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).cpu())
+            self._pending = None
+
+    def finish(self, output_ids: torch.Tensor) -> torch.Tensor:
+        """(rows, generated tokens) log-probs, given ``generate``'s output ids."""
+        self._take(output_ids[:, -1])
+        steps, self.steps = self.steps, []
+        if not steps:
+            return torch.zeros((len(output_ids), 0))
+        return torch.stack(steps, dim=1)
 
 
 def generation_device(setting: str = "auto") -> torch.device:
@@ -81,6 +116,7 @@ class HFGenerationBackend:
         device = next(self.model.parameters()).device
         token_ids: list[list[int]] = []
         finished: list[bool] = []
+        logprobs: list[list[float]] | None = [] if sampling.logprobs else None
         try:
             # HF generate draws from the global RNG: seed it here and restore the caller's state after.
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -88,23 +124,31 @@ class HFGenerationBackend:
                 for start in range(0, len(prompt_token_ids), self.prompts_per_call):
                     chunk = prompt_token_ids[start : start + self.prompts_per_call]
                     input_ids, attention_mask = _left_pad(chunk, self.pad_token_id, device)
+                    recorder = SampledTokenLogprobs(sampling.temperature) if sampling.logprobs else None
+                    processors = LogitsProcessorList([recorder] if recorder else [])
                     if self.share_prompt_prefill and sampling.n > 1 and input_ids.shape[1] > 1:
-                        output = self._generate_from_shared_prefill(input_ids, attention_mask, sampling.n, generation_config)
+                        output = self._generate_from_shared_prefill(
+                            input_ids, attention_mask, sampling.n, generation_config, processors)
                     else:
                         output = self.model.generate(
-                            input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config
+                            input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config,
+                            logits_processor=processors,
                         )
-                    for row in output[:, input_ids.shape[1] :].tolist():
+                    chunk_logprobs = recorder.finish(output).tolist() if recorder else None
+                    for index, row in enumerate(output[:, input_ids.shape[1] :].tolist()):
                         response, done = split_at_eos(row, self.eos_token_ids)
                         token_ids.append(response)
                         finished.append(done)
+                        if logprobs is not None:
+                            logprobs.append(chunk_logprobs[index][: len(response)])
         finally:
             self.model.train(was_training)
             self.model.generation_config = model_generation_config
-        return GeneratedResponses(token_ids=token_ids, finished=finished)
+        return GeneratedResponses(token_ids=token_ids, finished=finished, logprobs=logprobs)
 
     def _generate_from_shared_prefill(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int, generation_config: GenerationConfig
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int, generation_config: GenerationConfig,
+        processors: LogitsProcessorList,
     ) -> torch.Tensor:
         """``generate`` for ``n`` samples per prompt, with each prompt's prefill computed once.
 
@@ -131,6 +175,7 @@ class HFGenerationBackend:
             input_ids=input_ids.repeat_interleave(n, dim=0),
             attention_mask=attention_mask.repeat_interleave(n, dim=0),
             generation_config=GenerationConfig(**per_sample),
+            logits_processor=processors,
             **{keyword: cache},
         )
 

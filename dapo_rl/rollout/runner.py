@@ -134,7 +134,7 @@ class GenerationRunner:
         references = [problem.answer for problem in problems for _ in range(n)]
         results = self.env.score(texts, references)
         score_end = time.perf_counter()
-        return {
+        rollout = {
             "prompt_token_ids": [prompt_ids[row // n] for row in range(len(generated))],
             "response_token_ids": generated.token_ids,
             "response_text": texts,
@@ -149,3 +149,8 @@ class GenerationRunner:
             "generate_seconds": score_start - generate_start,
             "score_seconds": score_end - score_start,
         }
+        if sampling.logprobs:
+            if generated.logprobs is None:
+                raise RuntimeError(f"{type(self.backend).__name__} returned no log-probs though they were asked for")
+            rollout["behaviour_logprobs"] = [np.asarray(row, dtype=np.float32) for row in generated.logprobs]
+        return rollout

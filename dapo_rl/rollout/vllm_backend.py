@@ -19,6 +19,7 @@ Ray made visible to the actor; with one GPU it runs in the actor ("uni").
 from __future__ import annotations
 
 import importlib.util
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,9 @@ class VLLMEngineSettings:
     enable_sleep_mode: bool = False
     enforce_eager: bool = False
     seed: int = 0
+    #: "processed_logprobs" (vLLM >= 0.10.2): log-probs after temperature, which the behaviour
+    #: log-probs of asynchronous training need; None: vLLM's default (raw logits' log-probs).
+    logprobs_mode: str | None = None
 
     def engine_kwargs(self) -> dict[str, Any]:
         return {
@@ -76,6 +80,7 @@ class VLLMEngineSettings:
             # Ignore the checkpoint's generation_config.json: its top_k / repetition penalty would
             # change the sampling distribution the loss assumes (the HF backend does the same).
             "generation_config": "vllm",
+            **({"logprobs_mode": self.logprobs_mode} if self.logprobs_mode else {}),
         }
 
 
@@ -105,19 +110,25 @@ def sampling_params_kwargs(sampling: SamplingSettings, *, eos_token_ids: Sequenc
         "seed": seed,
         "stop_token_ids": list(eos_token_ids),
         "detokenize": False,  # the runner decodes; token ids are what training needs
+        # 0: the sampled token's log-prob only (the behaviour log-probs of asynchronous training).
+        **({"logprobs": 0} if sampling.logprobs else {}),
     }
 
 
-def responses_from_outputs(outputs: Sequence[Any], *, n: int, eos_token_ids: Sequence[int]) -> GeneratedResponses:
+def responses_from_outputs(outputs: Sequence[Any], *, n: int, eos_token_ids: Sequence[int],
+                           logprobs: bool = False) -> GeneratedResponses:
     """Convert ``LLM.generate``'s ``RequestOutput`` list (input order) to prompt-major responses.
 
     A response that stopped (``finish_reason == "stop"``) ends with its stop token, as with the HF
     backend, so the loss trains the policy to emit it; ``"length"`` means truncated at
-    ``max_tokens`` (an overlong response).
+    ``max_tokens`` (an overlong response). With ``logprobs``, each completion's ``logprobs`` (one
+    ``{token_id: Logprob}`` per token) give the sampled tokens' log-probs; a stop token vLLM left
+    out of ``token_ids`` has none (NaN: no correction for that token).
     """
     eos = set(eos_token_ids)
     token_ids: list[list[int]] = []
     finished: list[bool] = []
+    token_logprobs: list[list[float]] | None = [] if logprobs else None
     for request_index, request in enumerate(outputs):
         completions = sorted(request.outputs, key=lambda completion: completion.index)
         if len(completions) != n:
@@ -136,7 +147,20 @@ def responses_from_outputs(outputs: Sequence[Any], *, n: int, eos_token_ids: Seq
             else:
                 raise RuntimeError(f"vLLM request {request_index} ended with finish_reason={reason!r}")
             token_ids.append(response)
-    return GeneratedResponses(token_ids=token_ids, finished=finished)
+            if token_logprobs is not None:
+                token_logprobs.append(_sampled_logprobs(completion, response, request_index))
+    return GeneratedResponses(token_ids=token_ids, finished=finished, logprobs=token_logprobs)
+
+
+def _sampled_logprobs(completion: Any, response: list[int], request_index: int) -> list[float]:
+    entries = completion.logprobs
+    if entries is None:
+        raise RuntimeError(f"vLLM request {request_index} returned no logprobs though SamplingParams asked for them")
+    values = []
+    for position, token in enumerate(response):
+        entry = entries[position] if position < len(entries) else None
+        values.append(float(entry[token].logprob) if entry is not None and token in entry else math.nan)
+    return values
 
 
 def learner_broadcaster(master_address: str, master_port: int, world_size: int, device: torch.device):
@@ -191,7 +215,7 @@ class VLLMGenerationBackend:
         prompts = [{"prompt_token_ids": list(ids)} for ids in prompt_token_ids]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         self._sleep()
-        return responses_from_outputs(outputs, n=sampling.n, eos_token_ids=self.eos_token_ids)
+        return responses_from_outputs(outputs, n=sampling.n, eos_token_ids=self.eos_token_ids, logprobs=sampling.logprobs)
 
     # -- weights -------------------------------------------------------------------------------------
 
