@@ -174,9 +174,15 @@ def test_the_staleness_bound_holds_with_remote_runners_and_stale_rounds_are_drop
         assert result["dapo"]["stale_rounds_dropped_total"] == max_staleness
         assert result["dapo"]["staleness_max"] == 0  # what it trained on was generated after the drop
 
-        # Once the runners have worked through their queues, they hold the newest version.
+        # Once the runners have worked through their queues, they hold the newest version: the
+        # learner's weights, sent without stopping them.
         algo._stream.next_round()
         assert runner_versions(algo) == [algo._policy_version] * num_env_runners
+        learner = learner_weights(algo)
+        for weights in algo.env_runner_group.foreach_env_runner(
+                lambda runner: {k: np.asarray(v) for k, v in runner.module.get_state().items()}, local_env_runner=False):
+            assert weights.keys() == learner.keys()
+            assert all(np.array_equal(weights[key], learner[key]) for key in learner)
     finally:
         algo.stop()
 

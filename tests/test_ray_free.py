@@ -29,6 +29,7 @@ RAY_FREE_MODULES = [
     "dapo_rl",
     "dapo_rl.core",
     "dapo_rl.core.micro_batches",
+    "dapo_rl.core.off_policy",
     "dapo_rl.settings",
     "dapo_rl.models",
     "dapo_rl.presets",

@@ -290,3 +290,35 @@ def test_a_killed_learner_stops_the_run_naming_it_and_how_to_resume(ray_session)
     message = str(raised.value)
     assert message.startswith("learner 1 of 2 died during iteration 2 (")
     assert "dapo-rl train --resume" in message
+
+
+def test_a_killed_env_runner_in_the_asynchronous_stream_costs_only_its_share(ray_session, tmp_path):
+    """max_staleness=1 with 2 runners: a runner SIGKILLed mid-round loses its share, which is sent again
+    (same seed) to the other runner; the run goes on within the staleness bound, and the restarted
+    runner rejoins with the learners' weights and their policy version."""
+    marker = tmp_path / "kill_marker"
+    algo = (
+        make_config(max_staleness=1)
+        .environment(ENV, env_config={"operators": "+", "verifier": kill_once_verifier(marker)})
+        .env_runners(num_env_runners=2)
+        .build_algo()
+    )
+    try:
+        results = [algo.train() for _ in range(3)]
+        deadline = time.monotonic() + 120
+        while algo.env_runner_group.num_healthy_remote_env_runners() < 2 and time.monotonic() < deadline:
+            time.sleep(1)
+            algo.restore_env_runners(algo.env_runner_group)
+        results += [algo.train() for _ in range(2)]
+        algo._stream.next_round()  # let the runners work through what they were sent
+        versions = algo.env_runner_group.foreach_env_runner(lambda runner: runner._policy_version,
+                                                            local_env_runner=False)
+        healthy = algo.env_runner_group.num_healthy_remote_env_runners()
+        version = algo._policy_version
+    finally:
+        algo.stop()
+    assert marker.exists()  # a runner process really was killed mid-sampling
+    assert results[-1]["dapo"]["stream_failed_calls_total"] >= 1
+    assert all(r["dapo"]["staleness_max"] <= 1 for r in results)
+    assert all(math.isfinite(r["learners"][DEFAULT_MODULE_ID]["policy_loss"]) for r in results)
+    assert healthy == 2 and versions == [version, version]
