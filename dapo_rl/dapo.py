@@ -13,6 +13,11 @@ One ``train()`` call is one rollout step of the paper:
    ``learner_group.update`` on a mini-batch of whole groups, with the mini-batch's global loss
    normaliser (token-level loss exact under any sharding);
 6. weight sync to the env runners; metrics through RLlib's MetricsLogger.
+
+With ``max_staleness >= 1`` (asynchronous rollouts, :mod:`dapo_rl.async_rollouts`) step 1 takes its
+rounds from those the remote env runners generated while the previous step's update ran, step 3
+adds the truncated behaviour importance weights of the responses older weights generated, and step 6
+sends the weights without waiting for the runners.
 """
 
 from __future__ import annotations
@@ -375,6 +380,7 @@ class DAPO(Algorithm):
         self._optimizer_steps = 0
         self._consecutive_nonfinite_updates = 0
         self._nonfinite_updates_skipped = 0  # over the run (checkpointed)
+        self._empty_updates_skipped = 0  # mini-batches without a loss token, over the run (checkpointed)
         self._env_runner_failures = 0  # sampling calls lost to a failed env runner and redone, over the run
         self._round_env_runner_failures = 0  # the same, this iteration
         self._engine_sync = EngineWeightSync(self.config.vllm_tensor_parallel_size, self.config.vllm_dtype)
@@ -679,6 +685,12 @@ class DAPO(Algorithm):
         return torch.cat([logprobs for _, logprobs in shards], dim=0)
 
     def _update(self, minibatch: dict[str, torch.Tensor]) -> None:
+        if float(minibatch["loss_tokens"][0]) == 0:
+            # Every row masked (truncated responses under the overlong filter): the gradient is
+            # zero, but an AdamW step would still decay the weights and follow its momentum. Not an
+            # optimizer step, so the lr schedule stays where it is.
+            self._empty_updates_skipped += 1
+            return
         rows = len(minibatch["input_ids"])
         sample_batch = SampleBatch({key: value.numpy() for key, value in minibatch.items()})
         results = self.learner_group.update(
@@ -740,6 +752,7 @@ class DAPO(Algorithm):
             "sampling_limit_reached": float(stats.limit_reached),
             "optimizer_steps": self._optimizer_steps,
             "nonfinite_updates_skipped": self._nonfinite_updates_skipped,
+            "empty_updates_skipped": self._empty_updates_skipped,
             # Responses scored wrong because the verifier failed on them (see VerifierResult.failed).
             "verifier_failures": verifier_failures,
             # Sampling calls whose env runner died (killed, out of memory), redone on another runner.
@@ -866,6 +879,7 @@ class DAPO(Algorithm):
                 "shuffle_generator": self._shuffle_generator.get_state(),
                 "optimizer_steps": self._optimizer_steps,
                 "nonfinite_updates_skipped": self._nonfinite_updates_skipped,
+                "empty_updates_skipped": self._empty_updates_skipped,
                 "consecutive_nonfinite_updates": self._consecutive_nonfinite_updates,
                 "env_runner_failures": self._env_runner_failures,
                 "policy_version": self._policy_version,
@@ -882,6 +896,7 @@ class DAPO(Algorithm):
             self._shuffle_generator.set_state(dapo_state["shuffle_generator"])
             self._optimizer_steps = dapo_state["optimizer_steps"]
             self._nonfinite_updates_skipped = dapo_state.get("nonfinite_updates_skipped", 0)
+            self._empty_updates_skipped = dapo_state.get("empty_updates_skipped", 0)
             self._consecutive_nonfinite_updates = dapo_state.get("consecutive_nonfinite_updates", 0)
             self._env_runner_failures = dapo_state.get("env_runner_failures", 0)
             self._policy_version = dapo_state.get("policy_version", 0)

@@ -120,17 +120,24 @@ def runner_versions(algo) -> list[int]:
     return algo.env_runner_group.foreach_env_runner(lambda runner: runner._policy_version, local_env_runner=False)
 
 
-def test_max_staleness_0_is_the_synchronous_algorithm_exactly(ray_session):
-    def run(**changes):
+_TWO_ITERATIONS: dict[tuple, tuple[list[dict], dict[str, np.ndarray]]] = {}
+
+
+def two_iterations(**changes) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """The results and final learner weights of 2 iterations with 1 remote runner (each setting run once)."""
+    key = tuple(sorted(changes.items()))
+    if key not in _TWO_ITERATIONS:
         algo = make_config(**changes).env_runners(num_env_runners=1).build_algo()
         try:
-            results = [algo.train() for _ in range(2)]
-            return results, learner_weights(algo)
+            _TWO_ITERATIONS[key] = [algo.train() for _ in range(2)], learner_weights(algo)
         finally:
             algo.stop()
+    return _TWO_ITERATIONS[key]
 
-    reference, reference_weights = run()
-    synchronous, weights = run(max_staleness=0, importance_weight_cap=1.1)
+
+def test_max_staleness_0_is_the_synchronous_algorithm_exactly(ray_session):
+    reference, reference_weights = two_iterations()
+    synchronous, weights = two_iterations(max_staleness=0, importance_weight_cap=1.1)
     for expected, got in zip(reference, synchronous, strict=True):
         assert got["dapo"]["reward_mean"] == expected["dapo"]["reward_mean"]
         assert got["learners"][DEFAULT_MODULE_ID]["policy_loss"] == expected["learners"][DEFAULT_MODULE_ID]["policy_loss"]
@@ -209,16 +216,8 @@ def test_an_async_run_restored_from_a_checkpoint_goes_on_within_the_bound(ray_se
 def test_generator_logprobs_stand_in_for_the_recomputed_ones(ray_session):
     """recompute_old_logprobs=False: the old log-probs are the generator's (HF, float32: equal to a
     recomputation up to rounding), so a synchronous run trains as with the recomputation."""
-    def run(**changes):
-        algo = make_config(**changes).env_runners(num_env_runners=1).build_algo()
-        try:
-            results = [algo.train() for _ in range(2)]
-            return results, learner_weights(algo)
-        finally:
-            algo.stop()
-
-    recomputed, recomputed_weights = run()
-    generated, generated_weights = run(recompute_old_logprobs=False)
+    recomputed, recomputed_weights = two_iterations()
+    generated, generated_weights = two_iterations(recompute_old_logprobs=False)
     for expected, got in zip(recomputed, generated, strict=True):
         assert got["dapo"]["tokens_without_generator_logprob"] == 0
         assert got["dapo"]["reward_mean"] == expected["dapo"]["reward_mean"]

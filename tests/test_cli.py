@@ -50,6 +50,17 @@ def test_bad_settings_are_named(assignment, message):
         load_job(None, [assignment])
 
 
+def test_asynchronous_settings_from_the_command_line():
+    job = load_job(None, ["num_env_runners=1", "max_staleness=1", "importance_weight_cap=null",
+                          "recompute_old_logprobs=false"])
+    config = build_config(job, job["model"])
+    assert (config.max_staleness, config.importance_weight_cap, config.recompute_old_logprobs) == (1, None, False)
+    with pytest.raises(JobError, match="'max_staleness' .* must be int, got None"):
+        load_job(None, ["max_staleness=null"])
+    with pytest.raises(JobError, match="max_staleness=2 generates in remote env runners"):
+        build_config(load_job(None, ["max_staleness=2"]), "tiny-qwen2")
+
+
 def test_inconsistent_settings_fail_validation_with_values_on_one_line():
     job = load_job(None, ["minibatch_prompts=5"])
     with pytest.raises(JobError, match=r"minibatch_prompts \(5\) must divide prompts_per_step \(32\)") as raised:

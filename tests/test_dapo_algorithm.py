@@ -125,7 +125,9 @@ def test_training_rejects_unknown_key():
 def test_tune_runs_two_iterations_with_metrics(ray_session, tmp_path):
     tuner = tune.Tuner(
         "DAPO",  # registered by `import dapo_rl`
-        param_space=make_config(),
+        # Unfiltered: the random-init model's responses mostly run to the limit, and a mini-batch
+        # without loss tokens is skipped (no learner metrics).
+        param_space=make_config(overlong_filter=False),
         run_config=tune.RunConfig(
             name="dapo_tune_test", stop={"training_iteration": 2}, storage_path=str(tmp_path), verbose=0
         ),
@@ -152,7 +154,9 @@ def test_tune_runs_two_iterations_with_metrics(ray_session, tmp_path):
         assert math.isfinite(learner[key]), key
     # The random-init tiny model is close to uniform over its 258 tokens (entropy log 258 = 5.55).
     assert learner["entropy"] > 0.95 * math.log(258)
-    assert learner["gradients_default_optimizer_global_norm"] > 0
+    # 0 when the last update's groups were uniform (the random-init model's answers are mostly all
+    # truncated alike); gradients' flow is checked by the learning and equivalence tests.
+    assert math.isfinite(learner["gradients_default_optimizer_global_norm"])
     assert learner["default_optimizer_learning_rate"] == pytest.approx(TINY["lr"])  # no warm-up
     rows_per_update = TINY["minibatch_prompts"] * TINY["group_size"]
     assert learner["num_module_steps_trained"] == 2 * rows_per_update  # this iteration's 2 updates
@@ -412,7 +416,7 @@ def test_dynamic_sampling_keeps_only_mixed_groups(ray_session, monkeypatch):
     monkeypatch.setattr(dapo_module, "build_train_batch", spy)
     algo = make_config(
         env=HASH_ENV, env_config={}, dynamic_sampling=True, generation_batch_prompts=4,
-        max_sampling_rounds=8, on_sampling_limit="error",
+        max_sampling_rounds=8, on_sampling_limit="error", overlong_filter=False,
     ).build_algo()
     try:
         result = algo.train()

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
 
 import dapo_rl.dapo as dapo_module
@@ -322,3 +323,27 @@ def test_a_killed_env_runner_in_the_asynchronous_stream_costs_only_its_share(ray
     assert all(r["dapo"]["staleness_max"] <= 1 for r in results)
     assert all(math.isfinite(r["learners"][DEFAULT_MODULE_ID]["policy_loss"]) for r in results)
     assert healthy == 2 and versions == [version, version]
+
+
+def test_an_update_without_loss_tokens_leaves_the_weights_and_adamw_alone(ray_session, monkeypatch):
+    """Every response masked out (as the overlong filter does to truncated ones): the gradient is zero,
+    and AdamW's weight decay (0.1 here) would still move the weights. The mini-batch is skipped."""
+    real_build = dapo_module.build_train_batch
+
+    def all_masked(*args, **kwargs):
+        batch = real_build(*args, **kwargs)
+        batch["token_mask"] = torch.zeros_like(batch["token_mask"])
+        return batch
+
+    monkeypatch.setattr(dapo_module, "build_train_batch", all_masked)
+    algo = make_config(weight_decay=0.1).build_algo()
+    try:
+        before = learner_weights(algo)
+        result = algo.train()
+        after = learner_weights(algo)
+        state_size = optimizer_state_size(algo)
+    finally:
+        algo.stop()
+    assert max_abs_diff(before, after) == 0.0 and state_size == 0
+    assert result["dapo"]["optimizer_steps"] == 0
+    assert result["dapo"]["empty_updates_skipped"] == UPDATES_PER_STEP
