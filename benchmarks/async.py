@@ -16,7 +16,8 @@ steps, and DAPO's total), held-out accuracy (the job's avg@4 on 200 held-out pro
 number of steps, and held-out accuracy of every checkpoint (each ``--checkpoint-every`` steps) against
 DAPO's wall-clock time at that step, plotted.
 
-    python benchmarks/async.py [--iterations 150] [--checkpoint-every 30] [--output benchmarks/results/async_cpu.md]
+    python benchmarks/async.py [--iterations 150] [--checkpoint-every 30] [--seed 0] [--runs RUN ...] \\
+        [--output benchmarks/results/async_cpu.md]
 """
 
 from __future__ import annotations
@@ -60,9 +61,9 @@ def folder_name(run: str) -> str:
     return "".join(character if character.isalnum() else "_" for character in run)
 
 
-def train(model: Path, output: Path, iterations: int, checkpoint_every: int, extra: list[str]) -> dict:
+def train(model: Path, output: Path, iterations: int, checkpoint_every: int, seed: int, extra: list[str]) -> dict:
     settings = [f"model={model}", "warmstart_steps=0", f"iterations={iterations}", f"checkpoint_every={checkpoint_every}",
-                f"keep_checkpoints={iterations // checkpoint_every + 1}", *extra]
+                f"keep_checkpoints={iterations // checkpoint_every + 1}", f"seed={seed}", *extra]
     command = [sys.executable, "-m", "dapo_rl.cli", "train", "--output", str(output),
                *[item for setting in settings for item in ("--set", setting)]]
     with open(output.with_suffix(".log"), "w") as log:
@@ -71,23 +72,24 @@ def train(model: Path, output: Path, iterations: int, checkpoint_every: int, ext
     return json.loads((output / "summary.json").read_text(encoding="utf-8"))
 
 
-def held_out_accuracy(model_folder: Path) -> float:
-    """The job's held-out metric (avg@4 on the first 200 held-out problems, seed 0, T = 1)."""
+def held_out_accuracy(model_folder: Path, seed: int) -> float:
+    """The job's held-out metric (avg@4 on the first 200 held-out problems, T = 1), sampled with the
+    run's seed as the job's own evaluation is."""
     job = DEFAULT_JOB
     test_config = dapo_envs.held_out_env_config(job["env"], dict(job["env_config"]))
     return evaluate_model(model_folder, job["env"], env_config=test_config, samples=job["eval_samples"],
                           num_problems=job["eval_problems"], max_new_tokens=job["training"]["max_response_length"],
-                          max_prompt_length=job["training"]["max_prompt_length"], seed=0).avg_at_k
+                          max_prompt_length=job["training"]["max_prompt_length"], seed=seed).avg_at_k
 
 
-def curve(output: Path, summary: dict, scratch: Path) -> list[tuple[int, float, float]]:
+def curve(output: Path, summary: dict, scratch: Path, seed: int) -> list[tuple[int, float, float]]:
     """(step, DAPO seconds, held-out accuracy) at the start and at every checkpoint."""
     seconds_at = {row["training_iteration"]: row["time_total_s"] for row in iteration_results(output)}
     points = [(0, 0.0, summary["eval_accuracy_before"])]
     for record in complete_checkpoints(experiment_folder(output)):
         folder = scratch / f"{output.name}-{record.iteration}"
         export_checkpoint(record.path, folder)
-        points.append((record.iteration, seconds_at[record.iteration], held_out_accuracy(folder)))
+        points.append((record.iteration, seconds_at[record.iteration], held_out_accuracy(folder, seed)))
     return points
 
 
@@ -96,6 +98,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=DEFAULT_JOB["iterations"])
     parser.add_argument("--checkpoint-every", type=int, default=30)
     parser.add_argument("--skip", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0, help="DAPO's seed (the warm-start is seeded 0 either way)")
     parser.add_argument("--warmstart-steps", type=int, default=DEFAULT_JOB["warmstart_steps"])
     parser.add_argument("--output", default="benchmarks/results/async_cpu.md")
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS), metavar="RUN",
@@ -107,7 +110,7 @@ def main() -> None:
     for name in args.runs:
         extra = RUNS[name]
         output = root / folder_name(name)
-        summary = train(model, output, args.iterations, args.checkpoint_every, extra)
+        summary = train(model, output, args.iterations, args.checkpoint_every, args.seed, extra)
         rows = iteration_results(output)
         measured[name] = {
             "step": statistics.median(row["time_this_iter_s"] for row in rows[args.skip:]),
@@ -120,7 +123,7 @@ def main() -> None:
         }
         print(name, measured[name], flush=True)
     start_ray()
-    curves = {name: curve(root / folder_name(name), {"eval_accuracy_before": m["before"]}, root)
+    curves = {name: curve(root / folder_name(name), {"eval_accuracy_before": m["before"]}, root, args.seed)
               for name, m in measured.items()}
 
     output = Path(args.output)
@@ -140,7 +143,9 @@ def main() -> None:
     lines = [
         "# Asynchronous rollouts (max_staleness) vs synchronous DAPO on the main job",
         "",
-        f"Command: `python benchmarks/async.py --iterations {args.iterations} --checkpoint-every {args.checkpoint_every}`  ",
+        f"Command: `python benchmarks/async.py --iterations {args.iterations} --checkpoint-every {args.checkpoint_every} "
+        f"--seed {args.seed}" + (f" --runs {' '.join(repr(run) for run in args.runs)}" if args.runs != list(RUNS) else "")
+        + "`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores; torch {torch.__version__}; "
         f"1-min load average at the end {os.getloadavg()[0]:.1f}  ",
         f"Job: the main job (`dapo-rl train` defaults) from the tiny preset after {args.warmstart_steps} warm-start steps "
