@@ -31,9 +31,6 @@ from typing import Any
 
 import numpy as np
 
-#: The env runner method that takes weights and their policy version (``DAPOEnvRunner.receive_policy``).
-RECEIVE_POLICY = "receive_policy"
-
 
 @dataclass
 class RequestedRound:
