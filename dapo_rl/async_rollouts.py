@@ -107,15 +107,9 @@ class RolloutStream:
         while not oldest.complete:
             self._collect(timeout_seconds=0.05)
         self._rounds.popleft()
-        rollouts, metrics, offset = [], [], 0
-        for k in sorted(oldest.results):
-            rollout, runner_metrics = oldest.results[k]
-            rollout["group_index"] = rollout["group_index"] + offset  # share k's groups after share k-1's
-            offset += len(oldest.shares[k])
-            rollouts.append(rollout)
-            metrics.append(runner_metrics)
-        version = min(int(rollout["policy_version"]) for rollout in rollouts)
-        return FinishedRound(concatenate_rollouts(rollouts), version, metrics)
+        version = min(int(rollout["policy_version"]) for rollout, _ in oldest.results.values())
+        rollout, metrics = merge_shares(oldest.results)
+        return FinishedRound(rollout, version, metrics)
 
     def push_weights(self, state_ref: Any, version: int, runner_ids: list[int] | None = None) -> None:
         """Queue ``receive_policy(state, version)`` on the runners (behind the rounds they hold)."""
@@ -180,6 +174,20 @@ class RolloutStream:
                     f"({self.failed_calls} failed sampling calls in the asynchronous stream)")
             self._restore_runners()
             time.sleep(0.2)
+
+
+def merge_shares(parts: dict[int, tuple[dict[str, Any], Any]]) -> tuple[dict[str, Any], list[Any]]:
+    """One round's rollout from its shares' ``{share index: (rollout, runner metrics)}``: rows in share
+    order, share k's group ids numbered after share k - 1's; and the runner metrics, in the same order."""
+    rollouts, metrics, offset = [], [], 0
+    for k in sorted(parts):
+        rollout, runner_metrics = parts[k]
+        groups = rollout["group_index"]
+        rollout["group_index"] = groups + offset
+        offset += int(groups.max()) + 1 if len(groups) else 0
+        rollouts.append(rollout)
+        metrics.append(runner_metrics)
+    return concatenate_rollouts(rollouts), metrics
 
 
 def concatenate_rollouts(parts: list[dict[str, Any]]) -> dict[str, Any]:

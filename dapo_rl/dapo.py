@@ -59,7 +59,7 @@ from dapo_rl.distributed import (
 from dapo_rl.rollout.engine_sync import EngineWeightSync
 from dapo_rl.rollout.runner import PROMPT_TRUNCATION_CHOICES
 from dapo_rl.rollout.vllm_backend import INSTALL_HINT, vllm_available
-from dapo_rl.async_rollouts import RolloutStream, concatenate_rollouts
+from dapo_rl.async_rollouts import RolloutStream, merge_shares
 from dapo_rl.checkpoints import write_checkpoint_manifest, write_policy_module_config
 from dapo_rl.env_runner import DAPOEnvRunner, make_reasoning_env
 from dapo_rl.learner import NONFINITE_UPDATE_SKIPPED, DAPOTorchLearner
@@ -653,15 +653,9 @@ class DAPO(Algorithm):
             # has restarted it (restore_env_runners, when no runner is left, and at each iteration's start).
             self._env_runner_failures += failed
             self._round_env_runner_failures += failed
-        rollouts = []
-        offset = 0
-        for k in sorted(parts):
-            rollout, metrics = parts[k]
-            rollout["group_index"] = rollout["group_index"] + offset
-            offset += len(rollout["group_index"]) // self.config.group_size
-            rollouts.append(rollout)
-            runner_metrics.append(metrics)
-        return concatenate_rollouts(rollouts)
+        rollout, metrics = merge_shares(parts)
+        runner_metrics.extend(metrics)
+        return rollout
 
     def _groups_fitting_learners(self, group_index: torch.Tensor) -> torch.Tensor:
         """Mark groups that would leave a mini-batch unevenly split over learners as dropped (-1).

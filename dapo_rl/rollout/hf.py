@@ -35,7 +35,8 @@ class SampledTokenLogprobs(LogitsProcessor):
 
     def _take(self, tokens: torch.Tensor) -> None:
         if self._pending is not None:
-            self.steps.append(self._pending.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).cpu())
+            # Kept on the generating device: one copy to the host in finish(), not a sync per token.
+            self.steps.append(self._pending.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
             self._pending = None
 
     def finish(self, output_ids: torch.Tensor) -> torch.Tensor:
@@ -44,7 +45,7 @@ class SampledTokenLogprobs(LogitsProcessor):
         steps, self.steps = self.steps, []
         if not steps:
             return torch.zeros((len(output_ids), 0))
-        return torch.stack(steps, dim=1)
+        return torch.stack(steps, dim=1).cpu()
 
 
 def generation_device(setting: str = "auto") -> torch.device:
