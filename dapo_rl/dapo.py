@@ -32,7 +32,7 @@ import numpy as np
 import ray
 import torch
 from ray.rllib.algorithms.algorithm import Algorithm
-from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
 from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
@@ -61,7 +61,7 @@ from dapo_rl.rollout.runner import PROMPT_TRUNCATION_CHOICES
 from dapo_rl.rollout.vllm_backend import INSTALL_HINT, vllm_available
 from dapo_rl.async_rollouts import RolloutStream, merge_shares
 from dapo_rl.checkpoints import write_checkpoint_manifest, write_policy_module_config
-from dapo_rl.env_runner import DAPOEnvRunner, make_reasoning_env
+from dapo_rl.env_runner import DAPOEnvRunner, env_registration, make_reasoning_env
 from dapo_rl.learner import NONFINITE_UPDATE_SKIPPED, DAPOTorchLearner
 from dapo_rl.models import load_tokenizer, save_policy
 from dapo_rl.presets import list_presets
@@ -136,6 +136,7 @@ class DAPOConfig(AlgorithmConfig):
         # RLlib asks for spaces before any env runner exists (e.g. build_learner); ours are text.
         self.observation_space = TEXT_SPACE
         self.action_space = TEXT_SPACE
+        self.env_registration: dict[str, Any] | None = None  # see environment()
 
     @property
     def _dont_auto_sync_env_runner_states(self) -> bool:
@@ -147,6 +148,15 @@ class DAPOConfig(AlgorithmConfig):
     @_dont_auto_sync_env_runner_states.setter
     def _dont_auto_sync_env_runner_states(self, value: bool) -> None:
         self._skip_env_runner_state_sync = bool(value)
+
+    def environment(self, env: Any = NotProvided, **kwargs: Any) -> DAPOConfig:
+        """RLlib's ``environment``. An id registered by this process (``register_reasoning_env`` or
+        ``gymnasium.register`` in your script) travels with the config, so that Tune's trial and the
+        remote env runners, other processes, can make it too (``env_registration``)."""
+        super().environment(env, **kwargs)
+        if env is not NotProvided:
+            self.env_registration = env_registration(self.env)
+        return self
 
     def training(self, **kwargs: Any) -> DAPOConfig:
         """Set training settings: any key of ``DAPO_SETTINGS``, or RLlib's own (``lr``, ``grad_clip``,
@@ -762,6 +772,8 @@ class DAPO(Algorithm):
         }
         if self.config.max_staleness:
             values.update(self._async_metrics(rounds))
+        if "environment_turns" in rounds[0]:
+            values.update(_episode_metrics(rounds))
         values.update(self._step_extra)
         for name, value in values.items():
             log(("dapo", name), float(value), window=1)
@@ -927,3 +939,19 @@ def _update_was_skipped(learner_results: list[dict[str, Any]]) -> bool:
     if len(set(skipped)) > 1:
         raise RuntimeError(f"learners disagree on skipping a non-finite update (skipped, by learner: {skipped})")
     return bool(skipped) and skipped[0]
+
+
+def _episode_metrics(rounds: list[dict[str, Any]]) -> dict[str, float]:
+    """Multi-turn episodes generated this step: turns, the share that had an environment turn (a tool
+    call, a retry), and the share of episode tokens the environment wrote (no loss on them)."""
+    model_turns = np.concatenate([r["model_turns"] for r in rounds]).astype(np.float64)
+    environment_turns = np.concatenate([r["environment_turns"] for r in rounds]).astype(np.float64)
+    model_tokens = sum(float(mask.sum()) for r in rounds for mask in r["response_loss_mask"])
+    all_tokens = sum(float(r["response_length"].sum()) for r in rounds)
+    return {
+        "episode_model_turns_mean": model_turns.mean(),
+        "episode_model_turns_max": model_turns.max(),
+        "environment_turns_mean": environment_turns.mean(),
+        "environment_turn_frac": float((environment_turns > 0).mean()),
+        "environment_token_frac": 1.0 - model_tokens / max(1.0, all_tokens),
+    }

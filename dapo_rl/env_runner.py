@@ -40,10 +40,33 @@ from dapo_rl.rollout.vllm_backend import VLLMEngineSettings, VLLMGenerationBacke
 from dapo_rl.rollout.weight_sync import WeightMetadata
 
 
+#: The ``gymnasium.register`` fields a registration carries to other processes.
+_REGISTRATION_FIELDS = ("entry_point", "kwargs", "max_episode_steps", "reward_threshold", "nondeterministic",
+                        "order_enforce", "disable_env_checker")
+
+
+def env_registration(env_id: Any) -> dict[str, Any] | None:
+    """How ``env_id`` was registered in this process (``register_reasoning_env``, ``gymnasium.register``),
+    for another process to register it the same way; None for the ids ``dapo_envs`` registers on import
+    and for ids not registered here.
+
+    Tune's trial and the remote env runners are other processes, where an id registered in the
+    driver's script does not exist: the config carries this (the entry point pickled with it, a class
+    defined in ``__main__`` included) and :func:`make_reasoning_env` registers it there.
+    """
+    if not isinstance(env_id, str) or env_id not in gym.registry or env_id in dapo_envs.ENV_IDS:
+        return None
+    spec = gym.registry[env_id]
+    return {"id": env_id, **{name: getattr(spec, name) for name in _REGISTRATION_FIELDS}}
+
+
 def make_reasoning_env(config: Any) -> Any:
     """The (unwrapped) reasoning environment a config names, with its ``env_config`` keywords."""
     if not isinstance(config.env, str):
         raise ValueError(f"env must be a registered Gymnasium id string (e.g. 'dapo/Arithmetic-v0'), got {config.env!r}")
+    registration = getattr(config, "env_registration", None)
+    if config.env not in gym.registry and registration and registration["id"] == config.env:
+        gym.register(**registration)
     return gym.make(config.env, **dict(config.env_config or {})).unwrapped
 
 
@@ -250,4 +273,4 @@ class DAPOEnvRunner(EnvRunner, Checkpointable):
         return []
 
 
-__all__ = ["DAPOEnvRunner", "make_reasoning_env"]
+__all__ = ["DAPOEnvRunner", "env_registration", "make_reasoning_env"]

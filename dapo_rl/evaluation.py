@@ -34,6 +34,9 @@ class EvalResult:
     num_problems: int
     samples: int
     mean_response_length: float
+    #: Multi-turn environments: the share of episodes with at least one environment turn (a tool
+    #: call, a retry); None for one-turn environments.
+    environment_turn_frac: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,11 +57,14 @@ def evaluate_runner(
     accuracy: list[np.ndarray] = []
     predictions: list[str] = []
     lengths: list[np.ndarray] = []
+    environment_turns: list[np.ndarray] = []
     for start in range(0, len(problems), batch_prompts):
         rollout = runner.sample(problems[start : start + batch_prompts], sampling, seed=seed + start)
         accuracy.append(rollout["acc"])
         predictions.extend(rollout["pred"])
         lengths.append(rollout["response_length"])
+        if "environment_turns" in rollout:
+            environment_turns.append(rollout["environment_turns"])
     correct = np.concatenate(accuracy).reshape(len(problems), k)
     consensus = []
     for index in range(len(problems)):
@@ -76,6 +82,7 @@ def evaluate_runner(
         num_problems=len(problems),
         samples=k,
         mean_response_length=float(np.concatenate(lengths).mean()),
+        environment_turn_frac=float((np.concatenate(environment_turns) > 0).mean()) if environment_turns else None,
     )
 
 

@@ -526,7 +526,7 @@ def train_config(
     if job is not None and not resume:
         _write_json(output / JOB_FILE, job)  # what --resume restarts from
 
-    def accuracy(policy: Any, tokenizer: Any) -> float:
+    def accuracy(policy: Any, tokenizer: Any) -> EvalResult:
         return _held_out_accuracy(policy, tokenizer, test_env, held_out, prompt_settings, config, run.eval_samples)
 
     state = _read_run_state(output) if resume else None
@@ -542,6 +542,9 @@ def train_config(
         for log in (output / "samples.jsonl", output / RESULTS_FILE):  # the resume logs those iterations again
             _drop_lines_after(log, resumed.iteration if resumed else 0)
     print(f"held-out accuracy before DAPO: {state['accuracy_before']:.3f}", flush=True)
+    if state.get("environment_turn_frac_before") is not None:
+        print(f"held-out episodes with an environment turn (a tool call, a retry) before DAPO: "
+              f"{state['environment_turn_frac_before']:.3f}", flush=True)
 
     rl_config = config.copy(copy_frozen=False).rl_module(model_config=state["model_config"])
     start_ray(min_cpus=_trial_cpus(rl_config))
@@ -559,11 +562,18 @@ def train_config(
         progress.close()
     rl_seconds = time.perf_counter() - rl_start
     model, tokenizer = load_policy(export_final_policy(result, output))
-    accuracy_after = accuracy(model, tokenizer)
+    evaluation_after = accuracy(model, tokenizer)
+    accuracy_after = evaluation_after.avg_at_k
     print(f"held-out accuracy after DAPO:  {accuracy_after:.3f}", flush=True)
+    if evaluation_after.environment_turn_frac is not None:
+        print(f"held-out episodes with an environment turn after DAPO: {evaluation_after.environment_turn_frac:.3f}",
+              flush=True)
     summary = {
         "eval_accuracy_before": state["accuracy_before"],
         "eval_accuracy_after": accuracy_after,
+        # Multi-turn environments: held-out episodes with an environment turn (None: one-turn environments).
+        "eval_environment_turn_frac_before": state.get("environment_turn_frac_before"),
+        "eval_environment_turn_frac_after": evaluation_after.environment_turn_frac,
         "eval_metric": f"avg@{run.eval_samples} on the first {count} problems of {test_name}, temperature {config.temperature}",
         "iterations": int(result.metrics["training_iteration"]),
         "wall_seconds": time.perf_counter() - start,
@@ -628,8 +638,9 @@ def _prepare_dapo(config: DAPOConfig, model_config: dict[str, Any], run: RunSett
         warmstart_seconds = time.perf_counter() - warm_start
     elif model_config["model"] == TINY_PRESET:
         model_config["init_seed"] = init_seed  # DAPO starts from the weights just evaluated
-    return {"model_config": model_config, "accuracy_before": accuracy(model, tokenizer),
-            "warmstart_seconds": warmstart_seconds}
+    before = accuracy(model, tokenizer)
+    return {"model_config": model_config, "accuracy_before": before.avg_at_k,
+            "environment_turn_frac_before": before.environment_turn_frac, "warmstart_seconds": warmstart_seconds}
 
 
 def _read_run_state(output: Path) -> dict[str, Any] | None:
@@ -722,13 +733,13 @@ def _warm_start(model: Any, tokenizer: Any, env: Any, prompt_settings: PromptSet
                                  noise=run.warmstart_noise, seed=seed)
     with tqdm(total=settings.steps, desc="warm-start", unit="step", file=sys.stderr) as bar:
         supervised_warmstart(
-            model, tokenizer, env, encoder.encode_prompt, settings,
+            model, tokenizer, env, encoder.encode_prompt, settings, encode_environment_turn=encoder.encode_environment_turn,
             on_step=lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")),
         )
 
 
 def _held_out_accuracy(model: Any, tokenizer: Any, env: Any, problems: list[Any], prompt_settings: PromptSettings,
-                       config: DAPOConfig, samples: int) -> float:
+                       config: DAPOConfig, samples: int) -> EvalResult:
     """avg@``samples`` of an in-memory model, sampling as the config trains (temperature, top_p, top_k)."""
     # On the GPU when there is one, and back to the CPU after: training needs that memory.
     model.to(generation_device())
@@ -737,7 +748,7 @@ def _held_out_accuracy(model: Any, tokenizer: Any, env: Any, problems: list[Any]
         runner = GenerationRunner(env, tokenizer, backend, prompt_settings)
         sampling = SamplingSettings(n=samples, max_new_tokens=config.max_response_length, temperature=config.temperature,
                                     top_p=config.top_p, top_k=config.top_k)
-        return evaluate_runner(runner, problems, sampling, seed=int(config.seed or 0)).avg_at_k
+        return evaluate_runner(runner, problems, sampling, seed=int(config.seed or 0))
     finally:
         model.to("cpu")
 

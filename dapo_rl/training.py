@@ -137,7 +137,8 @@ def build_train_batch(
 
     Returns (B = responses, P/R = prompt/response widths): ``input_ids``, ``attention_mask``,
     ``position_ids`` (B, P+R); ``response_mask`` (B, R) real response tokens; ``token_mask`` (B, R)
-    the tokens that carry loss (overlong filtering zeroes truncated responses); ``rewards``,
+    the tokens that carry loss (overlong filtering zeroes truncated responses; the environment's turns of
+    multi-turn episodes, ``response_loss_mask``, carry none); ``rewards``,
     ``advantages`` (B,) float32; ``group_index`` (B,) int64; ``truncated``, ``acc`` (B,) bool;
     ``score`` (B,) float32 (the verifier's reward before shaping). From asynchronous rollouts also
     ``behaviour_logprobs`` (B, R) float32 (the generator's, 0 at padding) and ``staleness`` (B,)
@@ -155,6 +156,12 @@ def build_train_batch(
     truncated = collected["truncated"].bool()
     advantages = group_advantages(rewards, group_index, scale=advantage_scale)
     token_mask = overlong_mask(truncated, packed["response_mask"]) if overlong_filter else packed["response_mask"]
+    if "response_loss_mask" in collected:
+        # Multi-turn episodes: the environment's tokens carry no loss and do not count in the token mean.
+        model_tokens = torch.zeros_like(token_mask)
+        for row, values in enumerate(collected["response_loss_mask"]):
+            model_tokens[row, : len(values)] = torch.as_tensor(np.asarray(values), dtype=token_mask.dtype)
+        token_mask = token_mask * model_tokens
     batch = {
         "input_ids": packed["input_ids"],
         "attention_mask": packed["attention_mask"],

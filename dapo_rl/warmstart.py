@@ -6,6 +6,10 @@ and most of the skill, from demonstrations of which a share ``noise`` carry a *w
 (an integer answer shifted by ±1 or ±10, as a careless solver would; a non-integer one swapped with
 another problem's). The model then samples right and wrong answers for the same prompt, which is
 exactly the situation DAPO learns from: the verifier's reward tells which is which.
+
+A multi-turn environment's demonstrations (``env.demonstration(problem)``: model and environment
+turns, alternating) are trained on whole, the environment's turns as context only (no loss on
+them), the noise shifting the answer of the last model turn.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from dapo_envs.multi_turn import is_multi_turn
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,7 @@ def supervised_warmstart(
     encode_prompt: Callable[[Any], list[int]],
     settings: WarmStartSettings,
     *,
+    encode_environment_turn: Callable[[str], list[int]] | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Train ``model`` in place with cross-entropy on the response tokens; returns the losses.
@@ -58,7 +65,12 @@ def supervised_warmstart(
     Args:
         env: a reasoning environment (``gym.make(...).unwrapped``) of the *training* split.
         encode_prompt: prompt → token ids, the same encoding the RL runner uses.
+        encode_environment_turn: a multi-turn environment's turn → token ids, as the RL runner
+            encodes it (``GenerationRunner.encode_environment_turn``); needed for such environments.
     """
+    multi_turn = is_multi_turn(env)
+    if multi_turn and encode_environment_turn is None:
+        raise ValueError(f"{type(env).__name__} is multi-turn: pass encode_environment_turn (the runner's encoding)")
     rng = np.random.default_rng(settings.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
     device = next(model.parameters()).device
@@ -76,9 +88,19 @@ def supervised_warmstart(
                     other = problems[int(rng.integers(len(problems)))].answer
                     answer = corrupt_answer(answer, other, rng)
                 prompt_ids = encode_prompt(problem)
-                response_ids = tokenizer(env.verifier.format_answer(answer), add_special_tokens=False).input_ids + [eos]
-                sequences.append(prompt_ids + response_ids)
-                labels.append([-100] * len(prompt_ids) + response_ids)
+                turns = env.demonstration(problem) if multi_turn else [env.solution_text(problem)]
+                turns[-1] = env.verifier.format_answer(answer)
+                sequence, label = list(prompt_ids), [-100] * len(prompt_ids)
+                for index, text in enumerate(turns):
+                    if index % 2:  # the environment's turn: context, no loss
+                        turn_ids = encode_environment_turn(text)
+                        label += [-100] * len(turn_ids)
+                    else:
+                        turn_ids = tokenizer(text, add_special_tokens=False).input_ids + [eos]
+                        label += turn_ids
+                    sequence += turn_ids
+                sequences.append(sequence)
+                labels.append(label)
             width = max(len(s) for s in sequences)
             input_ids = torch.full((len(sequences), width), tokenizer.pad_token_id, dtype=torch.long)
             label_ids = torch.full((len(sequences), width), -100, dtype=torch.long)

@@ -10,9 +10,15 @@ Importing the package registers these Gymnasium ids (``gymnasium.make(id)``):
 ``dapo/MATH500-v0``        MATH-500 (500), ``\\boxed{}`` prompt, ``math_verify`` verifier.
 ``dapo/GSM8K-v0``          GSM8K test (1,319), ``####`` prompt, ``gsm8k`` verifier.
 ``dapo/Arithmetic-v0``     Procedural integer arithmetic (seeded, ``split="train"|"test"``), ``dapo``.
+``dapo/Calculator-v0``     Multi-turn: 3-digit multiplication with a calculator tool (``<calc>...</calc>``).
+``dapo/MathRetry-v0``      Multi-turn: any ``dapo/Math-v0`` data set, with more tries after a wrong answer.
 =========================  =============================================================================
 
-Add your own task with :func:`register_reasoning_env` (or ``gymnasium.register`` with entry point
+Multi-turn environments (:mod:`dapo_envs.multi_turn`) answer a model turn with another observation
+(a tool's result, "try again") until their verdict; the trainer generates again after each reply.
+
+Add your own task with :func:`register_reasoning_env` (a data set, or an environment class such as a
+:class:`~dapo_envs.multi_turn.ToolEnv` subclass; or ``gymnasium.register`` with entry point
 ``"dapo_envs.math:MathEnv"``) and your own verifier with :func:`register_verifier`. The trainer
 protocol (batched prompts and scoring) is documented in :mod:`dapo_envs.base`;
 :func:`held_out_env_config` gives the configuration to evaluate a registered id on. No Ray needed.
@@ -27,8 +33,10 @@ import gymnasium
 from gymnasium.envs.registration import load_env_creator
 
 # Submodules are attributes of the package (dapo_envs.datasets.load(...) works after `import dapo_envs`).
-from dapo_envs import arithmetic, base, datasets, math, prompts, verifier_pool, verifiers  # noqa: F401
+from dapo_envs import arithmetic, base, datasets, math, multi_turn, prompts, verifier_pool, verifiers  # noqa: F401
+from dapo_envs import calculator_env, math_retry, tools  # noqa: F401
 from dapo_envs.base import Problem, ReasoningEnv, ResponseText
+from dapo_envs.multi_turn import Episode, MultiTurnReasoningEnv, ToolEnv, Turn, is_multi_turn
 from dapo_envs.verifiers import (
     Verifier,
     VerifierResult,
@@ -40,13 +48,18 @@ from dapo_envs.verifiers import (
 
 __all__ = [
     "ENV_IDS",
+    "Episode",
+    "MultiTurnReasoningEnv",
     "Problem",
     "ReasoningEnv",
     "ResponseText",
+    "ToolEnv",
+    "Turn",
     "Verifier",
     "VerifierResult",
     "get_verifier",
     "held_out_env_config",
+    "is_multi_turn",
     "list_verifiers",
     "register_reasoning_env",
     "register_verifier",
@@ -69,6 +82,11 @@ _BUILTIN_ENVS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "dapo/GSM8K-v0": (_MATH_ENTRY_POINT, {"dataset": "gsm8k", "verifier": "gsm8k", "prompt_template": "gsm8k"}),
     "dapo/Arithmetic-v0": ("dapo_envs.arithmetic:ArithmeticEnv", {}),
+    "dapo/Calculator-v0": ("dapo_envs.calculator_env:CalculatorEnv", {}),
+    "dapo/MathRetry-v0": (
+        "dapo_envs.math_retry:MathRetryEnv",
+        {"dataset": "dapo_math_17k", "verifier": "dapo", "prompt_template": "dapo"},
+    ),
 }
 
 #: The Gymnasium ids this package registers.
@@ -79,45 +97,74 @@ for _env_id, (_entry_point, _kwargs) in _BUILTIN_ENVS.items():
         gymnasium.register(id=_env_id, entry_point=_entry_point, kwargs=dict(_kwargs))
 
 
+_REGISTER_OPTIONS = ("max_episode_steps", "reward_threshold", "nondeterministic", "order_enforce", "disable_env_checker")
+
+
 def register_reasoning_env(
     env_id: str,
+    env_class: type[ReasoningEnv] | None = None,
     *,
-    dataset: str | Any | Sequence[Mapping[str, Any]],
-    verifier: str | Verifier | Callable[[str, str], Any],
-    prompt_template: str,
+    dataset: str | Any | Sequence[Mapping[str, Any]] | None = None,
+    verifier: str | Verifier | Callable[[str, str], Any] | None = None,
+    prompt_template: str | None = None,
     **kwargs: Any,
 ) -> None:
-    """Register a Gymnasium id for a reasoning task on your own data, so ``gymnasium.make(env_id)`` works.
+    """Register a Gymnasium id for a reasoning task, so ``gymnasium.make(env_id)`` works.
+
+    Two forms:
+
+    - ``register_reasoning_env(id, dataset=..., verifier=..., prompt_template=...)``: your own data
+      with ``dapo/Math-v0``'s environment (one prompt, one response).
+    - ``register_reasoning_env(id, MyEnv, **kwargs)``: your own environment class, a
+      :class:`ReasoningEnv` subclass, one-turn or multi-turn (:class:`~dapo_envs.multi_turn.MultiTurnReasoningEnv`,
+      :class:`~dapo_envs.multi_turn.ToolEnv`); ``make`` calls ``MyEnv(**kwargs)``. It is built once
+      here, so that a broken class fails at registration rather than inside a training run.
 
     Args:
         env_id: The new id, e.g. ``"my/Capitals-v0"`` (Gymnasium's ``[namespace/]name-vN`` form).
+        env_class: Your environment class (None: ``dapo/Math-v0``'s, on ``dataset``).
         dataset: What :func:`dapo_envs.datasets.load` accepts: a bundled name, a ``.parquet`` / ``.jsonl``
             path, a ``pyarrow.Table`` or a list of ``{"prompt", "answer"}`` dicts.
         verifier: A registered verifier name, a ``Verifier``, or a function
             ``(response, reference) -> VerifierResult`` (bool, number or verl-style dict also accepted).
         prompt_template: A template name (``dapo``, ``boxed``, ``gsm8k``, ``plain``) or a string containing
             ``{problem}``.
-        **kwargs: Further ``dapo/Math-v0`` arguments (``verifier_timeout``, ``max_response_chars``) and
-            ``gymnasium.register`` options (``max_episode_steps``, ``order_enforce``, ...).
+        **kwargs: Further arguments of the environment (``verifier_timeout``, ``max_response_chars``...)
+            and ``gymnasium.register`` options (``max_episode_steps``, ``order_enforce``, ...).
 
     Raises:
         ValueError: ``env_id`` is already registered, or the template or dataset path is invalid.
+        TypeError: ``env_class`` is not a ReasoningEnv subclass, or the data-set form lacks an argument.
         KeyError: ``verifier`` names no registered verifier.
     """
     if not isinstance(env_id, str) or not env_id:
         raise ValueError(f"env_id must be a non-empty string, got {env_id!r}")
     if env_id in gymnasium.registry:
         raise ValueError(f"an environment with id '{env_id}' is already registered; choose another id or version")
+    register_options = {key: kwargs.pop(key) for key in _REGISTER_OPTIONS if key in kwargs}
+    given = {name: value for name, value in
+             (("dataset", dataset), ("verifier", verifier), ("prompt_template", prompt_template)) if value is not None}
+    if env_class is not None:
+        if not (isinstance(env_class, type) and issubclass(env_class, ReasoningEnv)):
+            raise TypeError(f"env_class must be a subclass of dapo_envs.ReasoningEnv, got {env_class!r}")
+        env_kwargs = {**given, **kwargs}
+        env = env_class(**env_kwargs)  # fail here, at registration, rather than at the first make()
+        if is_multi_turn(env):
+            turns = getattr(env, "max_turns", None)
+            if isinstance(turns, bool) or not isinstance(turns, int) or turns < 1:
+                raise ValueError(f"{env_class.__name__}.max_turns must be an integer >= 1, got {turns!r}")
+        env.close()
+        gymnasium.register(id=env_id, entry_point=env_class, kwargs=env_kwargs, **register_options)
+        return
+    missing = [name for name in ("dataset", "verifier", "prompt_template") if name not in given]
+    if missing:
+        raise TypeError(f"register_reasoning_env without env_class needs dataset, verifier and prompt_template; "
+                        f"missing: {', '.join(missing)}")
     # Fail here, at registration, rather than at the first make().
     resolve_verifier(verifier)
     prompts.resolve_template(prompt_template)
     if isinstance(dataset, str) and dataset not in datasets.BUNDLED:
         datasets.load(dataset)  # a path: check that it exists and parses (the result is cached for make)
-    register_options = {
-        key: kwargs.pop(key)
-        for key in ("max_episode_steps", "reward_threshold", "nondeterministic", "order_enforce", "disable_env_checker")
-        if key in kwargs
-    }
     gymnasium.register(
         id=env_id,
         entry_point=_MATH_ENTRY_POINT,

@@ -1,4 +1,4 @@
-"""Tools that multi-turn reasoning environments answer a model's calls with (issue 15, in progress).
+"""Tools that multi-turn reasoning environments answer a model's calls with (``dapo/Calculator-v0``).
 
 ``calculator``: exact arithmetic over a small grammar (numbers, + - * /, parentheses), never ``eval``.
 """

@@ -1,0 +1,116 @@
+"""Multi-turn episodes through the RLlib algorithm: one DAPO step on dapo/Calculator-v0 with scripted
+turns (the environment's tokens out of the loss, the episode metrics), and a user-registered
+multi-turn class reaching other processes with the config."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import cloudpickle
+import numpy as np
+import pytest
+
+import dapo_rl.dapo as dapo_module
+from dapo_envs import ToolEnv, register_reasoning_env
+from dapo_envs.arithmetic import ArithmeticEnv
+from dapo_rl import DAPOConfig
+from dapo_rl.env_runner import env_registration
+from tests.test_multi_turn import ScriptedPolicy, question_of, tool_user
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(group_size=4, prompts_per_step=4, minibatch_prompts=2, max_prompt_length=32, max_response_length=64,
+            overlong_cache_len=4, lr=1e-4, lr_warmup_steps=0, num_epochs=1, dynamic_sampling=False)
+
+
+def calculator_config(**training) -> DAPOConfig:
+    return (DAPOConfig().rl_module(model_config={"model": "tiny-qwen2"})
+            .environment("dapo/Calculator-v0", env_config={"prompt_template": "What is {problem}?\n"})
+            .training(**{**TINY, **training}).debugging(seed=0))
+
+
+def half_use_the_tool(context: str) -> tuple[str, bool]:
+    """Odd-numbered first digits answer at once (wrong); the others call the calculator, then answer."""
+    if "<result>" not in context and int(question_of(context)[0]) % 2:
+        return "Answer: 0", True
+    return tool_user(context)
+
+
+def test_one_dapo_step_trains_on_the_models_tokens_only(ray_session):
+    batches = []
+    real_build = dapo_module.build_train_batch
+
+    def spy(collected, **kwargs):
+        batch = real_build(collected, **kwargs)
+        batches.append((collected, batch))
+        return batch
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dapo_module, "build_train_batch", spy)
+        algo = calculator_config().build_algo()
+        try:
+            tokenizer = algo._tokenizer
+            algo.env_runner.backend = algo.env_runner.generation.backend = ScriptedPolicy(tokenizer, half_use_the_tool)
+            result = algo.train()
+        finally:
+            algo.stop()
+    (collected, batch), = batches
+    dapo = result["dapo"]
+    used_tool = np.asarray([len(mask) > int(mask.sum()) for mask in collected["response_loss_mask"]])
+    assert 0 < used_tool.mean() < 1  # a mixed batch: advantages are not all zero
+    assert dapo["environment_turn_frac"] == pytest.approx(used_tool.mean())
+    assert dapo["episode_model_turns_max"] == 2.0
+    assert dapo["generated_accuracy"] == pytest.approx(used_tool.mean())  # the tool users answer right
+    for row, mask in enumerate(collected["response_loss_mask"]):
+        assert batch["token_mask"][row, : len(mask)].tolist() == mask.tolist()
+    learner = result["learners"]["default_policy"]
+    assert np.isfinite(learner["policy_loss"])
+    model_tokens = sum(int(mask.sum()) for mask in collected["response_loss_mask"])
+    all_tokens = int(collected["response_length"].sum())
+    assert dapo["environment_token_frac"] == pytest.approx(1 - model_tokens / all_tokens)
+    assert result["samples"][0]["response"].startswith(("<calc>", "Answer: 0"))
+
+
+class Doubler(ToolEnv):
+    """A tool that doubles a number: defined here, registered only inside a test."""
+
+    tag = "double"
+
+    def __init__(self, **kwargs):
+        super().__init__(ArithmeticEnv(operators="+"), **kwargs)
+
+    def tool(self, text):
+        return str(2 * int(text)) if text.strip().isdigit() else "error"
+
+
+def test_a_user_registered_id_travels_with_the_config(tmp_path):
+    env_id = f"test/Doubler-{uuid.uuid4().hex[:6]}-v0"
+    register_reasoning_env(env_id, Doubler, max_calls=2)
+    config = DAPOConfig().environment(env_id, env_config={"max_calls": 1})
+    assert config.env_registration["id"] == env_id and config.env_registration["entry_point"] is Doubler
+    assert env_registration("dapo/Calculator-v0") is None  # dapo_envs registers its own ids on import
+    assert DAPOConfig().environment("dapo/Arithmetic-v0").env_registration is None
+    # Another process (a Tune trial, a remote env runner) where the id was never registered. Ray
+    # pickles a class of the user's __main__ by value; this module's the same way here.
+    module = sys.modules[Doubler.__module__]
+    cloudpickle.register_pickle_by_value(module)
+    try:
+        (tmp_path / "config.pkl").write_bytes(cloudpickle.dumps(config))
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+    script = (
+        "import pickle, sys, gymnasium as gym\n"
+        "from dapo_rl.env_runner import make_reasoning_env\n"
+        f"config = pickle.load(open({str(tmp_path / 'config.pkl')!r}, 'rb'))\n"
+        f"assert {env_id!r} not in gym.registry\n"
+        "env = make_reasoning_env(config)\n"
+        "env.reset(seed=0)\n"
+        "print(type(env).__name__, env.max_turns, env.step('<double>21</double>')[0])\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.strip() == "Doubler 2 <result>42</result>"
+    assert pickle.loads((tmp_path / "config.pkl").read_bytes()).env_registration["kwargs"] == {"max_calls": 2}
