@@ -176,6 +176,8 @@ class DAPOConfig(AlgorithmConfig):
         return [[0, self.lr / self.lr_warmup_steps], [self.lr_warmup_steps - 1, self.lr]]
 
     def validate(self) -> None:
+        if self.env_registration is None:  # env set without environment() (update_from_dict, attribute)
+            self.env_registration = env_registration(self.env)
         self.validate_settings(require_installed=True)
 
     def validate_settings(self, *, require_installed: bool = True) -> None:

@@ -211,14 +211,17 @@ def _file_overrides(config_file: str, job: dict[str, Any]) -> list[tuple[str, An
 
 def parse_assignment(assignment: str, option: str) -> tuple[str, Any]:
     """``key=value`` from the command line (``option`` names it in errors): the value read as YAML
-    (``3``, ``1e-4``, ``true``, ``[a, b]``), else as the text."""
+    (``3``, ``1e-4``, ``true``, ``[a, b]``, ``"a quoted\\n string"``), else as the text. Text is kept
+    exactly as given: YAML would strip a prompt template's trailing newline or spaces."""
     if "=" not in assignment:
         raise JobError(f"{option} takes key=value, got {assignment!r}")
     key, raw = assignment.split("=", 1)
     try:
-        return key.strip(), yaml.safe_load(raw) if raw != "" else ""
+        value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         return key.strip(), raw
+    quoted = raw.strip()[:1] in ("'", '"')
+    return key.strip(), raw if isinstance(value, str) and not quoted else value
 
 
 def _paper_default(key: str) -> Any:

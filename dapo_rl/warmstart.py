@@ -50,6 +50,16 @@ def corrupt_answer(answer: str, other_answer: str, rng: np.random.Generator) -> 
     return str(value + int(rng.choice([-10, -1, 1, 10])))
 
 
+def demonstration_turns(env: Any, problem: Any) -> list[str]:
+    """``env.demonstration(problem)``, checked: model and environment turns alternating, model first
+    and last (an odd number of strings)."""
+    turns = env.demonstration(problem)
+    if not (isinstance(turns, list) and len(turns) % 2 == 1 and all(isinstance(turn, str) for turn in turns)):
+        raise ValueError(f"{type(env).__name__}.demonstration must return a list of an odd number of strings "
+                         f"(model turn, environment turn, ..., model turn), got {turns!r:.200}")
+    return list(turns)
+
+
 def supervised_warmstart(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -88,8 +98,9 @@ def supervised_warmstart(
                     other = problems[int(rng.integers(len(problems)))].answer
                     answer = corrupt_answer(answer, other, rng)
                 prompt_ids = encode_prompt(problem)
-                turns = env.demonstration(problem) if multi_turn else [env.solution_text(problem)]
-                turns[-1] = env.verifier.format_answer(answer)
+                turns = demonstration_turns(env, problem) if multi_turn else [env.solution_text(problem)]
+                if answer != problem.answer:  # a noisy demonstration: its final answer is wrong
+                    turns[-1] = env.verifier.format_answer(answer)
                 sequence, label = list(prompt_ids), [-100] * len(prompt_ids)
                 for index, text in enumerate(turns):
                     if index % 2:  # the environment's turn: context, no loss

@@ -90,16 +90,19 @@ class MathRetryEnv(MultiTurnReasoningEnv):
         return self.problems.problem(index)
 
     def respond(self, episode: Episode, response: str) -> Turn:
-        result = self.verifier(response, episode.problem.answer)
-        episode.data["last_result"] = result
-        if result.acc:
-            discount = self.retry_discount ** (episode.turns - 1)
-            return Turn(result=VerifierResult(score=result.score * discount, acc=True, pred=result.pred,
-                                              reason=result.reason, failed=result.failed))
-        if episode.turns >= self.max_tries:  # out of tries: the environment's own end (terminated)
+        result = self._verdict(episode)
+        if result.acc or episode.turns >= self.max_tries:  # right, or out of tries: the episode ends
             return Turn(result=result)
         return Turn(observation=self.retry_message)
 
     def conclude(self, episode: Episode) -> VerifierResult:
-        last = episode.data.get("last_result")  # the verdict on the last try, when it was verified
-        return last if last is not None else super().conclude(episode)
+        return self._verdict(episode)
+
+    def _verdict(self, episode: Episode) -> VerifierResult:
+        """The verifier's verdict on the newest try, a correct one discounted by the tries it took."""
+        result = self.verifier(episode.responses[-1], episode.problem.answer)
+        if not result.acc:
+            return result
+        discount = self.retry_discount ** (episode.turns - 1)
+        return VerifierResult(score=result.score * discount, acc=True, pred=result.pred, reason=result.reason,
+                              failed=result.failed)

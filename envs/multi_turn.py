@@ -13,12 +13,16 @@ the environment:
 
 ``begin_episode(problem) -> Episode``
     A new episode on ``problem``.
-``take_turn(episode, response: str) -> Turn``
+``take_turn(episode, response: str, *, cut=False) -> Turn``
     The environment's answer to one model turn: an observation (the episode goes on) or a verdict
     (it ends). It records the turn in ``episode`` and enforces ``max_turns``: when the model has
-    used its last turn and the environment would go on, the episode is concluded instead.
+    used its last turn and the environment would go on, the episode is concluded instead. A turn
+    ``cut`` short by the trainer's token budget is not answered: the episode is concluded.
+``stop_episode(episode) -> VerifierResult``
+    End an episode the trainer stops (no token left for the model's next turn): ``conclude``.
 ``conclude(episode) -> VerifierResult``
-    The verdict on an episode the trainer stops early (its token budget is used up).
+    The verdict on an episode stopped before the environment's own (by default the verifier's on the
+    last response).
 ``demonstration(problem) -> list[str]``
     A correct episode, model and environment turns alternating (model first), for warm-starts.
 ``max_turns``
@@ -143,18 +147,29 @@ class MultiTurnReasoningEnv(ReasoningEnv):
     # -- trainer protocol ----------------------------------------------------------------------------
 
     def begin_episode(self, problem: Problem) -> Episode:
+        turns = getattr(self, "max_turns", None)
+        if isinstance(turns, bool) or not isinstance(turns, int) or turns < 1:
+            raise ValueError(f"{type(self).__name__}.max_turns must be an integer >= 1 (set it in __init__), got {turns!r}")
         return Episode(problem=problem)
 
-    def take_turn(self, episode: Episode, response: str) -> Turn:
-        """Record ``response``, answer it, and end the episode at its verdict or its last turn."""
+    def take_turn(self, episode: Episode, response: str, *, cut: bool = False) -> Turn:
+        """Record ``response``, answer it, and end the episode at its verdict or its last turn.
+
+        ``cut``: the trainer's token budget cut the response short. It is recorded and the episode
+        concluded (:meth:`conclude`) without the environment answering it: a half-written tool call
+        is not run.
+        """
         if episode.done:
             raise RuntimeError("the episode is over; begin a new one")
         episode.responses.append(as_text(response, "the response"))
-        turn = self.respond(episode, episode.responses[-1])
-        if not isinstance(turn, Turn):
-            raise TypeError(f"{type(self).__name__}.respond must return a Turn, got {type(turn).__name__}")
-        if not turn.done and episode.turns >= self.max_turns:
-            turn = Turn(result=self.conclude(episode), reward=turn.reward, turn_limit=True)
+        if cut:
+            turn = Turn(result=self.conclude(episode))
+        else:
+            turn = self.respond(episode, episode.responses[-1])
+            if not isinstance(turn, Turn):
+                raise TypeError(f"{type(self).__name__}.respond must return a Turn, got {type(turn).__name__}")
+            if not turn.done and episode.turns >= self.max_turns:
+                turn = Turn(result=self.conclude(episode), reward=turn.reward, turn_limit=True)
         episode.rewards.append(float(turn.reward))
         if turn.done:
             episode.result = turn.result
@@ -163,7 +178,7 @@ class MultiTurnReasoningEnv(ReasoningEnv):
         return turn
 
     def stop_episode(self, episode: Episode) -> VerifierResult:
-        """End an episode from outside (its token budget is used up): the environment concludes."""
+        """End an episode from outside (no token left for the model's next turn): the environment concludes."""
         if not episode.done:
             episode.result = self.conclude(episode)
         return episode.result
@@ -261,4 +276,11 @@ class ToolEnv(MultiTurnReasoningEnv):
         if call is None:
             return Turn(result=self.verifier(response, episode.problem.answer))
         episode.data["calls"] = episode.data.get("calls", 0) + 1
-        return Turn(observation=f"<result>{self.tool(call)}</result>", reward=self.call_reward)
+        try:
+            output = self.tool(call)
+        except Exception as error:  # a bug in the tool, not the model's: stop with what was called
+            raise RuntimeError(f"{type(self).__name__}.tool raised {type(error).__name__} on the call "
+                               f"<{self.tag}>{call[:200]}</{self.tag}>: {error}") from error
+        if not isinstance(output, str):
+            raise TypeError(f"{type(self).__name__}.tool must return a string, got {type(output).__name__}")
+        return Turn(observation=f"<result>{output}</result>", reward=self.call_reward)

@@ -50,6 +50,14 @@ def test_bad_settings_are_named(assignment, message):
         load_job(None, [assignment])
 
 
+def test_text_values_keep_their_whitespace_and_quoted_ones_their_escapes():
+    template = "What is {problem}?\n"
+    assert load_job(None, [f"env_config.prompt_template={template}"])["env_config"]["prompt_template"] == template
+    quoted = load_job(None, ['env_config.prompt_template="Q: {problem}\\n"'])["env_config"]["prompt_template"]
+    assert quoted == "Q: {problem}\n"
+    assert load_job(None, ["env_config.operators=+-", "env_config.digits=3"])["env_config"] == {"operators": "+-", "digits": 3}
+
+
 def test_asynchronous_settings_from_the_command_line():
     job = load_job(None, ["num_env_runners=1", "max_staleness=1", "importance_weight_cap=null",
                           "recompute_old_logprobs=false"])

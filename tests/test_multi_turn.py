@@ -3,6 +3,7 @@ token limits, the one-turn equality with today's path, and the chat template's t
 
 from __future__ import annotations
 
+import itertools
 from types import SimpleNamespace
 
 import gymnasium as gym
@@ -151,31 +152,64 @@ def test_the_turn_limit_ends_an_episode_with_the_environments_verdict(tokenizer)
     assert rollout["reason"][0] != "" or rollout["pred"][0] == ""
 
 
-@pytest.mark.parametrize("budget", [10, 21, 30, 40])
+def expected_episode(tokenizer, problem, budget):
+    """(tokens, environment_turns, finished, correct) of ``tool_user``'s episode on ``problem`` under
+    ``budget`` (an answer cut just before its EOS is still correct, and still truncated)."""
+    eos = [tokenizer.eos_token_id]
+    call = tokenizer(f"<calc>{problem.question.replace(' ', '')}</calc>", add_special_tokens=False).input_ids + eos
+    reply = tokenizer(f"<result>{problem.answer}</result>", add_special_tokens=False).input_ids
+    answer = tokenizer(f"Answer: {problem.answer}", add_special_tokens=False).input_ids + eos
+    if budget < len(call):
+        return call[:budget], 0, False, False
+    room = budget - len(call)
+    if len(reply) >= room:  # cut, or fitted with no token left for the model
+        return (call + reply)[:budget], int(room > 0), False, False
+    whole = call + reply + answer
+    return whole[:budget], 1, len(whole) <= budget, len(whole) - 1 <= budget
+
+
+@pytest.mark.parametrize("budget", [10, 19, 20, 21, 30, 43, 44, 50, 58, 64])
 def test_the_token_budget_counts_the_whole_episode(tokenizer, budget):
-    # 21 tokens of call with its EOS, 22 of reply, then the answer: every budget below cuts the episode.
+    # Problems 0 and 1 have calls and replies of different lengths: rows reach their budgets at different points.
     env = calculator()
-    _, _, rollout = sample(env, tokenizer, ScriptedPolicy(tokenizer, tool_user), budget=budget)
-    lengths = rollout["response_length"]
-    assert (lengths <= budget).all() and rollout["truncated"].all()
-    assert not rollout["acc"].any()
+    _, problems, rollout = sample(env, tokenizer, ScriptedPolicy(tokenizer, tool_user), budget=budget)
+    assert len({len(expected_episode(tokenizer, p, 100)[0]) for p in problems}) == 2
     for row in range(4):
-        assert len(rollout["response_loss_mask"][row]) == lengths[row]
-    if budget < 21:
-        assert rollout["environment_turns"].tolist() == [0] * 4  # the call itself was cut
-    else:
-        # The reply was cut to the budget, or it fitted with no token left for the model: no more turns.
-        assert rollout["environment_turns"].tolist() == [1] * 4
-        assert rollout["model_turns"].tolist() == [1 if budget <= 43 else 2] * 4
+        tokens, environment_turns, finished, correct = expected_episode(tokenizer, problems[row // 2], budget)
+        assert rollout["response_token_ids"][row] == tokens
+        assert rollout["response_length"][row] == len(tokens) == len(rollout["response_loss_mask"][row]) <= budget
+        assert rollout["environment_turns"][row] == environment_turns
+        assert rollout["truncated"][row] == (not finished) and rollout["acc"][row] == correct
+
+
+def test_a_turn_cut_by_the_budget_is_not_answered(tokenizer):
+    calls = []
+
+    class RecordingCalculator(dapo_envs.calculator_env.CalculatorEnv):
+        def tool(self, text):
+            calls.append(text)
+            return super().tool(text)
+
+    env = RecordingCalculator(prompt_template=PROMPT)
+    # A complete call followed by text that runs out of tokens before the turn's EOS.
+    chatty = ScriptedPolicy(tokenizer, lambda context: ("<calc>1+1</calc> and then" + " more" * 20, False))
+    _, _, rollout = sample(env, tokenizer, chatty, budget=40)
+    assert calls == [] and rollout["environment_turns"].tolist() == [0] * 4
+    assert rollout["truncated"].all() and rollout["model_turns"].tolist() == [1] * 4
+    assert all(mask.tolist() == [1.0] * 40 for mask in rollout["response_loss_mask"])
+    finished_call = ScriptedPolicy(tokenizer, lambda context: ("<calc>1+1</calc>", True))
+    sample(env, tokenizer, finished_call, budget=40)
+    assert calls == ["1+1"] * 4
 
 
 def test_environment_tokens_carry_no_loss_and_do_not_count(tokenizer):
     env = calculator()
+    episodes = itertools.count()
 
     def half_right(context):
         text, done = tool_user(context)
-        if text.startswith("Answer") and "8" in context.rsplit("?", 1)[0][-3:]:
-            return "Answer: 0", True  # some wrong answers, for non-zero advantages
+        if text.startswith("Answer") and next(episodes) % 2:
+            return "Answer: 0", True  # every other episode answers wrong: groups of mixed rewards
         return text, done
 
     _, _, rollout = sample(env, tokenizer, ScriptedPolicy(tokenizer, half_right), n=4, problems=4)
@@ -189,13 +223,16 @@ def test_environment_tokens_carry_no_loss_and_do_not_count(tokenizer):
         assert batch["token_mask"][row, len(mask) :].sum() == 0
     model_tokens = sum(int(mask.sum()) for mask in rollout["response_loss_mask"])
     assert int(batch["token_mask"].sum()) == model_tokens < int(batch["response_mask"].sum())
+    assert rollout["acc"].mean() == 0.5 and bool((batch["advantages"] != 0).all())
     # The token-mean counts model tokens only: changing the log-probs of environment tokens changes nothing.
     logprobs = torch.randn(batch["token_mask"].shape, generator=torch.Generator().manual_seed(0))
     loss, metrics = policy_loss(logprobs, logprobs - 0.1, batch["advantages"], batch["token_mask"])
     environment = (batch["response_mask"] == 1) & (batch["token_mask"] == 0)
     moved = torch.where(environment, logprobs + 5.0, logprobs)
     moved_loss, _ = policy_loss(moved, logprobs - 0.1, batch["advantages"], batch["token_mask"])
-    assert metrics["num_tokens"] == model_tokens and torch.equal(loss, moved_loss)
+    assert metrics["num_tokens"] == model_tokens and torch.equal(loss, moved_loss) and loss != 0
+    unmasked_loss, _ = policy_loss(moved, logprobs - 0.1, batch["advantages"], batch["response_mask"])
+    assert not torch.equal(unmasked_loss, moved_loss)  # the mask is what keeps them out
 
 
 def test_a_one_turn_episode_gives_exactly_todays_loss():
@@ -332,3 +369,24 @@ def test_the_vllm_backend_runs_later_turns_as_new_requests_on_stand_ins(tokenize
     room = 64 - min(len(call_of(scripted, row)) for row in range(4))
     assert [(r["n"], r["max_tokens"]) for r in second] == [(1, room)] * 4
     assert len({r["seed"] for r in first + second}) == 6
+
+
+def test_math_retry_episodes_train_on_every_try_and_not_on_the_retry_message(tokenizer):
+    rows = [{"prompt": "1 + 2", "answer": "3"}, {"prompt": "20 + 2", "answer": "22"}]
+    env = gym.make("dapo/MathRetry-v0", dataset=rows, prompt_template="What is {problem}?\n", max_tries=3).unwrapped
+
+    def second_try_right(context):
+        """Wrong first, right after the environment's "try again"."""
+        question = context.split("What is ", 1)[1].split("?", 1)[0]
+        total = sum(int(term) for term in question.split("+"))
+        return (f"Answer: {total}" if "Try again" in context else "Answer: 0"), True
+
+    _, _, rollout = sample(env, tokenizer, ScriptedPolicy(tokenizer, second_try_right), budget=80)
+    assert rollout["acc"].all() and rollout["score"].tolist() == [0.5] * 4
+    assert rollout["model_turns"].tolist() == [2] * 4 and rollout["environment_turns"].tolist() == [1] * 4
+    retry = tokenizer(env.retry_message, add_special_tokens=False).input_ids
+    first = tokenizer("Answer: 0", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    for row in range(4):
+        tokens, mask = rollout["response_token_ids"][row], rollout["response_loss_mask"][row]
+        assert tokens[: len(first) + len(retry)] == first + retry
+        assert mask.tolist() == [1.0] * len(first) + [0.0] * len(retry) + [1.0] * (len(tokens) - len(first) - len(retry))

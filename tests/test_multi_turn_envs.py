@@ -172,3 +172,46 @@ def test_register_refuses_what_is_not_an_environment_class():
     env = WrongReply()
     with pytest.raises(TypeError, match="respond must return a Turn, got str"):
         env.take_turn(env.begin_episode(env.problem(0)), "<rev>1</rev>")
+
+
+def test_a_failing_tool_is_named_with_its_call():
+    class Broken(Reverse):
+        def tool(self, text):
+            return 1 / 0
+
+    class NotText(Reverse):
+        def tool(self, text):
+            return 42
+
+    env = Broken()
+    with pytest.raises(RuntimeError, match=r"Broken.tool raised ZeroDivisionError on the call <rev>abc</rev>"):
+        env.take_turn(env.begin_episode(env.problem(0)), "<rev>abc</rev>")
+    env = NotText()
+    with pytest.raises(TypeError, match="NotText.tool must return a string, got int"):
+        env.take_turn(env.begin_episode(env.problem(0)), "<rev>abc</rev>")
+
+
+def test_a_multi_turn_class_without_max_turns_is_named():
+    class Forgetful(MultiTurnReasoningEnv):
+        def __init__(self):
+            super().__init__()
+            self.problems = ArithmeticEnv()
+
+    env = Forgetful()
+    with pytest.raises(ValueError, match="Forgetful.max_turns must be an integer >= 1"):
+        env.begin_episode(env.problems.problem(0))
+
+
+def test_warm_start_demonstrations_are_checked_and_kept():
+    from dapo_rl.warmstart import demonstration_turns
+
+    env = gym.make("dapo/Calculator-v0").unwrapped
+    problem = env.problem(0)
+    assert demonstration_turns(env, problem) == env.demonstration(problem)
+
+    class EvenDemonstration(Reverse):
+        def demonstration(self, problem):
+            return ["<rev>1</rev>", "<result>1</result>"]
+
+    with pytest.raises(ValueError, match="EvenDemonstration.demonstration must return a list of an odd number"):
+        demonstration_turns(EvenDemonstration(), problem)

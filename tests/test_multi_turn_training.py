@@ -4,10 +4,12 @@ multi-turn class reaching other processes with the config."""
 
 from __future__ import annotations
 
+import itertools
 import pickle
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import cloudpickle
@@ -19,7 +21,7 @@ from dapo_envs import ToolEnv, register_reasoning_env
 from dapo_envs.arithmetic import ArithmeticEnv
 from dapo_rl import DAPOConfig
 from dapo_rl.env_runner import env_registration
-from tests.test_multi_turn import ScriptedPolicy, question_of, tool_user
+from tests.test_multi_turn import ScriptedPolicy, tool_user
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(group_size=4, prompts_per_step=4, minibatch_prompts=2, max_prompt_length=32, max_response_length=64,
@@ -32,11 +34,17 @@ def calculator_config(**training) -> DAPOConfig:
             .training(**{**TINY, **training}).debugging(seed=0))
 
 
-def half_use_the_tool(context: str) -> tuple[str, bool]:
-    """Odd-numbered first digits answer at once (wrong); the others call the calculator, then answer."""
-    if "<result>" not in context and int(question_of(context)[0]) % 2:
-        return "Answer: 0", True
-    return tool_user(context)
+def half_use_the_tool() -> Callable[[str], tuple[str, bool]]:
+    """A policy whose every other sample answers at once (wrong); the others call the calculator, then
+    answer right: every group is half right."""
+    samples = itertools.count()
+
+    def turn(context: str) -> tuple[str, bool]:
+        if "<result>" not in context and next(samples) % 2:
+            return "Answer: 0", True
+        return tool_user(context)
+
+    return turn
 
 
 def test_one_dapo_step_trains_on_the_models_tokens_only(ray_session):
@@ -53,21 +61,21 @@ def test_one_dapo_step_trains_on_the_models_tokens_only(ray_session):
         algo = calculator_config().build_algo()
         try:
             tokenizer = algo._tokenizer
-            algo.env_runner.backend = algo.env_runner.generation.backend = ScriptedPolicy(tokenizer, half_use_the_tool)
+            algo.env_runner.backend = algo.env_runner.generation.backend = ScriptedPolicy(tokenizer, half_use_the_tool())
             result = algo.train()
         finally:
             algo.stop()
     (collected, batch), = batches
     dapo = result["dapo"]
     used_tool = np.asarray([len(mask) > int(mask.sum()) for mask in collected["response_loss_mask"]])
-    assert 0 < used_tool.mean() < 1  # a mixed batch: advantages are not all zero
+    assert used_tool.mean() == 0.5 and bool((batch["advantages"] != 0).all())
     assert dapo["environment_turn_frac"] == pytest.approx(used_tool.mean())
     assert dapo["episode_model_turns_max"] == 2.0
     assert dapo["generated_accuracy"] == pytest.approx(used_tool.mean())  # the tool users answer right
     for row, mask in enumerate(collected["response_loss_mask"]):
         assert batch["token_mask"][row, : len(mask)].tolist() == mask.tolist()
     learner = result["learners"]["default_policy"]
-    assert np.isfinite(learner["policy_loss"])
+    assert np.isfinite(learner["policy_loss"]) and learner["policy_loss"] != 0
     model_tokens = sum(int(mask.sum()) for mask in collected["response_loss_mask"])
     all_tokens = int(collected["response_length"].sum())
     assert dapo["environment_token_frac"] == pytest.approx(1 - model_tokens / all_tokens)
@@ -114,3 +122,8 @@ def test_a_user_registered_id_travels_with_the_config(tmp_path):
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert completed.stdout.strip() == "Doubler 2 <result>42</result>"
     assert pickle.loads((tmp_path / "config.pkl").read_bytes()).env_registration["kwargs"] == {"max_calls": 2}
+    # An env set without environment() (RLlib's update_from_dict sets the attribute) is captured by validate().
+    config = calculator_config().update_from_dict({"env": env_id, "env_config": {}})
+    assert config.env_registration is None
+    config.validate()
+    assert config.env_registration["entry_point"] is Doubler

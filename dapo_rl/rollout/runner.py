@@ -232,13 +232,12 @@ class GenerationRunner:
                 loss_mask[row] += [1.0] * len(response)
                 if sampling.logprobs:
                     logprobs[row] += list(generated.logprobs[position][: len(response)])
-                reply = env.take_turn(episodes[row], self.tokenizer.decode(response, skip_special_tokens=True))
+                # A turn out of tokens mid-way is not answered (a half-written call is not run): the
+                # environment concludes on it.
+                text = self.tokenizer.decode(response, skip_special_tokens=True)
+                reply = env.take_turn(episodes[row], text, cut=not finished)
                 if reply.done:
                     truncated[row] = not finished
-                    continue
-                if not finished:  # out of tokens mid-turn: the environment concludes on what it has
-                    truncated[row] = True
-                    env.stop_episode(episodes[row])
                     continue
                 observation = self.encode_environment_turn(reply.observation)
                 room = budget - len(tokens[row])
@@ -247,7 +246,7 @@ class GenerationRunner:
                 tokens[row] += observation
                 loss_mask[row] += [0.0] * len(observation)
                 logprobs[row] += [float("nan")] * len(observation)
-                environment_turns[row] += 1
+                environment_turns[row] += bool(observation)
                 if fits:
                     going.append(row)
                 else:
@@ -260,7 +259,9 @@ class GenerationRunner:
             contexts = [prompt_ids[row // n] + tokens[row] for row in active]
             longest_room = max(budget - len(tokens[row]) for row in active)
             next_turn = dataclasses.replace(sampling, n=1, max_new_tokens=longest_room)
-            generated = self.backend.generate(contexts, next_turn, seed=seed + turn)
+            # Not seed + turn: calls with neighbouring seeds (the shares of one round) would reuse streams.
+            turn_seed = int(np.random.SeedSequence([seed, turn]).generate_state(1)[0] >> 1)
+            generated = self.backend.generate(contexts, next_turn, seed=turn_seed)
         results = [episode.result for episode in episodes]
         rollout = {
             "prompt_token_ids": [prompt_ids[row // n] for row in range(rows)],
