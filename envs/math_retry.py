@@ -7,7 +7,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from dapo_envs.base import DEFAULT_MAX_RESPONSE_CHARS, Problem
+from dapo_envs.base import DEFAULT_MAX_RESPONSE_CHARS
 from dapo_envs.math import MathEnv
 from dapo_envs.multi_turn import Episode, MultiTurnReasoningEnv, Turn
 from dapo_envs.verifiers import Verifier, VerifierResult
@@ -72,22 +72,12 @@ class MathRetryEnv(MultiTurnReasoningEnv):
             raise ValueError(f"retry_discount must be a number in [0, 1], got {retry_discount!r}")
         if not isinstance(retry_message, str) or not retry_message:
             raise ValueError(f"retry_message must be a non-empty string, got {retry_message!r}")
-        self.problems = MathEnv(dataset, verifier, prompt_template, verifier_timeout=verifier_timeout,
-                                max_response_chars=max_response_chars)
+        self._pose(MathEnv(dataset, verifier, prompt_template, verifier_timeout=verifier_timeout,
+                           max_response_chars=max_response_chars), max_response_chars)
         self.dataset_name = self.problems.dataset_name
         self.max_tries = self.max_turns = max_tries
         self.retry_discount = float(retry_discount)
         self.retry_message = retry_message
-        self.verifier = self.problems.verifier
-        self.prompt_template = self.problems.prompt_template
-        self._set_spaces(frozenset(), self.problems.observation_space.max_length, max_response_chars)
-
-    @property
-    def num_problems(self) -> int:
-        return self.problems.num_problems
-
-    def problem(self, index: int) -> Problem:
-        return self.problems.problem(index)
 
     def respond(self, episode: Episode, response: str) -> Turn:
         result = self._verdict(episode)

@@ -119,8 +119,28 @@ class MultiTurnReasoningEnv(ReasoningEnv):
     """
 
     max_turns: int
+    #: The environment whose problems this one poses, when it poses another's (see :meth:`_pose`).
+    problems: ReasoningEnv | None = None
 
     # -- for subclasses ------------------------------------------------------------------------------
+
+    def _pose(self, problems: ReasoningEnv, max_response_chars: int) -> None:
+        """Pose the problems of another reasoning environment, with its verifier and prompt template."""
+        self.problems = problems
+        self.verifier = problems.verifier
+        self.prompt_template = problems.prompt_template
+        self._set_spaces(frozenset(), problems.observation_space.max_length, max_response_chars)
+
+    @property
+    def num_problems(self) -> int:
+        if self.problems is None:
+            raise NotImplementedError(f"{type(self).__name__} poses no other environment's problems: define num_problems")
+        return self.problems.num_problems
+
+    def problem(self, index: int) -> Problem:
+        if self.problems is None:
+            raise NotImplementedError(f"{type(self).__name__} poses no other environment's problems: define problem()")
+        return self.problems.problem(index)
 
     def respond(self, episode: Episode, response: str) -> Turn:
         """The environment's answer to ``response``, the episode's newest model turn (already recorded
@@ -245,15 +265,11 @@ class ToolEnv(MultiTurnReasoningEnv):
             raise ValueError(f"max_calls must be a non-negative integer, got {max_calls!r}")
         if not re.fullmatch(r"[A-Za-z_][\w-]*", self.tag):
             raise ValueError(f"{type(self).__name__}.tag must be a plain tag name, got {self.tag!r}")
-        self.problems = problems
         self.max_calls = max_calls
         self.max_turns = max_calls + 1
         self.call_reward = float(call_reward)
-        self.verifier = problems.verifier
-        self.prompt_template = problems.prompt_template
         self._call = re.compile(f"<{self.tag}>(.*?)</{self.tag}>", re.DOTALL)
-        action_space = problems.action_space
-        self._set_spaces(frozenset(), problems.observation_space.max_length, action_space.max_length)
+        self._pose(problems, problems.action_space.max_length)
 
     def tool(self, text: str) -> str:
         """The tool's output for the text of one call."""
@@ -263,13 +279,6 @@ class ToolEnv(MultiTurnReasoningEnv):
         """The text of the first call in ``response``, or None when it makes none."""
         match = self._call.search(response)
         return None if match is None else match.group(1)
-
-    @property
-    def num_problems(self) -> int:
-        return self.problems.num_problems
-
-    def problem(self, index: int) -> Problem:
-        return self.problems.problem(index)
 
     def respond(self, episode: Episode, response: str) -> Turn:
         call = self.tool_call(response)
