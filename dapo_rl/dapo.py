@@ -184,6 +184,8 @@ class DAPOConfig(AlgorithmConfig):
         """RLlib's checks and DAPO's; ``require_installed=False`` skips whether optional packages
         (vLLM) are installed here, to check a cluster's configuration from another machine."""
         super().validate()
+        if not self._validate_config:  # RLlib's switch, experimental(_validate_config=False), skips DAPO's checks too
+            return
         problems = self._dapo_problems(require_installed=require_installed)
         if problems:
             raise InvalidConfigError(problems)

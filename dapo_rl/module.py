@@ -27,6 +27,7 @@ from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
 from transformers import AutoConfig
 
 from dapo_rl.models import TINY_PRESET, TinyModelSpec, enable_activation_checkpointing, load_policy
+from dapo_rl.presets import gguf_context_length, is_gguf_model
 from dapo_rl.distributed import shard_from_rank0
 from dapo_rl.policy import ResponseLogprobs
 
@@ -40,6 +41,8 @@ def model_context_length(model: str, tiny_spec: dict[str, Any] | None = None) ->
     ``max_position_embeddings``)."""
     if model == TINY_PRESET:
         return TinyModelSpec(**(tiny_spec or {})).max_position_embeddings
+    if is_gguf_model(model):
+        return gguf_context_length(model)
     if os.path.isfile(os.path.join(model, "config.json")):
         return getattr(AutoConfig.from_pretrained(model, local_files_only=True), "max_position_embeddings", None)
     return None

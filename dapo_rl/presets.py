@@ -199,6 +199,33 @@ def converted_model_folder(model: str | os.PathLike[str]) -> Path:
     return _ensure_converted(source, source_sha256, folder, preset_name=preset.name if preset else None)
 
 
+def gguf_context_length(model: str | os.PathLike[str]) -> int | None:
+    """Positions a preset or ``.gguf`` model attends over, read without converting it: from its cached
+    folder's ``config.json``, else from the GGUF header (``<architecture>.context_length``); None when
+    neither can be read here (no cache, no weights package, no ``gguf`` package, a missing file)."""
+    preset = _PRESETS.get(os.fspath(model))
+    if preset is not None:
+        config = cache_root() / "models" / preset.name / "config.json"
+        if config.is_file():
+            return json.loads(config.read_text(encoding="utf-8")).get("max_position_embeddings")
+        try:
+            source = preset.locate()
+        except PresetWeightsNotInstalledError:
+            return None
+    else:
+        source = Path(os.fspath(model))
+        if not source.is_file():
+            return None
+    if importlib.util.find_spec("gguf") is None:
+        return None
+    import gguf  # optional (the smollm2 extra): only a GGUF model needs it
+
+    reader = gguf.GGUFReader(str(source))
+    architecture = reader.get_field("general.architecture")
+    field = reader.get_field(f"{architecture.contents()}.context_length") if architecture is not None else None
+    return int(field.contents()) if field is not None else None
+
+
 def require_gguf_support() -> None:
     """Raise :class:`GGUFSupportNotInstalledError` unless the packages reading GGUF needs are importable."""
     missing = [name for name in GGUF_CONVERSION_PACKAGES if importlib.util.find_spec(name) is None]

@@ -112,6 +112,12 @@ def test_validate_accepts_consistent_settings():
         config.validate()  # RLlib's own checks pass too
 
 
+def test_rllibs_validation_switch_skips_dapos_checks_too():
+    with pytest.raises(dapo_module.InvalidConfigError, match="group_size"):
+        make_config(group_size=0).validate()
+    make_config(group_size=0).experimental(_validate_config=False).validate()
+
+
 def test_training_rejects_unknown_key():
     with pytest.raises(TypeError, match="unknown_key"):
         DAPOConfig().training(unknown_key=1)

