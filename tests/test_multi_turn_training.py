@@ -127,3 +127,18 @@ def test_a_user_registered_id_travels_with_the_config(tmp_path):
     assert config.env_registration is None
     config.validate()
     assert config.env_registration["entry_point"] is Doubler
+
+
+def test_episodes_from_two_remote_runners_merge_into_one_step(ray_session):
+    """Remote env runners run the turn loop in their own processes; their shares merge with the
+    multi-turn columns (the random tiny model rarely calls the tool: the columns, not the calls)."""
+    algo = calculator_config().env_runners(num_env_runners=2).build_algo()
+    try:
+        result = algo.train()
+    finally:
+        algo.stop()
+    dapo = result["dapo"]
+    assert dapo["prompts_generated"] == TINY["prompts_per_step"]
+    assert 0 <= dapo["environment_turn_frac"] <= 1 and dapo["episode_model_turns_max"] >= 1
+    assert 0 <= dapo["environment_token_frac"] < 1
+    assert np.isfinite(result["learners"]["default_policy"]["policy_loss"])
