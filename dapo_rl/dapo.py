@@ -176,8 +176,9 @@ class DAPOConfig(AlgorithmConfig):
         return [[0, self.lr / self.lr_warmup_steps], [self.lr_warmup_steps - 1, self.lr]]
 
     def validate(self) -> None:
-        if self.env_registration is None:  # env set without environment() (update_from_dict, attribute)
-            self.env_registration = env_registration(self.env)
+        # The env may have been set without environment() (update_from_dict, an attribute): take its
+        # registration from this process when it has one (a Tune trial's has not: it keeps the carried one).
+        self.env_registration = env_registration(self.env) or self.env_registration
         self.validate_settings(require_installed=True)
 
     def validate_settings(self, *, require_installed: bool = True) -> None:

@@ -158,10 +158,7 @@ def build_train_batch(
     token_mask = overlong_mask(truncated, packed["response_mask"]) if overlong_filter else packed["response_mask"]
     if "response_loss_mask" in collected:
         # Multi-turn episodes: the environment's tokens carry no loss and do not count in the token mean.
-        model_tokens = torch.zeros_like(token_mask)
-        for row, values in enumerate(collected["response_loss_mask"]):
-            model_tokens[row, : len(values)] = torch.as_tensor(np.asarray(values), dtype=token_mask.dtype)
-        token_mask = token_mask * model_tokens
+        token_mask = token_mask * _padded_rows(collected["response_loss_mask"], token_mask)
     batch = {
         "input_ids": packed["input_ids"],
         "attention_mask": packed["attention_mask"],
@@ -176,13 +173,19 @@ def build_train_batch(
         "score": collected["score"].float(),
     }
     if "behaviour_logprobs" in collected:
-        behaviour = torch.zeros_like(packed["response_mask"])
-        for row, values in enumerate(collected["behaviour_logprobs"]):
-            behaviour[row, : len(values)] = torch.tensor(np.asarray(values), dtype=torch.float32)
-        batch["behaviour_logprobs"] = behaviour
+        batch["behaviour_logprobs"] = _padded_rows(collected["behaviour_logprobs"], packed["response_mask"])
     if "staleness" in collected:
         batch["staleness"] = collected["staleness"].long()
     return batch
+
+
+def _padded_rows(rows: Sequence[Any], like: torch.Tensor) -> torch.Tensor:
+    """Per-response values (B ragged rows, each at most R long) as a (B, R) tensor of ``like``'s
+    shape and dtype, 0 after each row's end."""
+    padded = torch.zeros_like(like)
+    for row, values in enumerate(rows):
+        padded[row, : len(values)] = torch.as_tensor(np.asarray(values), dtype=like.dtype)
+    return padded
 
 
 def minibatch_indices(

@@ -49,6 +49,9 @@ class PromptSettings:
             raise ValueError(f"truncation must be one of {list(PROMPT_TRUNCATION_CHOICES)}, got {self.truncation!r}")
 
 
+#: The conversation an environment turn is rendered after, to find the tokens the template adds for it.
+_ONE_EXCHANGE = ({"role": "user", "content": "?"}, {"role": "assistant", "content": "!"})
+
 #: Values of ``PromptSettings.truncation`` (and of the ``prompt_truncation`` setting).
 PROMPT_TRUNCATION_CHOICES = ("error", "left")
 
@@ -88,7 +91,10 @@ class GenerationRunner:
         self._use_chat_template = use_template
         self.eos_token_ids = [tokenizer.eos_token_id]
         self.multi_turn = is_multi_turn(env)
-        self._turn_separator: list[int] | None = None  # chat template: what follows an assistant turn's EOS
+        # Chat template: a one-exchange conversation's ids, and what the template writes after its
+        # assistant turn's EOS (found on the first environment turn; the same for every turn).
+        self._exchange_ids: list[int] | None = None
+        self._turn_separator: list[int] = []
 
     def encode_environment_turn(self, observation: str) -> list[int]:
         """Token ids of an environment turn, to append after a model turn that ended with its EOS.
@@ -99,20 +105,20 @@ class GenerationRunner:
         """
         if not self._use_chat_template:
             return list(self.tokenizer(observation, add_special_tokens=False).input_ids)
-        conversation = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "!"}]
-        before = self._template_ids(conversation, add_generation_prompt=False)
-        after = self._template_ids([*conversation, {"role": "user", "content": observation}], add_generation_prompt=True)
-        if after[: len(before)] != before:
-            raise ValueError("the tokenizer's chat template does not extend a conversation by appending to it, so "
-                             "environment turns cannot be placed after generated tokens; set apply_chat_template=False")
-        if self._turn_separator is None:
+        if self._exchange_ids is None:
+            before = self._template_ids(list(_ONE_EXCHANGE), add_generation_prompt=False)
             eos = self.tokenizer.eos_token_id
             if eos not in before:
                 raise ValueError(
                     f"the chat template never writes the EOS token {self.tokenizer.eos_token!r} at the end of an assistant "
                     "turn, so a generated turn cannot be continued in the template's format; set apply_chat_template=False")
             last_eos = len(before) - 1 - before[::-1].index(eos)
-            self._turn_separator = before[last_eos + 1 :]
+            self._exchange_ids, self._turn_separator = before, before[last_eos + 1 :]
+        before = self._exchange_ids
+        after = self._template_ids([*_ONE_EXCHANGE, {"role": "user", "content": observation}], add_generation_prompt=True)
+        if after[: len(before)] != before:
+            raise ValueError("the tokenizer's chat template does not extend a conversation by appending to it, so "
+                             "environment turns cannot be placed after generated tokens; set apply_chat_template=False")
         return self._turn_separator + after[len(before) :]
 
     def _template_ids(self, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> list[int]:
@@ -196,10 +202,14 @@ class GenerationRunner:
             "score_seconds": score_end - score_start,
         }
         if sampling.logprobs:
-            if generated.logprobs is None:
-                raise RuntimeError(f"{type(self.backend).__name__} returned no log-probs though they were asked for")
-            rollout["behaviour_logprobs"] = [np.asarray(row, dtype=np.float32) for row in generated.logprobs]
+            rollout["behaviour_logprobs"] = [np.asarray(row, dtype=np.float32) for row in self._logprobs_of(generated)]
         return rollout
+
+    def _logprobs_of(self, generated: Any) -> list[list[float]]:
+        """The generator's log-probs, asked for in the sampling settings."""
+        if generated.logprobs is None:
+            raise RuntimeError(f"{type(self.backend).__name__} returned no log-probs though they were asked for")
+        return generated.logprobs
 
     def _sample_episodes(self, problems: Sequence[Any], sampling: SamplingSettings, *, seed: int) -> dict[str, Any]:
         """:meth:`sample` for a multi-turn environment: G episodes per problem, turn by turn."""
@@ -219,8 +229,7 @@ class GenerationRunner:
         active = list(range(rows))
         turn = 1
         while True:
-            if sampling.logprobs and generated.logprobs is None:
-                raise RuntimeError(f"{type(self.backend).__name__} returned no log-probs though they were asked for")
+            generated_logprobs = self._logprobs_of(generated) if sampling.logprobs else None
             step_start = time.perf_counter()
             going = []
             for position, row in enumerate(active):
@@ -230,8 +239,8 @@ class GenerationRunner:
                     response, finished = response[:room], False
                 tokens[row] += response
                 loss_mask[row] += [1.0] * len(response)
-                if sampling.logprobs:
-                    logprobs[row] += list(generated.logprobs[position][: len(response)])
+                if generated_logprobs is not None:
+                    logprobs[row] += list(generated_logprobs[position][: len(response)])
                 # A turn out of tokens mid-way is not answered (a half-written call is not run): the
                 # environment concludes on it.
                 text = self.tokenizer.decode(response, skip_special_tokens=True)
