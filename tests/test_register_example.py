@@ -10,14 +10,14 @@ START, END = "<!-- register-example:start -->", "<!-- register-example:end -->"
 
 
 def _example_source() -> str:
-    for document in (ROOT / "README.md",):
+    for document in (ROOT / "README.md", ROOT / "docs" / "environments.md"):
         text = document.read_text(encoding="utf-8") if document.is_file() else ""
         if START in text and END in text:
             block = text[text.index(START) + len(START) : text.index(END)]
             match = re.search(r"```python\n(.*?)```", block, re.S)
             assert match, f"{document}: no ```python block between the register-example markers"
             return match.group(1)
-    raise AssertionError(f"no {START} ... {END} block in README.md")
+    raise AssertionError(f"no {START} ... {END} block in README.md or docs/environments.md")
 
 
 def test_readme_registration_example_runs(tmp_path):
