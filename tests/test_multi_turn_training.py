@@ -132,13 +132,29 @@ def test_a_user_registered_id_travels_with_the_config(tmp_path):
 def test_episodes_from_two_remote_runners_merge_into_one_step(ray_session):
     """Remote env runners run the turn loop in their own processes; their shares merge with the
     multi-turn columns (the random tiny model rarely calls the tool: the columns, not the calls)."""
-    algo = calculator_config().env_runners(num_env_runners=2).build_algo()
-    try:
-        result = algo.train()
-    finally:
-        algo.stop()
+    merged = []
+    real_build = dapo_module.build_train_batch
+
+    def spy(collected, **kwargs):
+        merged.append(collected)
+        return real_build(collected, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dapo_module, "build_train_batch", spy)
+        algo = calculator_config().env_runners(num_env_runners=2).build_algo()
+        try:
+            result = algo.train()
+        finally:
+            algo.stop()
+    (collected,) = merged
     dapo = result["dapo"]
     assert dapo["prompts_generated"] == TINY["prompts_per_step"]
-    assert 0 <= dapo["environment_turn_frac"] <= 1 and dapo["episode_model_turns_max"] >= 1
-    assert 0 <= dapo["environment_token_frac"] < 1
+    assert len(collected["response_loss_mask"]) == TINY["prompts_per_step"] * TINY["group_size"]
+    # The step's episode metrics are those of the merged shares, row for row.
+    masks = collected["response_loss_mask"]
+    used_environment = np.asarray([len(mask) > int(mask.sum()) for mask in masks])
+    assert dapo["environment_turn_frac"] == pytest.approx(used_environment.mean())
+    assert dapo["episode_model_turns_max"] == float(np.max(np.asarray(collected["model_turns"])))
+    model_tokens = sum(int(mask.sum()) for mask in masks)
+    assert dapo["environment_token_frac"] == pytest.approx(1 - model_tokens / int(collected["response_length"].sum()))
     assert np.isfinite(result["learners"]["default_policy"]["policy_loss"])

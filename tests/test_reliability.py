@@ -95,6 +95,27 @@ def test_a_non_finite_update_is_skipped_with_weights_and_optimizer_untouched(ray
         algo.stop()
 
 
+def test_a_nan_in_one_gradient_alone_skips_the_update(ray_session):
+    """The loss is finite; one parameter's gradient is NaN (a hook on it, as a bad kernel or an
+    overflow in backward would leave it): the gradient check alone must catch it."""
+    algo = make_config().build_algo()
+    try:
+        module = algo.learner_group._learner.module[DEFAULT_MODULE_ID]
+        name, parameter = next((n, p) for n, p in module.named_parameters() if n.endswith("norm.weight"))
+        handle = parameter.register_hook(lambda gradient: torch.full_like(gradient, math.nan))
+        before = learner_weights(algo)
+        result = algo.train()
+        learner = result["learners"][DEFAULT_MODULE_ID]
+        assert math.isfinite(learner["policy_loss"]), "the loss must stay finite for this test to mean anything"
+        assert max_abs_diff(before, learner_weights(algo)) == 0.0, name
+        assert optimizer_state_size(algo) == 0
+        assert learner["nonfinite_update_skipped"] == UPDATES_PER_STEP
+        handle.remove()
+        assert algo.train()["dapo"]["optimizer_steps"] == UPDATES_PER_STEP
+    finally:
+        algo.stop()
+
+
 def test_consecutive_non_finite_updates_stop_the_run_naming_the_iteration(ray_session, poison_advantages):
     algo = make_config(max_consecutive_nonfinite_updates=3).build_algo()
     try:

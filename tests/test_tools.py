@@ -58,6 +58,18 @@ def test_bad_expressions_get_an_error_result_quickly(expression, error):
     assert elapsed < 1.0, elapsed  # bounds checked before the work: never a hang (a 9**9**9 would take hours)
 
 
+@pytest.mark.parametrize("depth", [1, 2, 31, 32])
+def test_nesting_up_to_the_limit_is_allowed(depth):
+    assert calculate("(" * depth + "7" + ")" * depth).text == "7"
+    assert calculate("-" * depth + "7").value == (-1) ** depth * 7  # unary signs nest too
+
+
+@pytest.mark.parametrize("expression", ["(" * 33 + "7" + ")" * 33, "-" * 33 + "7", "(" * 16 + "-" * 17 + "7" + ")" * 16])
+def test_nesting_one_past_the_limit_is_refused(expression):
+    assert CalculatorLimits().max_depth == 32
+    assert calculate(expression).error == "nested deeper than 32 levels"
+
+
 def test_limits_are_settings():
     assert calculate("(((1)))", CalculatorLimits(max_depth=2)).error == "nested deeper than 2 levels"
     assert calculate("1/3", CalculatorLimits(decimals=2)).text == "0.33"
