@@ -9,35 +9,20 @@ from __future__ import annotations
 import dapo_envs  # noqa: F401  (registers the dapo/ environments)
 import gymnasium as gym
 import torch
-from tokenizers import AddedToken
 from transformers import Qwen2ForCausalLM
 
 from dapo_rl.core import policy_loss
-from dapo_rl.models import build_char_tokenizer, tiny_model_config
+from dapo_rl.models import tiny_model_config
 from dapo_rl.policy import response_logprobs
 from dapo_rl.rollout.base import GeneratedResponses, SamplingSettings
 from dapo_rl.rollout.hf import HFGenerationBackend
 from dapo_rl.rollout.runner import GenerationRunner, PromptSettings
 from dapo_rl.training import build_train_batch, collect_groups
+from tests.helpers import chatml_tokenizer
 
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 GENERATION_PROMPT = "<|im_start|>assistant\n"
 RESPONSES_PER_PROMPT = 4
 MAX_NEW_TOKENS = 12
-
-
-def chatml_tokenizer():
-    """The tiny preset's byte tokenizer with ChatML markers as single special tokens, ending turns
-    with ``<|im_end|>`` as SmolLM2-Instruct does."""
-    tokenizer = build_char_tokenizer()
-    markers = [AddedToken(marker, special=True, normalized=False) for marker in ("<|im_start|>", "<|im_end|>")]
-    tokenizer.add_tokens(markers, special_tokens=True)
-    tokenizer.eos_token = "<|im_end|>"
-    tokenizer.chat_template = CHATML_TEMPLATE
-    return tokenizer
 
 
 class OneRightAnswerPerGroup:

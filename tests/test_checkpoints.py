@@ -27,26 +27,20 @@ from dapo_rl.checkpoints import (
     write_checkpoint_manifest,
 )
 from dapo_rl.distributed import finish_sharded_checkpoint, sharded_state_folder, sharded_state_target
-
-TINY = dict(group_size=4, prompts_per_step=4, minibatch_prompts=2, generation_batch_prompts=4, max_prompt_length=64,
-            max_response_length=8, overlong_cache_len=4, lr=1e-3, dynamic_sampling=False, overlong_filter=False)
-
+from tests import helpers
+from tests.helpers import built_algo
 
 def make_config() -> DAPOConfig:
-    return (DAPOConfig().rl_module(model_config={"model": "tiny-qwen2"})
-            .environment("dapo/Arithmetic-v0", env_config={"operators": "+"}).training(**TINY).debugging(seed=0))
+    return helpers.make_config(lr=1e-3, overlong_filter=False)
 
 
 @pytest.fixture(scope="module")
 def trained_checkpoint(ray_session, tmp_path_factory):
     """A real DAPO checkpoint after one iteration, and the learner weights it holds."""
-    algo = make_config().build_algo()
-    try:
+    with built_algo(make_config()) as algo:
         algo.train()
         folder = algo.save_to_path(str(tmp_path_factory.mktemp("source") / "checkpoint"))
         weights = {key: np.array(value) for key, value in algo.learner_group.get_weights()[DEFAULT_MODULE_ID].items()}
-    finally:
-        algo.stop()
     return Path(folder), weights
 
 
@@ -162,13 +156,10 @@ def test_sigkill_during_checkpoint_writes_and_deletes_leaves_a_complete_one(ray_
     assert cut_short >= 1, "no kill landed in the middle of a checkpoint write or delete"
 
     # The checkpoint a resume would take restores the trained weights exactly.
-    restored = make_config().build_algo()
-    try:
+    with built_algo(make_config()) as restored:
         restored.restore_from_path(str(newest_complete_checkpoint(root).path))
         got = restored.learner_group.get_weights()[DEFAULT_MODULE_ID]
         assert max(float(np.max(np.abs(np.asarray(got[key]) - weights[key]))) for key in weights) == 0.0
-    finally:
-        restored.stop()
 
 
 def test_sharded_pruning_after_a_resume_keeps_what_a_resume_needs(tmp_path):

@@ -30,49 +30,7 @@ from dapo_rl.core.sampling import SamplingRoundLimitError
 from dapo_rl.rollout.base import GeneratedResponses
 from dapo_rl.rollout.batch import pack_sequences
 from dapo_rl.training import minibatch_with_loss_normalizer
-
-ENV = "dapo/Arithmetic-v0"
-ENV_CONFIG = {"operators": "+"}
-#: 4 prompts x 4 responses per step, 2 prompts (8 rows) per update: 2 updates per train().
-TINY = dict(
-    group_size=4,
-    prompts_per_step=4,
-    minibatch_prompts=2,
-    generation_batch_prompts=4,
-    max_prompt_length=64,  # prompt + response must fit the tiny preset's 512 positions
-    max_response_length=8,
-    overlong_cache_len=4,
-    lr=1e-4,
-    lr_warmup_steps=0,
-    num_epochs=1,
-    dynamic_sampling=False,
-)
-
-
-def make_config(*, env: str | None = ENV, env_config: dict | None = None, seed: int = 0, **training) -> DAPOConfig:
-    config = DAPOConfig().rl_module(model_config={"model": "tiny-qwen2"})
-    if env is not None:
-        config.environment(env, env_config=ENV_CONFIG if env_config is None else env_config)
-    return config.training(**{**TINY, **training}).debugging(seed=seed)
-
-
-def learner_weights(algo) -> dict[str, np.ndarray]:
-    return {key: np.array(value, copy=True) for key, value in algo.learner_group.get_weights()[DEFAULT_MODULE_ID].items()}
-
-
-def max_abs_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
-    assert set(a) == set(b)
-    return max(float(np.max(np.abs(np.asarray(a[k], np.float64) - np.asarray(b[k], np.float64)))) for k in a)
-
-
-def exception_text(exc: BaseException) -> str:
-    """The messages of an exception and of everything it wraps (RLlib/Tune may re-raise)."""
-    parts, seen = [], set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        parts.append(f"{type(exc).__name__}: {exc}")
-        exc = exc.__cause__ or exc.__context__
-    return "\n".join(parts)
+from tests.helpers import ENV, ENV_CONFIG, TINY, built_algo, exception_text, learner_weights, make_config, max_abs_diff
 
 
 # -- 1. validate() -----------------------------------------------------------------------------------
@@ -307,15 +265,12 @@ _TIMING_KEYS = ("generate_seconds", "score_seconds", "step_seconds", "generated_
 
 def test_checkpoint_restored_in_new_process_continues_identically(ray_session, tmp_path):
     config = make_config(overlong_filter=False)
-    algo = config.build_algo()
-    try:
+    with built_algo(config) as algo:
         algo.train()
         checkpoint = str(tmp_path / "checkpoint")
         algo.save_to_path(checkpoint)
         expected = algo.train()  # the uninterrupted run's iteration 2
         expected_weights = learner_weights(algo)
-    finally:
-        algo.stop()
 
     script = tmp_path / "restore.py"
     script.write_text(_RESTORE_SCRIPT)
@@ -349,12 +304,9 @@ ALL_WRONG = dict(dynamic_sampling=True, max_sampling_rounds=2, generation_batch_
 
 def test_dynamic_sampling_limit_error_names_limit_rounds_and_kept(ray_session):
     # The random model never answers an arithmetic problem right: every group is all wrong.
-    algo = make_config(**ALL_WRONG, on_sampling_limit="error").build_algo()
-    try:
+    with built_algo(make_config(**ALL_WRONG, on_sampling_limit="error")) as algo:
         with pytest.raises(Exception) as info:
             algo.train()
-    finally:
-        algo.stop()
     text = exception_text(info.value)
     assert "SamplingRoundLimitError" in text, text
     assert "max_sampling_rounds=2" in text and "after 2 generation rounds" in text, text
@@ -374,8 +326,7 @@ def test_sampling_round_limit_error_survives_copy_and_pickle():
 
 
 def test_dynamic_sampling_limit_train_with_nothing_kept(ray_session):
-    algo = make_config(**ALL_WRONG, on_sampling_limit="train").build_algo()
-    try:
+    with built_algo(make_config(**ALL_WRONG, on_sampling_limit="train")) as algo:
         before = learner_weights(algo)
         result = algo.train()
         dapo = result["dapo"]
@@ -388,8 +339,6 @@ def test_dynamic_sampling_limit_train_with_nothing_kept(ray_session):
         assert math.isnan(dapo["reward_mean"])  # nothing trained on
         assert max_abs_diff(before, learner_weights(algo)) == 0.0  # no update happened
         assert algo.train()["training_iteration"] == 2  # and the run goes on
-    finally:
-        algo.stop()
 
 
 HASH_ENV = "dapo_test/HashCoin-v0"
@@ -483,13 +432,10 @@ def test_env_runner_weights_follow_the_learner(trained_algo):
 
 
 def test_bf16_mixed_precision_with_activation_checkpointing_trains_float32_weights(ray_session):
-    algo = make_config(overlong_filter=False, mixed_precision="bf16", gradient_checkpointing=True).build_algo()
-    try:
+    with built_algo(make_config(overlong_filter=False, mixed_precision="bf16", gradient_checkpointing=True)) as algo:
         before = learner_weights(algo)
         result = algo.train()
         after = learner_weights(algo)
-    finally:
-        algo.stop()
     learner = result["learners"]["default_policy"]
     assert np.isfinite(learner["policy_loss"])
     assert all(value.dtype == np.float32 for value in after.values())
@@ -507,12 +453,9 @@ def test_token_budget_micro_batches_give_the_same_update(ray_session, monkeypatc
     )
     results, weights = [], []
     for budget in (0, 40):
-        algo = make_config(overlong_filter=False, micro_batch_tokens=budget).build_algo()
-        try:
+        with built_algo(make_config(overlong_filter=False, micro_batch_tokens=budget)) as algo:
             results.append(algo.train()["learners"]["default_policy"])
             weights.append(learner_weights(algo))
-        finally:
-            algo.stop()
     whole, micro = results
     assert splits and all(len(parts) > 1 for parts in splits)  # the local learner really split its updates
     # Adam divides each gradient by its own running scale, so a rounding-level difference in a
@@ -615,14 +558,11 @@ def test_sharded_learners_match_one_learner_and_restore_from_sharded_checkpoint(
         expected_weights = gathered_weights(algo_sharded)
 
         # The shards also load onto one unsharded learner (training on fewer GPUs), weights exact.
-        unsharded = make_config(**settings).build_algo()
-        try:
+        with built_algo(make_config(**settings)) as unsharded:
             unsharded.restore_from_path(checkpoint)
             assert max_abs_diff(learner_weights(unsharded), after) == 0.0
             runner = {k: np.asarray(v) for k, v in unsharded.env_runner.module.get_state().items()}
             assert max_abs_diff(runner, after) == 0.0
-        finally:
-            unsharded.stop()
 
         restored = Algorithm.from_checkpoint(checkpoint)
         assert max_abs_diff(gathered_weights(restored), after) == 0.0
@@ -807,11 +747,8 @@ def test_log_samples_are_first_responses_of_the_round_rescored(scripted_step, ra
     assert [s["acc"] for s in samples] == [True, True, True, False, True, True]  # both verdicts occur
     # At most the round's prompts (4 here); 0 switches samples off.
     for log_samples, expected in ((2, 2), (9, TINY["prompts_per_step"]), (0, 0)):
-        algo = make_config(log_samples=log_samples).build_algo()
-        try:
+        with built_algo(make_config(log_samples=log_samples)) as algo:
             logged = algo.train()["samples"]
-        finally:
-            algo.stop()
         assert len(logged) == expected, log_samples
 
 
@@ -822,14 +759,11 @@ def test_advantages_come_from_the_shaped_rewards(ray_session, monkeypatch):
     real_build = dapo_module.build_train_batch
     monkeypatch.setattr(dapo_module, "build_train_batch",
                         lambda *a, **k: batches.append(real_build(*a, **k)) or batches[-1])
-    algo = make_config(**SCRIPTED, dynamic_sampling=False, overlong_filter=False).build_algo()
-    try:
+    with built_algo(make_config(**SCRIPTED, dynamic_sampling=False, overlong_filter=False)) as algo:
         script = ScriptedGeneration(algo, [ALL_RIGHT, ALL_WRONG_GROUP])
         real_update = algo._update
         algo._update = lambda minibatch: minibatches.append(minibatch["advantages"].clone()) or real_update(minibatch)
         result = algo.train()
-    finally:
-        algo.stop()
     (call,), (batch,) = script.calls, batches
     expected = [a for group in call for a in hand_group_advantages([shaped_reward(row) for row in group["rows"]])]
     for group in range(4):  # the verifier's scores alone would give every response advantage 0
@@ -846,26 +780,20 @@ def test_restore_continues_identically_on_steps_with_training_signal(ray_session
     uninterrupted run's second step. Every group is mixed, so advantages, loss and gradients are not
     zero, and the mini-batches' composition (the shuffle generator) changes the weights."""
     settings = dict(**SCRIPTED, overlong_filter=False)
-    algo = make_config(**settings).build_algo()
-    try:
+    with built_algo(make_config(**settings)) as algo:
         ScriptedGeneration(algo, [MIXED])
         algo.train()
         checkpoint = algo.save_to_path(str(tmp_path / "checkpoint"))
         expected = algo.train()
         expected_weights = learner_weights(algo)
-    finally:
-        algo.stop()
     expected_learner = expected["learners"][DEFAULT_MODULE_ID]
     assert expected_learner["gradients_default_optimizer_global_norm"] > 0 and expected_learner["policy_loss"] != 0
 
-    restored = make_config(**settings).build_algo()
-    try:
+    with built_algo(make_config(**settings)) as restored:
         restored.restore_from_path(checkpoint)
         ScriptedGeneration(restored, [MIXED])
         got = restored.train()
         got_weights = learner_weights(restored)
-    finally:
-        restored.stop()
     got_learner = got["learners"][DEFAULT_MODULE_ID]
     for key in ("policy_loss", "gradients_default_optimizer_global_norm", "entropy"):
         assert float(got_learner[key]) == pytest.approx(float(expected_learner[key]), rel=1e-6, abs=1e-9), key
@@ -893,8 +821,7 @@ def hand_loss(algo, batch: dict[str, torch.Tensor], rows=slice(None), *, dual_cl
 
 
 def test_dual_clip_bounds_the_loss_of_negative_advantage_tokens(ray_session):
-    algo = make_config(overlong_filter=False, dual_clip=3.0).build_algo()
-    try:
+    with built_algo(make_config(overlong_filter=False, dual_clip=3.0)) as algo:
         learner = algo.train()["learners"][DEFAULT_MODULE_ID]
         assert learner["dual_clip_frac"] == 0.0  # on-policy ratios stay far below the bound 3
 
@@ -910,8 +837,6 @@ def test_dual_clip_bounds_the_loss_of_negative_advantage_tokens(ray_session):
         assert abs(norm - norm_without) > 1e-3 * norm
         algo._update(batch)
         logged = algo.metrics.reduce()["learners"][DEFAULT_MODULE_ID]
-    finally:
-        algo.stop()
     assert float(logged["policy_loss"]) == pytest.approx(with_dual, rel=1e-5, abs=1e-6)
     assert float(logged["dual_clip_frac"]) == pytest.approx(metrics["dual_clip_frac"], rel=1e-6)
     assert float(logged["gradients_default_optimizer_global_norm"]) == pytest.approx(norm, rel=1e-4)
@@ -932,30 +857,24 @@ def test_lr_warmup_per_optimizer_step_survives_save_and_restore(ray_session, tmp
     def rate(k: int) -> float:
         return lr * min(1.0, (k + 1) / warmup)
 
-    algo = make_config(**settings).build_algo()
-    try:
+    with built_algo(make_config(**settings)) as algo:
         rates = record_step_lrs(algo)
         results = [algo.train()]
         checkpoint = algo.save_to_path(str(tmp_path / "checkpoint"))
         results.append(algo.train())
         weights_after_2 = learner_weights(algo)
         results.append(algo.train())
-    finally:
-        algo.stop()
     assert rates == pytest.approx([rate(k) for k in range(6)], rel=1e-6)
     # RLlib logs, after each update, the rate the schedule sets for the next one; an iteration
     # reports the mean over its 2 updates.
     logged = [float(r["learners"][DEFAULT_MODULE_ID]["default_optimizer_learning_rate"]) for r in results]
     assert logged == pytest.approx([(rate(2 * i + 1) + rate(2 * i + 2)) / 2 for i in range(3)], rel=1e-6)
 
-    restored = make_config(**settings).build_algo()
-    try:
+    with built_algo(make_config(**settings)) as restored:
         restored.restore_from_path(checkpoint)
         restored_rates = record_step_lrs(restored)
         result = restored.train()
         restored_weights = learner_weights(restored)
-    finally:
-        restored.stop()
     assert restored_rates == pytest.approx(rates[2:4], rel=1e-6)  # [3/4, 1] x lr, as uninterrupted
     expected, got = results[1]["learners"][DEFAULT_MODULE_ID], result["learners"][DEFAULT_MODULE_ID]
     for key in ("default_optimizer_learning_rate", "policy_loss", "gradients_default_optimizer_global_norm"):
@@ -967,16 +886,13 @@ def test_lr_warmup_per_optimizer_step_survives_save_and_restore(ray_session, tmp
 def test_two_epochs_take_twice_the_optimizer_steps_on_the_same_batch(ray_session):
     runs = []
     for epochs in (1, 2):
-        algo = make_config(overlong_filter=False, num_epochs=epochs).build_algo()
-        try:
+        with built_algo(make_config(overlong_filter=False, num_epochs=epochs)) as algo:
             before = learner_weights(algo)
             rates = record_step_lrs(algo)
             result = algo.train()
             optimizer = algo.learner_group._learner._only_optimizer()
             adam_steps = {int(state["step"]) for state in optimizer.state.values()}
             runs.append(dict(result=result, steps=len(rates), adam_steps=adam_steps, weights=learner_weights(algo)))
-        finally:
-            algo.stop()
     one, two = runs
     assert (one["steps"], two["steps"]) == (2, 4)  # optimizer.step() calls on the learner
     assert (one["adam_steps"], two["adam_steps"]) == ({2}, {4})
@@ -999,8 +915,7 @@ def test_token_mean_legacy_weights_each_micro_batch_token_mean_by_its_rows(ray_s
     budget = 40  # padded tokens: _unequal_minibatch's 8 rows split into 3 / 4 / 1 rows
     logged, one_pass, legacy = {}, {}, {}
     for agg in ("token-mean-legacy", "token-mean"):
-        algo = make_config(overlong_filter=False, loss_agg=agg, micro_batch_tokens=budget).build_algo()
-        try:
+        with built_algo(make_config(overlong_filter=False, loss_agg=agg, micro_batch_tokens=budget)) as algo:
             batch = _unequal_minibatch(algo)
             micro_batches = original(batch, budget)
             tokens = [int(batch["token_mask"][rows].sum()) for rows in micro_batches]
@@ -1012,8 +927,6 @@ def test_token_mean_legacy_weights_each_micro_batch_token_mean_by_its_rows(ray_s
             algo._update(batch)
             assert [rows.tolist() for rows in splits[0]] == [rows.tolist() for rows in micro_batches]
             logged[agg] = float(algo.metrics.reduce()["learners"][DEFAULT_MODULE_ID]["policy_loss"])
-        finally:
-            algo.stop()
     # Both algorithms started from the same weights and got the same mini-batch.
     assert one_pass["token-mean"] == pytest.approx(one_pass["token-mean-legacy"], rel=1e-6)
     assert abs(legacy["token-mean"] - one_pass["token-mean"]) > 0.05  # the micro-batches' token counts differ
@@ -1046,14 +959,11 @@ def test_generation_rounds_default_to_three_times_the_prompts_per_step(ray_sessi
     config = make_config(dynamic_sampling=True, generation_batch_prompts=None, max_sampling_rounds=1,
                          on_sampling_limit="train")
     assert config.generation_round_prompts == 3 * TINY["prompts_per_step"]
-    algo = config.build_algo()
-    try:
+    with built_algo(config) as algo:
         calls = []
         backend = algo.env_runner.backend
         real_generate = backend.generate
         backend.generate = lambda prompts, *a, **k: calls.append(len(prompts)) or real_generate(prompts, *a, **k)
         dapo = algo.train()["dapo"]
-    finally:
-        algo.stop()
     assert calls == [12]  # one round (the limit) of 3 x 4 prompts
     assert dapo["prompts_generated"] == 12 and dapo["sampling_rounds"] == 1

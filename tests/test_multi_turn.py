@@ -16,51 +16,14 @@ import dapo_envs  # noqa: F401  (registers the dapo/ environments)
 from dapo_rl.core import policy_loss
 from dapo_rl.models import TINY_PRESET, build_char_tokenizer, load_policy, tiny_model_config
 from dapo_rl.policy import response_logprobs
-from dapo_rl.rollout.base import GeneratedResponses, SamplingSettings
+from dapo_rl.rollout.base import SamplingSettings
 from dapo_rl.rollout.hf import HFGenerationBackend
 from dapo_rl.rollout.runner import GenerationRunner, PromptSettings
 from dapo_rl.rollout.vllm_backend import VLLMEngineSettings, VLLMGenerationBackend
 from dapo_rl.training import build_train_batch, collect_groups
-from tests.test_chat_template import chatml_tokenizer
+from tests.helpers import ScriptedPolicy, chatml_tokenizer, question_of, tool_user
 
 PROMPT = "What is {problem}?\n"
-
-
-class ScriptedPolicy:
-    """A backend whose turns are a function of the context's text: ``turn(context) -> (text, finished)``.
-
-    Each response is the text's tokens, plus EOS when finished. Records every call's contexts.
-    """
-
-    def __init__(self, tokenizer, turn, *, logprobs_value=-0.5):
-        self.tokenizer, self.turn, self.logprobs_value = tokenizer, turn, logprobs_value
-        self.calls: list[tuple[list[list[int]], SamplingSettings]] = []
-
-    def generate(self, prompt_token_ids, sampling, *, seed):
-        self.calls.append(([list(ids) for ids in prompt_token_ids], sampling))
-        token_ids, finished = [], []
-        for ids in prompt_token_ids:
-            for _ in range(sampling.n):
-                text, done = self.turn(self.tokenizer.decode(ids, skip_special_tokens=False))
-                response = self.tokenizer(text, add_special_tokens=False).input_ids + ([self.tokenizer.eos_token_id] if done else [])
-                token_ids.append(response[: sampling.max_new_tokens])
-                finished.append(done and len(response) <= sampling.max_new_tokens)
-        logprobs = [[self.logprobs_value] * len(t) for t in token_ids] if sampling.logprobs else None
-        return GeneratedResponses(token_ids, finished, logprobs)
-
-    def load_weights(self, state_dict):
-        pass
-
-
-def question_of(context: str) -> str:
-    return context.split("What is ", 1)[1].split("?", 1)[0].replace(" ", "")
-
-
-def tool_user(context: str) -> tuple[str, bool]:
-    """Calls the calculator, then answers with its result."""
-    if "<result>" in context:
-        return f"Answer: {context.rsplit('<result>', 1)[1].split('</result>', 1)[0]}", True
-    return f"<calc>{question_of(context)}</calc>", True
 
 
 def calculator(**kwargs):

@@ -21,7 +21,7 @@ from dapo_envs import ToolEnv, register_reasoning_env
 from dapo_envs.arithmetic import ArithmeticEnv
 from dapo_rl import DAPOConfig
 from dapo_rl.env_runner import env_registration
-from tests.test_multi_turn import ScriptedPolicy, tool_user
+from tests.helpers import ScriptedPolicy, built_algo, tool_user
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(group_size=4, prompts_per_step=4, minibatch_prompts=2, max_prompt_length=32, max_response_length=64,
@@ -58,13 +58,10 @@ def test_one_dapo_step_trains_on_the_models_tokens_only(ray_session):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(dapo_module, "build_train_batch", spy)
-        algo = calculator_config().build_algo()
-        try:
+        with built_algo(calculator_config()) as algo:
             tokenizer = algo._tokenizer
             algo.env_runner.backend = algo.env_runner.generation.backend = ScriptedPolicy(tokenizer, half_use_the_tool())
             result = algo.train()
-        finally:
-            algo.stop()
     (collected, batch), = batches
     dapo = result["dapo"]
     used_tool = np.asarray([len(mask) > int(mask.sum()) for mask in collected["response_loss_mask"]])
@@ -141,11 +138,8 @@ def test_episodes_from_two_remote_runners_merge_into_one_step(ray_session):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(dapo_module, "build_train_batch", spy)
-        algo = calculator_config().env_runners(num_env_runners=2).build_algo()
-        try:
+        with built_algo(calculator_config().env_runners(num_env_runners=2)) as algo:
             result = algo.train()
-        finally:
-            algo.stop()
     (collected,) = merged
     dapo = result["dapo"]
     assert dapo["prompts_generated"] == TINY["prompts_per_step"]

@@ -18,35 +18,16 @@ from ray.rllib.core import DEFAULT_MODULE_ID
 import dapo_rl.dapo as dapo_module
 from dapo_rl import DAPOConfig
 from dapo_rl.dapo import NonFiniteUpdatesError
+from tests import helpers
+from tests.helpers import ENV, TINY, UPDATES_PER_STEP, built_algo, learner_weights, max_abs_diff
 
-ENV = "dapo/Arithmetic-v0"
-#: 4 prompts x 4 responses per step, 2 prompts per update: 2 updates per train().
-TINY = dict(
-    group_size=4, prompts_per_step=4, minibatch_prompts=2, generation_batch_prompts=4, max_prompt_length=64,
-    max_response_length=8, overlong_cache_len=4, lr=1e-3, lr_warmup_steps=0, num_epochs=1, dynamic_sampling=False,
-    # The random-init model's responses all run to the limit: unfiltered, every update has loss tokens
-    # (an update without any still steps AdamW, whose weight decay moves the weights).
-    overlong_filter=False,
-)
-UPDATES_PER_STEP = TINY["prompts_per_step"] // TINY["minibatch_prompts"]
+#: The tiny settings at a higher lr; the random-init model's responses all run to the limit, so with
+#: overlong filtering off every update has loss tokens (an update without any is skipped, not stepped).
+RELIABILITY = dict(lr=1e-3, overlong_filter=False)
 
 
 def make_config(**training) -> DAPOConfig:
-    return (
-        DAPOConfig()
-        .rl_module(model_config={"model": "tiny-qwen2"})
-        .environment(ENV, env_config={"operators": "+"})
-        .training(**{**TINY, **training})
-        .debugging(seed=0)
-    )
-
-
-def learner_weights(algo) -> dict[str, np.ndarray]:
-    return {key: np.array(value, copy=True) for key, value in algo.learner_group.get_weights()[DEFAULT_MODULE_ID].items()}
-
-
-def max_abs_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
-    return max(float(np.max(np.abs(a[key] - b[key]))) for key in a)
+    return helpers.make_config(**{**RELIABILITY, **training})
 
 
 def optimizer_state_size(algo) -> int:
@@ -73,8 +54,7 @@ def poison_advantages(monkeypatch):
 
 @pytest.mark.parametrize("bad_value", [math.nan, math.inf, -math.inf])
 def test_a_non_finite_update_is_skipped_with_weights_and_optimizer_untouched(ray_session, poison_advantages, bad_value):
-    algo = make_config().build_algo()
-    try:
+    with built_algo(make_config()) as algo:
         before = learner_weights(algo)
         poison_advantages(bad_value)
         result = algo.train()
@@ -91,15 +71,12 @@ def test_a_non_finite_update_is_skipped_with_weights_and_optimizer_untouched(ray
         assert result["dapo"]["nonfinite_updates_skipped"] == UPDATES_PER_STEP
         assert result["learners"][DEFAULT_MODULE_ID]["nonfinite_update_skipped"] == 0
         assert optimizer_state_size(algo) > 0
-    finally:
-        algo.stop()
 
 
 def test_a_nan_in_one_gradient_alone_skips_the_update(ray_session):
     """The loss is finite; one parameter's gradient is NaN (a hook on it, as a bad kernel or an
     overflow in backward would leave it): the gradient check alone must catch it."""
-    algo = make_config().build_algo()
-    try:
+    with built_algo(make_config()) as algo:
         module = algo.learner_group._learner.module[DEFAULT_MODULE_ID]
         name, parameter = next((n, p) for n, p in module.named_parameters() if n.endswith("norm.weight"))
         handle = parameter.register_hook(lambda gradient: torch.full_like(gradient, math.nan))
@@ -112,20 +89,15 @@ def test_a_nan_in_one_gradient_alone_skips_the_update(ray_session):
         assert learner["nonfinite_update_skipped"] == UPDATES_PER_STEP
         handle.remove()
         assert algo.train()["dapo"]["optimizer_steps"] == UPDATES_PER_STEP
-    finally:
-        algo.stop()
 
 
 def test_consecutive_non_finite_updates_stop_the_run_naming_the_iteration(ray_session, poison_advantages):
-    algo = make_config(max_consecutive_nonfinite_updates=3).build_algo()
-    try:
+    with built_algo(make_config(max_consecutive_nonfinite_updates=3)) as algo:
         algo.train()  # clean
         poison_advantages(math.nan)
         algo.train()  # 2 skipped in a row: below the limit
         with pytest.raises(NonFiniteUpdatesError) as raised:
             algo.train()  # the third in a row
-    finally:
-        algo.stop()
     message = str(raised.value)
     assert message.startswith("iteration 3:")
     assert "max_consecutive_nonfinite_updates=3" in message
@@ -148,14 +120,11 @@ def test_sharded_learners_agree_to_skip_when_one_shard_is_poisoned(ray_session, 
         return batch
 
     monkeypatch.setattr(dapo_module, "build_train_batch", build)
-    algo = make_config(data_parallel="fsdp2").learners(num_learners=2).build_algo()
-    try:
+    with built_algo(make_config(data_parallel="fsdp2").learners(num_learners=2)) as algo:
         result = algo.train()
         # One of the two updates held group 0: that one was skipped on both learners, the other not.
         assert result["dapo"]["nonfinite_updates_skipped"] == 1
         assert result["dapo"]["optimizer_steps"] == UPDATES_PER_STEP - 1
-    finally:
-        algo.stop()
 
 
 # -- a user's verifier that fails, in the training loop ---------------------------------------------
@@ -199,7 +168,7 @@ def test_a_failing_user_verifier_costs_only_its_responses_and_is_counted(ray_ses
         DAPOConfig()
         .rl_module(model_config={"model": "tiny-qwen2"})
         .environment(ENV, env_config={"operators": "+", "verifier": abusive_verifier(), "verifier_timeout": 0.5})
-        .training(**{**TINY, "prompts_per_step": 8, "generation_batch_prompts": 8, "log_samples": 8})
+        .training(**{**TINY, **RELIABILITY, "prompts_per_step": 8, "generation_batch_prompts": 8, "log_samples": 8})
         .debugging(seed=0)
         .build_algo()
     )
@@ -300,15 +269,12 @@ def test_a_killed_learner_stops_the_run_naming_it_and_how_to_resume(ray_session)
 
     from dapo_rl.dapo import LearnerFailedError
 
-    algo = make_config().learners(num_learners=2).build_algo()
-    try:
+    with built_algo(make_config().learners(num_learners=2)) as algo:
         algo.train()
         pids = [r.get() for r in algo.learner_group.foreach_learner(lambda learner: os.getpid())]
         os.kill(pids[1], signal.SIGKILL)  # between steps: no collective is waiting on it
         with pytest.raises(LearnerFailedError) as raised:
             algo.train()
-    finally:
-        algo.stop()
     message = str(raised.value)
     assert message.startswith("learner 1 of 2 died during iteration 2 (")
     assert "dapo-rl train --resume" in message
@@ -357,14 +323,11 @@ def test_an_update_without_loss_tokens_leaves_the_weights_and_adamw_alone(ray_se
         return batch
 
     monkeypatch.setattr(dapo_module, "build_train_batch", all_masked)
-    algo = make_config(weight_decay=0.1).build_algo()
-    try:
+    with built_algo(make_config(weight_decay=0.1)) as algo:
         before = learner_weights(algo)
         result = algo.train()
         after = learner_weights(algo)
         state_size = optimizer_state_size(algo)
-    finally:
-        algo.stop()
     assert max_abs_diff(before, after) == 0.0 and state_size == 0
     assert result["dapo"]["optimizer_steps"] == 0
     assert result["dapo"]["empty_updates_skipped"] == UPDATES_PER_STEP
