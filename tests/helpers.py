@@ -6,17 +6,21 @@ Test modules import from here, never from one another.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
 from tokenizers import AddedToken
 
 from dapo_rl import DAPOConfig
 from dapo_rl.models import build_char_tokenizer
 from dapo_rl.rollout.base import GeneratedResponses, SamplingSettings
+from dapo_rl.rollout.batch import pack_sequences
+from dapo_rl.training import minibatch_with_loss_normalizer
 
 ENV = "dapo/Arithmetic-v0"
 ENV_CONFIG = {"operators": "+"}
@@ -130,3 +134,80 @@ def tool_user(context: str) -> tuple[str, bool]:
     if "<result>" in context:
         return f"Answer: {context.rsplit('<result>', 1)[1].split('</result>', 1)[0]}", True
     return f"<calc>{question_of(context)}</calc>", True
+
+
+# -- scripted responses to arithmetic prompts (a known mix of right, wrong, finished, truncated) ------
+
+ARITHMETIC_PROMPT = re.compile(r"What is (\d+) \+ (\d+)\?")
+#: Lengths for the scripts: E = 16 - 12 = 4 tokens, so every scripted response (10 to 16 tokens)
+#: lies in the overlong cache window and each length has its own penalty (E - len) / 12.
+SCRIPTED = dict(max_response_length=16, overlong_cache_len=12)
+MIXED, ALL_RIGHT, ALL_WRONG_GROUP = "mixed", "all right", "all wrong"
+
+
+def scripted_group(kind: str, answer: int) -> list[tuple[str, bool, bool]]:
+    """(text, finished, correct) of the 4 responses a group of ``kind`` gets."""
+    right, wrong = f"Answer: {answer}", f"Answer: {answer + 1}"
+    if kind == MIXED:
+        return [(right, True, True), (wrong, True, False), (" " + right, True, True), ("x" * 16, False, False)]
+    if kind == ALL_RIGHT:
+        return [(" " * k + right, True, True) for k in range(4)]
+    return [(" " * k + wrong, True, False) for k in range(4)]
+
+
+class ScriptedGeneration:
+    """Replaces the local env runner's generation: prompt i of each call gets ``kinds[i % len]``."""
+
+    def __init__(self, algo, kinds: list[str]) -> None:
+        self.tokenizer = algo._tokenizer
+        self.kinds = kinds
+        self.calls: list[list[dict]] = []  # per generate call, per prompt: prompt, answer, kind, rows
+        algo.env_runner.backend.generate = self.generate
+
+    def generate(self, prompt_token_ids, sampling, *, seed):
+        token_ids, finished, call = [], [], []
+        eos = self.tokenizer.eos_token_id
+        for index, ids in enumerate(prompt_token_ids):
+            prompt = self.tokenizer.decode(ids, skip_special_tokens=True)
+            answer = sum(int(x) for x in ARITHMETIC_PROMPT.search(prompt).groups())
+            kind = self.kinds[index % len(self.kinds)]
+            rows = []
+            for text, done, correct in scripted_group(kind, answer):
+                response = self.tokenizer.encode(text, add_special_tokens=False) + ([eos] if done else [])
+                assert len(response) == sampling.max_new_tokens or (done and len(response) < sampling.max_new_tokens)
+                token_ids.append(response)
+                finished.append(done)
+                rows.append(dict(text=text, length=len(response), truncated=not done, correct=correct))
+            assert len(rows) == sampling.n
+            call.append(dict(prompt=prompt, answer=answer, kind=kind, rows=rows))
+        self.calls.append(call)
+        return GeneratedResponses(token_ids=token_ids, finished=finished)
+
+
+def unequal_minibatch(algo) -> dict[str, torch.Tensor]:
+    """8 rows (2 groups of 4) with very unequal response lengths: shard 0 (rows 0-3) holds 7 loss
+    tokens, shard 1 (rows 4-7) 31, and their advantages have opposite signs, so a per-shard token
+    mean differs clearly from the mini-batch's token mean. Old log-probs are the current ones,
+    perturbed so that both clip sides are hit."""
+    generator = torch.Generator().manual_seed(7)
+    prompt_lengths = [3, 5, 4, 6, 2, 5, 3, 4]
+    response_lengths = [1, 2, 1, 3, 8, 8, 7, 8]
+    prompts = [torch.randint(2, 250, (n,), generator=generator).tolist() for n in prompt_lengths]
+    responses = [torch.randint(2, 250, (n,), generator=generator).tolist() for n in response_lengths]
+    packed = pack_sequences(prompts, responses, pad_token_id=algo._tokenizer.pad_token_id)
+    batch = {key: packed[key] for key in ("input_ids", "attention_mask", "position_ids", "response_mask")}
+    batch["token_mask"] = packed["response_mask"].clone()
+    batch["advantages"] = torch.tensor([1.5, 0.5, 1.0, 0.8, -1.0, -0.5, -1.2, -0.3])
+    current = algo._old_logprobs(batch)
+    noise = 0.4 * torch.randn(current.shape, generator=generator)
+    batch["old_logprobs"] = (current + noise) * batch["response_mask"]
+    config = algo.config
+    return minibatch_with_loss_normalizer(batch, torch.arange(8), loss_agg=config.loss_agg, max_response_length=config.max_response_length)
+
+
+def record_step_lrs(algo) -> list[float]:
+    """The learning rate of every optimizer step the local learner takes from now on."""
+    optimizer = algo.learner_group._learner._only_optimizer()
+    rates: list[float] = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: rates.append(float(opt.param_groups[0]["lr"])))
+    return rates
