@@ -12,7 +12,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from dapo_rl.core import token_logprobs
-from dapo_rl.kv_cache import cache_keyword, distinct_prompts
+from dapo_rl.kv_cache import cache_keyword, can_share_prompt, distinct_prompts
 
 # Config attributes that put a transform between hidden·Wᵀ and the logits; for these models the
 # projection must go through the model's own head (full logits), or log-probs would be wrong.
@@ -46,8 +46,9 @@ def response_logprobs(
         share_prompts: rows with the same prompt (a group's G responses) run that prompt through
             the backbone once and attend to its shared key/value cache; gradients from all of them
             flow back into the one prompt forward. Same values and gradients as a forward per row,
-            up to float rounding. Not used with activation checkpointing (which drops the cache)
-            or a model whose head transforms the logits.
+            up to float rounding. Not used with activation checkpointing (which drops the cache),
+            a model whose head transforms the logits, or an architecture not verified with a shared
+            cache (:func:`dapo_rl.kv_cache.shared_prompt_unsupported`, said once as a warning).
 
     Returns:
         ``(logprobs, entropy)``, each (B, R) float32 with zeros at masked positions; ``entropy`` is
@@ -76,7 +77,7 @@ def response_logprobs(
     else:
         backbone = model.get_decoder()
         with autocast:
-            if share_prompts and not getattr(backbone, "gradient_checkpointing", False):
+            if share_prompts and not getattr(backbone, "gradient_checkpointing", False) and can_share_prompt(model):
                 hidden = _shared_prompt_hidden(backbone, batch, prompt_width)[response_mask]
             else:
                 hidden = _forward(backbone, batch).last_hidden_state[:, predicting][response_mask]

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
-from dapo_rl.kv_cache import cache_keyword
+from dapo_rl.kv_cache import cache_keyword, can_share_prompt
 from dapo_rl.rollout.base import GeneratedResponses, SamplingSettings
 from dapo_rl.rollout.batch import split_at_eos
 
@@ -67,7 +67,8 @@ class HFGenerationBackend:
         share_prompt_prefill: run each prompt through the model once and copy its KV cache to its
             ``n`` samples, instead of ``generate``'s ``n`` identical prefills. The same
             computation (the samples' distribution is unchanged), about ``n`` times less prefill
-            work; off for models whose cache is not a plain per-layer key/value cache.
+            work; off for architectures not verified with a shared cache
+            (:func:`dapo_rl.kv_cache.shared_prompt_unsupported`, said once as a warning).
     """
 
     def __init__(
@@ -127,7 +128,8 @@ class HFGenerationBackend:
                     input_ids, attention_mask = _left_pad(chunk, self.pad_token_id, device)
                     recorder = SampledTokenLogprobs(sampling.temperature) if sampling.logprobs else None
                     processors = LogitsProcessorList([recorder] if recorder else [])
-                    if self.share_prompt_prefill and sampling.n > 1 and input_ids.shape[1] > 1:
+                    if (self.share_prompt_prefill and sampling.n > 1 and input_ids.shape[1] > 1
+                            and can_share_prompt(self.model)):
                         output = self._generate_from_shared_prefill(
                             input_ids, attention_mask, sampling.n, generation_config, processors)
                     else:
