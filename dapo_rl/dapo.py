@@ -43,12 +43,9 @@ from ray.rllib.utils.metrics import (
     TIMERS,
 )
 
-from dapo_rl.core import ADVANTAGE_SCALES, LOSS_AGGREGATIONS, shaped_rewards
-from dapo_rl.core.losses import clip_setting_problems
-from dapo_rl.core.off_policy import behaviour_importance_weights, importance_weight_cap_problem
-from dapo_rl.core.sampling import ON_LIMIT_CHOICES
+from dapo_rl.core import shaped_rewards
+from dapo_rl.core.off_policy import behaviour_importance_weights
 from dapo_rl.distributed import (
-    DATA_PARALLEL_CHOICES,
     SHARDED_STATE_FOLDER,
     SHARDED_STATE_POINTER,
     finish_sharded_checkpoint,
@@ -57,7 +54,6 @@ from dapo_rl.distributed import (
     sharded_state_target,
 )
 from dapo_rl.rollout.engine_sync import EngineWeightSync
-from dapo_rl.rollout.runner import PROMPT_TRUNCATION_CHOICES
 from dapo_rl.rollout.vllm_backend import INSTALL_HINT, vllm_available
 from dapo_rl.async_rollouts import RolloutStream, merge_shares
 from dapo_rl.checkpoints import write_checkpoint_manifest, write_policy_module_config
@@ -66,14 +62,12 @@ from dapo_rl.learner import NONFINITE_UPDATE_SKIPPED, DAPOTorchLearner
 from dapo_rl.models import load_tokenizer, save_policy
 from dapo_rl.presets import list_presets
 from dapo_rl.module import TEXT_SPACE, CausalLMModule, model_context_length
-from dapo_rl.policy import MIXED_PRECISION_CHOICES
 from dapo_rl.prompt_sampler import PromptSampler
-from dapo_rl.settings import DAPO_SETTINGS, GENERATION_ROUND_FACTOR, OPTIMIZER_DEFAULTS
+from dapo_rl.settings import DAPO_SETTINGS, GENERATION_ROUND_FACTOR, SETTINGS, setting_problems
 from dapo_rl.training import build_train_batch, collect_groups, minibatch_indices, minibatch_with_loss_normalizer
 
 
 #: Values of ``generation_backend``.
-GENERATION_BACKENDS = ("hf", "vllm")
 
 #: Longest a round waits for an env runner to come back when every remote runner has failed.
 ENV_RUNNER_RECOVERY_S = 300.0
@@ -118,16 +112,16 @@ class DAPOConfig(AlgorithmConfig):
         algo = config.build_algo()
         result = algo.train()
 
-    The model comes from ``.rl_module(model_config={"model": PATH})``: a local Hugging Face model
-    folder, or ``"tiny-qwen2"`` (the default). DAPO's settings are the keys of ``DAPO_SETTINGS``.
+    The model comes from ``.rl_module(model_config={"model": M})``: a local Hugging Face model
+    folder, a ``.gguf`` file or a preset (``dapo_rl.presets.list_presets()``); there is no default
+    model. The settings, their defaults (the paper's 32B run) and their allowed values are declared
+    once, in ``dapo_rl.settings.SETTINGS`` (reference: docs/settings.md).
     """
 
     def __init__(self, algo_class: type | None = None) -> None:
         super().__init__(algo_class=algo_class or DAPO)
-        for name, default in DAPO_SETTINGS.items():
-            setattr(self, name, default)
-        for name, default in OPTIMIZER_DEFAULTS.items():
-            setattr(self, name, default)
+        for name, setting in SETTINGS.items():
+            setattr(self, name, setting.default)
         self.env_runner_cls = DAPOEnvRunner
         self.num_env_runners = 0
         # A failed env runner's share is sampled again by the algorithm (DAPO._sample_on_remote_runners)
@@ -143,7 +137,7 @@ class DAPOConfig(AlgorithmConfig):
         # RLlib's step() ends with a blocking call on every remote runner (connector states, which
         # DAPO's runners do not have). With asynchronous rollouts that call would queue behind the
         # rounds the runners hold, making each step wait for generation: skip it then.
-        return self._skip_env_runner_state_sync or bool(self.max_staleness)
+        return self._skip_env_runner_state_sync or self.is_async
 
     @_dont_auto_sync_env_runner_states.setter
     def _dont_auto_sync_env_runner_states(self, value: bool) -> None:
@@ -159,7 +153,7 @@ class DAPOConfig(AlgorithmConfig):
         return self
 
     def training(self, **kwargs: Any) -> DAPOConfig:
-        """Set training settings: any key of ``DAPO_SETTINGS``, or RLlib's own (``lr``, ``grad_clip``,
+        """Set training settings: any key of ``dapo_rl.settings.SETTINGS``, or RLlib's own (``lr``, ``grad_clip``,
         ``num_epochs``, ...). An unknown key raises TypeError naming it."""
         for name in [key for key in kwargs if key in DAPO_SETTINGS]:
             setattr(self, name, kwargs.pop(name))
@@ -192,122 +186,60 @@ class DAPOConfig(AlgorithmConfig):
             raise InvalidConfigError(problems)
 
     def _dapo_problems(self, *, require_installed: bool = True) -> list[str]:
-        problems = []
-
-        def require(condition: bool, message: str) -> None:
-            if not condition:
-                problems.append(message)
-
-        def is_int(value: Any) -> bool:
-            return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-        for name in ("group_size", "prompts_per_step", "minibatch_prompts", "max_prompt_length", "max_response_length", "generation_prompts_per_call",
-                     "logprob_chunk_size", "logprob_batch_rows", "num_epochs"):
-            value = getattr(self, name)
-            require(is_int(value) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
-        if problems:
-            return problems
-        require(self.group_size >= 2, f"group_size must be >= 2 (advantages need a group), got {self.group_size}")
-        require(
-            self.prompts_per_step % self.minibatch_prompts == 0,
-            f"minibatch_prompts ({self.minibatch_prompts}) must divide prompts_per_step ({self.prompts_per_step})",
-        )
-        num_learners = max(1, int(self.num_learners or 0))
-        rows = self.minibatch_prompts * self.group_size
-        require(
-            rows % num_learners == 0,
-            f"a mini-batch's rows (minibatch_prompts {self.minibatch_prompts} x group_size {self.group_size} = "
-            f"{rows}) must divide evenly over num_learners ({num_learners})",
-        )
-        require(
-            self.generation_batch_prompts is None or (is_int(self.generation_batch_prompts) and self.generation_batch_prompts >= 1),
-            f"generation_batch_prompts must be None ({GENERATION_ROUND_FACTOR} x prompts_per_step) or an integer >= 1, "
-            f"got {self.generation_batch_prompts!r}",
-        )
-        require(is_int(self.log_samples) and self.log_samples >= 0,
-                f"log_samples must be an integer >= 0, got {self.log_samples!r}")
-        problems += self._model_problems()
-        require(is_int(self.overlong_cache_len) and self.overlong_cache_len >= 0,
-                f"overlong_cache_len must be an integer >= 0, got {self.overlong_cache_len!r}")
-        require(
-            not is_int(self.overlong_cache_len) or self.max_response_length > self.overlong_cache_len,
-            f"max_response_length ({self.max_response_length}) must be greater than overlong_cache_len "
-            f"({self.overlong_cache_len})",
-        )
-        require(isinstance(self.overlong_penalty_factor, (int, float)) and self.overlong_penalty_factor >= 0,
-                f"overlong_penalty_factor must be >= 0, got {self.overlong_penalty_factor!r}")
-        require(isinstance(self.lr, (int, float)) and self.lr > 0,
-                f"lr must be a positive number (warm-up comes from lr_warmup_steps), got {self.lr!r}")
-        require(is_int(self.lr_warmup_steps) and self.lr_warmup_steps >= 0,
-                f"lr_warmup_steps must be an integer >= 0, got {self.lr_warmup_steps!r}")
-        require(isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0,
-                f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        problems += clip_setting_problems(self.clip_low, self.clip_high, self.dual_clip)
-        require(self.loss_agg in LOSS_AGGREGATIONS,
-                f"loss_agg must be one of {sorted(LOSS_AGGREGATIONS)}, got {self.loss_agg!r}")
-        require(self.advantage_scale in ADVANTAGE_SCALES,
-                f"advantage_scale must be one of {list(ADVANTAGE_SCALES)}, got {self.advantage_scale!r}")
-        require(is_int(self.max_sampling_rounds),
-                f"max_sampling_rounds must be an integer (<= 0 for unlimited), got {self.max_sampling_rounds!r}")
-        require(is_int(self.max_consecutive_nonfinite_updates) and self.max_consecutive_nonfinite_updates >= 1,
-                "max_consecutive_nonfinite_updates must be an integer >= 1, got "
-                f"{self.max_consecutive_nonfinite_updates!r}")
-        require(self.on_sampling_limit in ON_LIMIT_CHOICES,
-                f"on_sampling_limit must be one of {list(ON_LIMIT_CHOICES)}, got {self.on_sampling_limit!r}")
-        require(isinstance(self.temperature, (int, float)) and self.temperature > 0,
-                f"temperature must be > 0, got {self.temperature!r}")
-        require(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
-        require(is_int(self.top_k), f"top_k must be an integer (<= 0 for off), got {self.top_k!r}")
-        require(self.mixed_precision in MIXED_PRECISION_CHOICES,
-                f"mixed_precision must be one of {list(MIXED_PRECISION_CHOICES)}, got {self.mixed_precision!r}")
-        require(is_int(self.micro_batch_tokens) and self.micro_batch_tokens >= 0,
-                f"micro_batch_tokens must be an integer >= 0 (0: no micro-batching), got {self.micro_batch_tokens!r}")
-        require(isinstance(self.gradient_checkpointing, bool),
-                f"gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}")
-        require(isinstance(self.recompute_old_logprobs, bool),
-                f"recompute_old_logprobs must be True or False, got {self.recompute_old_logprobs!r}")
-        require(isinstance(self.share_prompt_forward, bool),
-                f"share_prompt_forward must be True or False, got {self.share_prompt_forward!r}")
-        require(self.data_parallel in DATA_PARALLEL_CHOICES,
-                f"data_parallel must be one of {list(DATA_PARALLEL_CHOICES)}, got {self.data_parallel!r}")
-        require(
-            self.data_parallel != "fsdp2" or self.grad_clip is None or self.grad_clip_by == "global_norm",
-            f"data_parallel='fsdp2' clips gradients by global norm only, got grad_clip_by={self.grad_clip_by!r}",
-        )
-        require(self.sharded_checkpoint_dir is None or (isinstance(self.sharded_checkpoint_dir, str) and self.sharded_checkpoint_dir),
-                f"sharded_checkpoint_dir must be None or a folder path, got {self.sharded_checkpoint_dir!r}")
-        require(is_int(self.sharded_checkpoints_kept) and self.sharded_checkpoints_kept >= 1,
-                f"sharded_checkpoints_kept must be an integer >= 1, got {self.sharded_checkpoints_kept!r}")
-        problems += self._generation_problems(require_installed)
-        problems += self._async_problems()
-        require(self.prompt_truncation in PROMPT_TRUNCATION_CHOICES,
-                f"prompt_truncation must be one of {list(PROMPT_TRUNCATION_CHOICES)}, got {self.prompt_truncation!r}")
-        require(self.apply_chat_template in (None, True, False),
-                f"apply_chat_template must be None, True or False, got {self.apply_chat_template!r}")
-        require(isinstance(self.env, str) and bool(self.env),
-                f"env must be a registered Gymnasium id such as 'dapo/Arithmetic-v0', got {self.env!r}")
+        """Each setting alone, by its declaration (dapo_rl.settings.SETTINGS), then the rules that tie
+        settings together; a rule is skipped while one of its settings is itself invalid."""
+        problems = setting_problems({name: getattr(self, name) for name in SETTINGS})
+        invalid = {name for name in SETTINGS if SETTINGS[name].problem(getattr(self, name)) is not None}
+        for rule, needs in CROSS_SETTING_RULES:
+            if not needs & invalid:
+                problems += rule(self, require_installed)
         return problems
 
-    def _generation_problems(self, require_installed: bool) -> list[str]:
-        if self.generation_backend not in GENERATION_BACKENDS:
-            return [f"generation_backend must be one of {list(GENERATION_BACKENDS)}, got {self.generation_backend!r}"]
-        if self.generation_backend == "hf":
-            device = self.generation_device
-            if device not in ("auto", "cpu") and not (isinstance(device, str) and device.startswith("cuda")):
-                return [f"generation_device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}"]
+    # -- rules that tie settings together (each a list of problems; CROSS_SETTING_RULES runs them) -----
+
+    def _minibatches_split_the_step(self, _: bool) -> list[str]:
+        if self.prompts_per_step % self.minibatch_prompts:
+            return [f"minibatch_prompts ({self.minibatch_prompts}) must divide prompts_per_step ({self.prompts_per_step})"]
+        return []
+
+    def _minibatch_rows_split_over_learners(self, _: bool) -> list[str]:
+        rows = self.minibatch_prompts * self.group_size
+        if rows % self.learner_shards:
+            return [f"a mini-batch's rows (minibatch_prompts {self.minibatch_prompts} x group_size {self.group_size} = "
+                    f"{rows}) must divide evenly over num_learners ({self.learner_shards})"]
+        return []
+
+    def _response_budget_exceeds_the_overlong_cache(self, _: bool) -> list[str]:
+        if self.max_response_length <= self.overlong_cache_len:
+            return [f"max_response_length ({self.max_response_length}) must be greater than overlong_cache_len "
+                    f"({self.overlong_cache_len})"]
+        return []
+
+    def _fsdp2_clips_by_global_norm(self, _: bool) -> list[str]:
+        if self.data_parallel == "fsdp2" and self.grad_clip is not None and self.grad_clip_by != "global_norm":
+            return [f"data_parallel='fsdp2' clips gradients by global norm only, got grad_clip_by={self.grad_clip_by!r}"]
+        return []
+
+    def _model_fits(self, _: bool) -> list[str]:
+        return self._model_problems()
+
+    def _environment_named(self, _: bool) -> list[str]:
+        if isinstance(self.env, str) and self.env:
+            return []
+        return [f"env must be a registered Gymnasium id such as 'dapo/Arithmetic-v0', got {self.env!r}"]
+
+    def _vllm_placement(self, require_installed: bool) -> list[str]:
+        if self.generation_backend != "vllm":
             return []
         if require_installed and not vllm_available():
             return [INSTALL_HINT]
         problems = []
-        tensor_parallel = self.vllm_tensor_parallel_size
-        if not (isinstance(tensor_parallel, int) and tensor_parallel >= 1):
-            problems.append(f"vllm_tensor_parallel_size must be an integer >= 1, got {tensor_parallel!r}")
         if int(self.num_env_runners or 0) < 1 and not self.in_evaluation:
             problems.append(
                 "generation_backend='vllm' runs its engines in remote env runners: set "
                 f"env_runners(num_env_runners=N >= 1), got num_env_runners={self.num_env_runners}"
             )
-        gpus = self.num_gpus_per_env_runner
+        gpus, tensor_parallel = self.num_gpus_per_env_runner, self.vllm_tensor_parallel_size
         # A one-GPU engine may take a fraction of a GPU (sharing it with a learner, with vllm_sleep);
         # a tensor-parallel engine needs its whole GPUs.
         shares_one_gpu = tensor_parallel == 1 and 0 < gpus <= 1
@@ -316,23 +248,32 @@ class DAPOConfig(AlgorithmConfig):
                 f"num_gpus_per_env_runner ({gpus}) must equal vllm_tensor_parallel_size ({tensor_parallel}), or be "
                 "a fraction of one GPU with tensor parallel size 1: each env runner holds one engine"
             )
-        if not (isinstance(self.vllm_gpu_memory_utilization, float) and 0 < self.vllm_gpu_memory_utilization <= 1):
-            problems.append(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization!r}")
-        if self.vllm_dtype not in ("bfloat16", "float16", "float32"):
-            problems.append(f"vllm_dtype must be 'bfloat16', 'float16' or 'float32', got {self.vllm_dtype!r}")
         return problems
 
-    def _async_problems(self) -> list[str]:
-        staleness = self.max_staleness
-        if isinstance(staleness, bool) or not isinstance(staleness, (int, np.integer)) or staleness < 0:
-            return [f"max_staleness must be an integer >= 0 (0: synchronous), got {staleness!r}"]
-        problems = [problem] if (problem := importance_weight_cap_problem(self.importance_weight_cap)) else []
+    def _async_needs_remote_runners(self, _: bool) -> list[str]:
         # RLlib validates a copy for evaluation whose num_env_runners is evaluation_num_env_runners.
-        if staleness and int(self.num_env_runners or 0) < 1 and not self.in_evaluation:
-            problems.append(
-                f"max_staleness={staleness} generates in remote env runners while the learners update: set "
-                f"env_runners(num_env_runners=N >= 1), got num_env_runners={self.num_env_runners}")
-        return problems
+        if self.is_async and int(self.num_env_runners or 0) < 1 and not self.in_evaluation:
+            return [f"max_staleness={self.max_staleness} generates in remote env runners while the learners update: "
+                    f"set env_runners(num_env_runners=N >= 1), got num_env_runners={self.num_env_runners}"]
+        return []
+
+    # -- derived values ---------------------------------------------------------------------------------
+
+    @property
+    def is_async(self) -> bool:
+        """Asynchronous rollouts: remote runners generate while the learners update (max_staleness >= 1)."""
+        return bool(self.max_staleness)
+
+    @property
+    def needs_generator_logprobs(self) -> bool:
+        """Whether the generators must report their sampled tokens' log-probs: the behaviour policy of
+        asynchronous rollouts, or the old log-probs themselves (recompute_old_logprobs=False)."""
+        return self.is_async or not self.recompute_old_logprobs
+
+    @property
+    def learner_shards(self) -> int:
+        """How many learners a mini-batch's rows are split over (the local learner counts as one)."""
+        return max(1, int(self.num_learners or 0))
 
     def get_default_rl_module_spec(self) -> RLModuleSpec:
         return RLModuleSpec(
@@ -377,6 +318,20 @@ class DAPOConfig(AlgorithmConfig):
                 f"({context} positions)"
             ]
         return []
+
+
+#: DAPOConfig's cross-setting rules, each with the settings it reads: a rule is skipped while one of
+#: them is itself invalid (its own problem is reported instead).
+CROSS_SETTING_RULES: tuple[tuple[Any, frozenset[str]], ...] = (
+    (DAPOConfig._minibatches_split_the_step, frozenset({"prompts_per_step", "minibatch_prompts"})),
+    (DAPOConfig._minibatch_rows_split_over_learners, frozenset({"minibatch_prompts", "group_size"})),
+    (DAPOConfig._response_budget_exceeds_the_overlong_cache, frozenset({"max_response_length", "overlong_cache_len"})),
+    (DAPOConfig._fsdp2_clips_by_global_norm, frozenset({"data_parallel", "grad_clip", "grad_clip_by"})),
+    (DAPOConfig._model_fits, frozenset({"max_prompt_length", "max_response_length"})),
+    (DAPOConfig._environment_named, frozenset()),
+    (DAPOConfig._vllm_placement, frozenset({"generation_backend", "vllm_tensor_parallel_size"})),
+    (DAPOConfig._async_needs_remote_runners, frozenset({"max_staleness"})),
+)
 
 
 class DAPO(Algorithm):
@@ -444,7 +399,7 @@ class DAPO(Algorithm):
         step_start = time.perf_counter()
         self._round_env_runner_failures = 0
         runner_metrics: list[Any] = []
-        asynchronous = bool(config.max_staleness)
+        asynchronous = config.is_async
         self._step_extra = {}  # this step's metrics of asynchronous rollouts and generator log-probs
         if asynchronous:
             self._start_stream()
@@ -678,7 +633,7 @@ class DAPO(Algorithm):
         Only a step cut short by the round limit (``on_sampling_limit="train"``) can hold such a
         remainder; an uneven shard would make DDP learners take different numbers of steps and hang.
         """
-        num_learners = max(1, int(self.config.num_learners or 0))
+        num_learners = self.config.learner_shards
         if num_learners == 1:
             return group_index
         groups_per_unit = num_learners // math.gcd(self.config.group_size, num_learners)
@@ -688,7 +643,7 @@ class DAPO(Algorithm):
 
     def _old_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         columns = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids", "response_mask")}
-        num_shards = max(1, int(self.config.num_learners or 0))
+        num_shards = self.config.learner_shards
         results = self._on_all_learners(lambda learner, b=columns, k=num_shards: learner.compute_old_logprobs(b, k))
         shards = sorted(results, key=lambda pair: pair[0])
         return torch.cat([logprobs for _, logprobs in shards], dim=0)

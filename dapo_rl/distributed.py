@@ -35,7 +35,6 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 #: Values of the ``data_parallel`` setting: replicate weights (DDP) or shard them (FSDP2).
-DATA_PARALLEL_CHOICES = ("ddp", "fsdp2")
 
 
 def transformer_blocks(causal_lm: nn.Module) -> list[nn.Module]:
@@ -261,7 +260,6 @@ def sharded_state_folder(checkpoint: str | os.PathLike[str]) -> Path | None:
 
 
 __all__ = [
-    "DATA_PARALLEL_CHOICES",
     "SHARDED_CHECKPOINTS_KEPT",
     "SHARDED_STATE_FOLDER",
     "SHARDED_STATE_POINTER",

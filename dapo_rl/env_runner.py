@@ -79,7 +79,7 @@ class DAPOEnvRunner(EnvRunner, Checkpointable):
         # Rollout steps' worth of updates in the weights held (asynchronous rollouts tag each round
         # with it); set by receive_policy. A runner restarted after a failure starts at -1: its
         # rounds count as too old until the algorithm has sent it weights with their version.
-        self._policy_version = 0 if self.worker_index == 0 or not self.config.max_staleness else -1
+        self._policy_version = 0 if self.worker_index == 0 or not self.config.is_async else -1
         self.env = make_reasoning_env(self.config)
         self._transfer: tuple[threading.Thread, list[BaseException], bool] | None = None
         self._joined_weight_sync = False
@@ -121,7 +121,7 @@ class DAPOEnvRunner(EnvRunner, Checkpointable):
                 enable_sleep_mode=config.vllm_sleep,
                 enforce_eager=config.vllm_enforce_eager,
                 seed=int(config.seed or 0) + self.worker_index,
-                logprobs_mode="processed_logprobs" if config.max_staleness or not config.recompute_old_logprobs else None,
+                logprobs_mode="processed_logprobs" if config.needs_generator_logprobs else None,
             ),
             eos_token_ids=[tokenizer.eos_token_id],
         )
@@ -137,7 +137,7 @@ class DAPOEnvRunner(EnvRunner, Checkpointable):
             top_p=config.top_p,
             top_k=config.top_k,
             # The behaviour policy's log-probs, for the off-policy correction of asynchronous rollouts.
-            logprobs=bool(config.max_staleness) or not config.recompute_old_logprobs,
+            logprobs=config.needs_generator_logprobs,
         )
 
     def sample_groups(self, problems: list[Any], seed: int) -> dict[str, Any]:

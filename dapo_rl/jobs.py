@@ -49,7 +49,7 @@ from dapo_rl.dapo import DAPOConfig, InvalidConfigError
 from dapo_rl.evaluation import EvalResult, evaluate_model, evaluate_runner
 from dapo_rl.models import TINY_PRESET, ModelNotFoundError, load_policy, load_tokenizer, save_policy
 from dapo_rl.rollout.base import SamplingSettings
-from dapo_rl.settings import DAPO_SETTINGS, OPTIMIZER_DEFAULTS
+from dapo_rl.settings import SETTINGS
 from dapo_rl.rollout.hf import HFGenerationBackend, generation_device
 from dapo_rl.rollout.runner import GenerationRunner, PromptSettings
 from dapo_rl.tracking import LOGGERS, ProgressCallback, logger_callbacks, missing_logger_package
@@ -99,8 +99,6 @@ DEFAULT_JOB: dict[str, Any] = {
 
 JOB_KEYS = set(DEFAULT_JOB) - {"training"}
 
-#: Training settings of RLlib's own that a job may set next to DAPO_SETTINGS.
-OPTIMIZER_KEYS = tuple(OPTIMIZER_DEFAULTS)
 
 #: The Tune experiment's folder name inside ``<output>/tune``.
 TUNE_EXPERIMENT = "dapo"
@@ -116,10 +114,6 @@ RESULTS_FILE = "results.jsonl"
 #: much to evaluate. Anything else would make the resumed run differ from the one its checkpoints
 #: come from.
 RESUME_KEYS = ("iterations", "checkpoint_every", "keep_checkpoints", "loggers", "eval_problems", "eval_samples")
-
-
-#: Settings with a non-None default for which None means something (``importance_weight_cap``: no correction).
-NULLABLE_KEYS = ("importance_weight_cap",)
 
 
 class JobError(ValueError):
@@ -170,16 +164,19 @@ def _assignment_overrides(assignments: Sequence[str]) -> list[tuple[str, Any, st
 
 
 def _overridden(job: dict[str, Any], overrides: list[tuple[str, Any, str]]) -> dict[str, Any]:
-    training_keys = set(DAPO_SETTINGS) | set(OPTIMIZER_KEYS)
     for key, value, origin in overrides:
         if key.startswith("env_config."):
             job["env_config"][key.split(".", 1)[1]] = value
         elif key in JOB_KEYS:
             job[key] = _checked(key, value, DEFAULT_JOB[key], origin)
-        elif key in training_keys:
-            job["training"][key] = _checked(key, value, _paper_default(key), origin)
+        elif key in SETTINGS:
+            setting = SETTINGS[key]
+            value = setting.coerce(value)
+            if (problem := setting.problem(value)) is not None:
+                raise JobError(f"{origin}: {problem}")
+            job["training"][key] = value
         else:
-            known = sorted(JOB_KEYS | training_keys)
+            known = sorted(JOB_KEYS | set(SETTINGS))
             raise JobError(f"unknown setting {key!r} ({origin}); known settings: {', '.join(known)}, env_config.NAME")
     return job
 
@@ -224,15 +221,10 @@ def parse_assignment(assignment: str, option: str) -> tuple[str, Any]:
     return key.strip(), raw if isinstance(value, str) and not quoted else value
 
 
-def _paper_default(key: str) -> Any:
-    """The DAPOConfig default of a training setting: its type is the type a job's value must have."""
-    return {**DAPO_SETTINGS, **OPTIMIZER_DEFAULTS}[key]
-
-
 def _checked(key: str, value: Any, default: Any, origin: str) -> Any:
-    """Check a value against the type of its default (settings whose default is None accept anything,
-    and those of ``NULLABLE_KEYS`` accept None)."""
-    if default is None or (value is None and key in NULLABLE_KEYS):
+    """Check a job key's value against the type of its default (a default of None accepts anything).
+    Training settings are checked by their declarations instead (dapo_rl.settings.SETTINGS)."""
+    if default is None:
         return value
     expected = type(default)
     if expected is bool:
@@ -764,7 +756,7 @@ def _run_record(config: DAPOConfig, run: RunSettings) -> dict[str, Any]:
         "env_config": dict(config.env_config or {}),
         "model_config": dict(config.model_config or {}),
         "seed": config.seed,
-        "training": {key: getattr(config, key) for key in (*DAPO_SETTINGS, *OPTIMIZER_KEYS)},
+        "training": {key: getattr(config, key) for key in SETTINGS},
     }
 
 

@@ -13,11 +13,11 @@ from transformers import DynamicCache, PreTrainedModel
 
 from dapo_rl.core import token_logprobs
 from dapo_rl.kv_cache import cache_keyword, can_share_prompt, distinct_prompts
+from dapo_rl.settings import MIXED_PRECISION_CHOICES
 
 # Config attributes that put a transform between hidden·Wᵀ and the logits; for these models the
 # projection must go through the model's own head (full logits), or log-probs would be wrong.
 #: Values of ``mixed_precision``: None (compute in the parameters' dtype) or "bf16".
-MIXED_PRECISION_CHOICES = (None, "bf16")
 
 _LOGIT_TRANSFORM_ATTRIBUTES = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
 

@@ -1,96 +1,311 @@
-"""DAPO's settings and their defaults: the one place a default is written. No Ray import.
+"""DAPO's settings: each declared once, with its default, type, allowed values, one-line doc and the
+paper's value where the default differs. No Ray import.
 
-``DAPOConfig`` (``dapo_rl.dapo``) takes its attributes from here; code that must run without Ray (the
-GPU benchmarks) reads the same values through :func:`paper_settings`.
+:data:`SETTINGS` is the table. ``DAPOConfig`` (``dapo_rl.dapo``) takes its attributes and its
+per-setting checks from it, the job parser (``dapo-rl train --set``, job files) its types, and
+``docs/settings.md`` is generated from it (:func:`settings_reference`; a test keeps the page in
+step). Rules that tie several settings together are the named functions of
+``DAPOConfig`` (``dapo_rl.dapo``); code that must run without Ray (the GPU benchmarks) reads the
+defaults through :func:`paper_settings`.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
-#: DAPO's own settings and their defaults: the paper's 32B run where the paper sets them
-#: (docs/paper_facts.md, "Settings of the 32B run"), else the reference scripts'. ``lr``, ``grad_clip`` and ``num_epochs`` are
-#: RLlib's own settings, with DAPO's defaults in ``OPTIMIZER_DEFAULTS``.
-DAPO_SETTINGS: dict[str, Any] = {
-    "group_size": 16,  # G responses per prompt
-    "prompts_per_step": 512,  # prompts trained on per rollout step
-    "minibatch_prompts": 32,  # prompts per gradient update: 512/32 = 16 updates per step
-    "lr_warmup_steps": 320,  # linear warm-up, in optimizer steps (paper: 20 rollout steps x 16)
-    "weight_decay": 0.1,
-    "clip_low": 0.2,  # epsilon_low
-    "clip_high": 0.28,  # epsilon_high (Clip-Higher)
-    "dual_clip": None,  # dual-clip constant c > 1 (reference scripts: 10.0); None = off
-    "loss_agg": "token-mean",  # token-level loss; "seq-mean-token-mean" is GRPO's
-    "advantage_scale": "std",  # (R - mean) / std per group; "none" = Dr. GRPO
-    "dynamic_sampling": True,
-    "max_sampling_rounds": 10,  # generation rounds per step before giving up; <= 0 = unlimited
-    "on_sampling_limit": "error",  # at the round limit: "error" stops, "train" trains on what was kept
-    "generation_batch_prompts": None,  # prompts per generation round with dynamic sampling; None: 3 x
-    # prompts_per_step, the paper's ratio (1,536 for 512)
-    "max_prompt_length": 2048,  # tokens; a longer prompt: see prompt_truncation
-    "max_response_length": 20480,  # tokens: 16384 expected + 4096 overlong cache
-    "overlong_cache_len": 4096,  # L_cache of the soft overlong punishment
-    "overlong_penalty_factor": 1.0,  # 0 switches the soft overlong punishment off
-    "overlong_filter": True,  # truncated responses carry no loss
-    "temperature": 1.0,
-    "top_p": 1.0,
-    "top_k": -1,  # <= 0: off
-    "apply_chat_template": None,  # None: use the tokenizer's chat template when it has one
-    "prompt_truncation": "error",  # a prompt over max_prompt_length tokens: "error" names it and stops
-    # (verl's default: a silently cut question is a data bug); "left" keeps its last tokens
-    "generation_prompts_per_call": 64,  # prompts per batched generate() call on a runner
-    "share_prompt_forward": True,  # run each prompt once per group and share its KV cache with the
-    # G responses, in hf generation and in the learner's log-prob passes (same values, less work)
-    "logprob_chunk_size": 1024,  # tokens per chunk of the log-prob kernel
-    "logprob_batch_rows": 64,  # rows per forward pass when recomputing old log-probs
-    "compute_entropy": True,  # log the policy's token entropy (costs one extra pass per chunk)
-    "mixed_precision": None,  # "bf16": bf16 compute, float32 master weights; None: the weights' dtype
-    "gradient_checkpointing": False,  # recompute layer activations in backward (long responses)
-    "micro_batch_tokens": 0,  # > 0: split each learner's update into micro-batches of at most this
-    # many padded tokens, accumulating gradients (the token-mean stays exact); 0: one pass
-    "data_parallel": "ddp",  # with num_learners > 1: "ddp" replicates the weights, "fsdp2" shards them
-    "sharded_checkpoint_dir": None,  # fsdp2 across nodes: shared storage for the checkpoint shards
-    # (None: inside the checkpoint folder, which Tune persists from the driver's node only)
-    "sharded_checkpoints_kept": 2,  # shard folders kept there, newest first (>= Tune's checkpoints kept;
-    # the previous checkpoint's folder is always kept too)
-    "generation_backend": "hf",  # "hf": transformers generate; "vllm": a vLLM engine per env runner
-    "generation_device": "auto",  # hf backend: "auto" (the GPU when the runner sees one), "cpu", "cuda"
-    "vllm_tensor_parallel_size": 1,  # GPUs per engine (= num_gpus_per_env_runner)
-    "vllm_dtype": "bfloat16",  # engine weights; the sync casts the learner's weights to it
-    "vllm_gpu_memory_utilization": 0.6,  # share of each GPU the engine may take (weights + KV cache)
-    "vllm_enforce_eager": False,  # True: no CUDA graphs (faster start, slower decode)
-    "vllm_sleep": False,  # release the engine's GPU memory between rounds (engines sharing GPUs)
-    "max_staleness": 0,  # asynchronous rollouts: remote env runners keep generating while the learners
-    # update, and a response may come from weights up to this many rollout steps old (older rounds
-    # are dropped); 0: synchronous, the paper's algorithm
-    "importance_weight_cap": 2.0,  # C of the behaviour importance weight min(pi_prox / pi_behav, C) on
-    # responses from older weights (max_staleness >= 1); None: no correction
-    "recompute_old_logprobs": True,  # True: the learners recompute the old log-probs under the weights
-    # the update starts from (the proximal policy); False: take the generator's (no extra forward pass;
-    # the clip is then against the policy that sampled each token)
-    "log_samples": 4,  # responses reported per iteration in result["samples"] (prompt, response, reward)
-    "max_consecutive_nonfinite_updates": 8,  # an update whose loss or gradient is NaN/inf is skipped
-    # (the weights and optimizer state are left as they were); this many in a row stop the run
-}
+import numpy as np
+
+from dapo_rl.core.advantages import ADVANTAGE_SCALES
+from dapo_rl.core.losses import LOSS_AGGREGATIONS, clip_setting_problems
+from dapo_rl.core.off_policy import importance_weight_cap_problem
+from dapo_rl.core.sampling import ON_LIMIT_CHOICES
+
+#: Allowed values declared here (the modules that act on them import them from here). Allowed
+#: values that are a function's contract in the Ray-free core (loss aggregations, advantage scales,
+#: what to do at the sampling limit) live beside that function and are referenced below.
+MIXED_PRECISION_CHOICES: tuple[str | None, ...] = (None, "bf16")
+DATA_PARALLEL_CHOICES: tuple[str, ...] = ("ddp", "fsdp2")
+PROMPT_TRUNCATION_CHOICES: tuple[str, ...] = ("error", "left")
+GENERATION_BACKENDS: tuple[str, ...] = ("hf", "vllm")
+VLLM_DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32")
+GRAD_CLIP_BY_CHOICES: tuple[str, ...] = ("value", "norm", "global_norm")
 
 #: Generation rounds of dynamic sampling hold this many times ``prompts_per_step`` prompts unless
 #: ``generation_batch_prompts`` is set (the paper generates 3 x 512 prompts per round).
 GENERATION_ROUND_FACTOR = 3
 
-#: RLlib's own training settings, with the paper's values (AdamW lr 1e-6, grad clip 1.0, one pass
-#: over each rollout step's mini-batches).
-OPTIMIZER_DEFAULTS: dict[str, Any] = {
-    "lr": 1e-6,
-    "grad_clip": 1.0,
-    "grad_clip_by": "global_norm",
-    "num_epochs": 1,
-}
+@dataclass(frozen=True)
+class Setting:
+    """One setting of ``DAPOConfig.training()``.
+
+    Attributes:
+        name: the attribute and keyword name.
+        default: the default (the paper's 32B run where the paper sets it, else the reference scripts').
+        doc: one line: what it does.
+        kind: ``"int"``, ``"number"`` (int or float), ``"bool"``, ``"str"`` or ``"choice"``.
+        minimum: the smallest allowed value of an int or number (inclusive unless ``above``).
+        maximum: the largest allowed value of a number (inclusive).
+        above: True when ``minimum`` is exclusive (``> 0``).
+        choices: allowed values of a ``"choice"`` setting (a live collection, e.g. a registry).
+        nullable: None is allowed (with its meaning in ``doc``).
+        hint: what a value means beyond the range, added to the error (``"<= 0 for unlimited"``).
+        rllib: an RLlib training setting whose default DAPO changes (``lr``, ``grad_clip``, ...).
+        check: extra rule on the value alone: value -> problem text or None.
+    """
+
+    name: str
+    default: Any
+    doc: str
+    kind: str
+    minimum: float | None = None
+    maximum: float | None = None
+    above: bool = False
+    choices: Collection[Any] | None = None
+    nullable: bool = False
+    hint: str = ""
+    rllib: bool = False
+    check: Callable[[Any], str | None] | None = None
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with ``value`` for this setting, as one line naming it (None when nothing)."""
+        if value is None and self.nullable:
+            return None
+        if self.check is not None and (problem := self.check(value)) is not None:
+            return problem
+        if self.kind == "choice":
+            assert self.choices is not None
+            return None if value in self.choices else f"{self.name} must be one of {list(self.choices)}, got {value!r}"
+        if self.kind == "bool":
+            return None if isinstance(value, bool) else f"{self.name} must be True or False, got {value!r}"
+        if self.kind == "str":
+            ok = isinstance(value, str) and bool(value)
+            return None if ok else f"{self.name} must be {self.describe()}, got {value!r}"
+        if self.kind == "int":
+            ok = is_int(value)
+        else:
+            ok = is_number(value) and not math.isnan(value)
+        if ok and self.minimum is not None:
+            ok = value > self.minimum if self.above else value >= self.minimum
+        if ok and self.maximum is not None:
+            ok = value <= self.maximum
+        return None if ok else f"{self.name} must be {self.describe()}, got {value!r}"
+
+    def describe(self) -> str:
+        """The allowed values in words: ``an integer >= 1``, ``a number in (0, 1]``, ..."""
+        if self.kind == "choice":
+            text = f"one of {list(self.choices or ())}"
+        elif self.kind == "bool":
+            text = "True or False"
+        elif self.kind == "str":
+            text = "a non-empty string"
+        else:
+            noun = "an integer" if self.kind == "int" else "a number"
+            if self.minimum is not None and self.maximum is not None:
+                low = "(" if self.above else "["
+                text = f"in {low}{self.minimum:g}, {self.maximum:g}]"
+            elif self.minimum is not None:
+                text = f"{noun} {'>' if self.above else '>='} {self.minimum:g}"
+            else:
+                text = noun
+        if self.nullable:
+            text = f"None or {text}"
+        return f"{text} ({self.hint})" if self.hint else text
+
+    def coerce(self, value: Any) -> Any:
+        """A value read from text (YAML, ``--set``) in this setting's type where it is unambiguous:
+        ``"1e-5"`` (YAML reads no dot as a string) as a float, an int as a float for a number."""
+        if self.kind == "number" and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return value
+        if self.kind == "number" and is_int(value):
+            return float(value)
+        return value
+
+
+def is_int(value: Any) -> bool:
+    """An integer (Python or numpy), not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """An int or float (Python or numpy), not a bool."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _generation_device_problem(value: Any) -> str | None:
+    if value in ("auto", "cpu") or (isinstance(value, str) and value.startswith("cuda")):
+        return None
+    return f"generation_device must be 'auto', 'cpu' or 'cuda[:N]', got {value!r}"
+
+
+def _clip_problem(name: str) -> Callable[[Any], str | None]:
+    """One clip setting checked by the core's rule (the one home of the clip rules), alone."""
+    defaults = {"clip_low": 0.2, "clip_high": 0.28, "dual_clip": None}
+
+    def check(value: Any) -> str | None:
+        problems = clip_setting_problems(**{**defaults, name: value})
+        return problems[0] if problems else None
+
+    return check
+
+
+def _setting_table(settings: Iterable[Setting]) -> dict[str, Setting]:
+    table: dict[str, Setting] = {}
+    for setting in settings:
+        if setting.name in table:
+            raise ValueError(f"setting {setting.name!r} is declared twice")
+        table[setting.name] = setting
+    return table
+
+
+#: Every setting of ``DAPOConfig.training()`` that DAPO declares or whose RLlib default it changes.
+SETTINGS: dict[str, Setting] = _setting_table([
+    # -- the batch ---------------------------------------------------------------------------------
+    Setting("group_size", 16, "G responses per prompt", "int", minimum=2, hint="advantages need a group"),
+    Setting("prompts_per_step", 512, "prompts trained on per rollout step", "int", minimum=1),
+    Setting("minibatch_prompts", 32, "prompts per gradient update (512 / 32 = 16 updates per step)", "int", minimum=1),
+    Setting("num_epochs", 1, "passes over each rollout step's mini-batches", "int", minimum=1, rllib=True),
+    # -- the optimizer -----------------------------------------------------------------------------
+    Setting("lr", 1e-6, "AdamW learning rate after the warm-up", "number", minimum=0, above=True,
+            hint="warm-up comes from lr_warmup_steps", rllib=True),
+    Setting("lr_warmup_steps", 320, "linear warm-up, in optimizer steps (the paper's 20 rollout steps x 16)", "int",
+            minimum=0),
+    Setting("weight_decay", 0.1, "AdamW weight decay", "number", minimum=0),
+    Setting("grad_clip", 1.0, "gradient clipping threshold; None: no clipping", "number", minimum=0, above=True,
+            nullable=True, rllib=True),
+    Setting("grad_clip_by", "global_norm", "what grad_clip bounds", "choice", choices=GRAD_CLIP_BY_CHOICES, rllib=True),
+    # -- the loss ----------------------------------------------------------------------------------
+    Setting("clip_low", 0.2, "epsilon_low: the ratio may fall to 1 - clip_low", "number", check=_clip_problem("clip_low")),
+    Setting("clip_high", 0.28, "epsilon_high (Clip-Higher): the ratio may rise to 1 + clip_high; math.inf: no bound",
+            "number", check=_clip_problem("clip_high")),
+    Setting("dual_clip", None, "dual-clip constant c > 1 (reference scripts: 10.0); None: off", "number", nullable=True,
+            check=_clip_problem("dual_clip")),
+    Setting("loss_agg", "token-mean", "token-level loss; 'seq-mean-token-mean' is GRPO's per-sample normaliser",
+            "choice", choices=LOSS_AGGREGATIONS.keys()),
+    Setting("advantage_scale", "std", "(R - mean) / std per group; 'none': R - mean (Dr. GRPO)", "choice",
+            choices=ADVANTAGE_SCALES),
+    # -- dynamic sampling --------------------------------------------------------------------------
+    Setting("dynamic_sampling", True, "train only on groups with both right and wrong answers", "bool"),
+    Setting("max_sampling_rounds", 10, "generation rounds per step before the limit", "int", hint="<= 0 for unlimited"),
+    Setting("on_sampling_limit", "error", "at the round limit: 'error' stops, 'train' trains on what was kept",
+            "choice", choices=ON_LIMIT_CHOICES),
+    Setting("generation_batch_prompts", None,
+            f"prompts per generation round; None: {GENERATION_ROUND_FACTOR} x prompts_per_step, the paper's ratio",
+            "int", minimum=1, nullable=True),
+    # -- lengths and overlong shaping ----------------------------------------------------------------
+    Setting("max_prompt_length", 2048, "prompt tokens; a longer prompt: see prompt_truncation", "int", minimum=1),
+    Setting("max_response_length", 20480, "response tokens: 16,384 expected + the 4,096-token overlong cache", "int",
+            minimum=1),
+    Setting("overlong_cache_len", 4096, "L_cache of the soft overlong punishment", "int", minimum=0),
+    Setting("overlong_penalty_factor", 1.0, "scale of the soft overlong punishment; 0 switches it off", "number",
+            minimum=0),
+    Setting("overlong_filter", True, "truncated responses carry no loss", "bool"),
+    Setting("prompt_truncation", "error", "a prompt over max_prompt_length: 'error' names it and stops (a silently "
+            "cut question is a data bug), 'left' keeps its last tokens", "choice", choices=PROMPT_TRUNCATION_CHOICES),
+    # -- sampling ----------------------------------------------------------------------------------
+    Setting("temperature", 1.0, "sampling temperature (log-probs are of softmax(logits / T))", "number", minimum=0,
+            above=True),
+    Setting("top_p", 1.0, "nucleus sampling", "number", minimum=0, maximum=1, above=True),
+    Setting("top_k", -1, "top-k sampling", "int", hint="<= 0 for off"),
+    Setting("apply_chat_template", None, "wrap prompts in the tokenizer's chat template; None: when it has one",
+            "bool", nullable=True),
+    # -- generation --------------------------------------------------------------------------------
+    Setting("generation_backend", "hf", "'hf': transformers generate; 'vllm': a vLLM engine per env runner", "choice",
+            choices=GENERATION_BACKENDS),
+    Setting("generation_device", "auto", "hf backend: 'auto' (the GPU when the runner sees one), 'cpu', 'cuda[:N]'",
+            "str", check=_generation_device_problem),
+    Setting("generation_prompts_per_call", 64, "prompts per batched generate() call on a runner", "int", minimum=1),
+    Setting("share_prompt_forward", True, "run each prompt once per group and share its KV cache with the G responses "
+            "(hf generation and the log-prob passes; same values, less work)", "bool"),
+    Setting("vllm_tensor_parallel_size", 1, "GPUs per vLLM engine (= num_gpus_per_env_runner)", "int", minimum=1),
+    Setting("vllm_dtype", "bfloat16", "vLLM engine weights; the sync casts the learner's weights to it", "choice",
+            choices=VLLM_DTYPES),
+    Setting("vllm_gpu_memory_utilization", 0.6, "share of each GPU a vLLM engine may take (weights + KV cache)",
+            "number", minimum=0, maximum=1, above=True),
+    Setting("vllm_enforce_eager", False, "no CUDA graphs in vLLM (faster start, slower decode)", "bool"),
+    Setting("vllm_sleep", False, "release the vLLM engine's GPU memory between rounds (engines sharing GPUs)", "bool"),
+    # -- asynchronous rollouts -----------------------------------------------------------------------
+    Setting("max_staleness", 0, "remote env runners keep generating while the learners update; a response may come "
+            "from weights up to this many rollout steps old", "int", minimum=0, hint="0: synchronous"),
+    Setting("importance_weight_cap", 2.0, "C of the behaviour importance weight min(pi_prox / pi_behav, C) on stale "
+            "responses; None: no correction", "number", nullable=True, check=importance_weight_cap_problem),
+    Setting("recompute_old_logprobs", True, "recompute the old log-probs under the weights the update starts from; "
+            "False: take the generator's", "bool"),
+    # -- the learner's passes --------------------------------------------------------------------------
+    Setting("logprob_chunk_size", 1024, "tokens per chunk of the log-prob kernel", "int", minimum=1),
+    Setting("logprob_batch_rows", 64, "rows per forward pass when recomputing old log-probs", "int", minimum=1),
+    Setting("compute_entropy", True, "log the policy's token entropy (one extra pass per chunk)", "bool"),
+    Setting("mixed_precision", None, "'bf16': bf16 compute, float32 master weights; None: the weights' dtype",
+            "choice", choices=MIXED_PRECISION_CHOICES),
+    Setting("gradient_checkpointing", False, "recompute layer activations in backward (long responses)", "bool"),
+    Setting("micro_batch_tokens", 0, "split each learner's update into micro-batches of at most this many padded "
+            "tokens, accumulating gradients (the token mean stays exact)", "int", minimum=0, hint="0: one pass"),
+    # -- several learners ------------------------------------------------------------------------------
+    Setting("data_parallel", "ddp", "with num_learners > 1: 'ddp' replicates the weights, 'fsdp2' shards them",
+            "choice", choices=DATA_PARALLEL_CHOICES),
+    Setting("sharded_checkpoint_dir", None, "fsdp2 across nodes: shared storage for the checkpoint shards; None: "
+            "inside the checkpoint folder (persisted from the driver's node only)", "str", nullable=True),
+    Setting("sharded_checkpoints_kept", 2, "shard folders kept there, newest first (the previous checkpoint's is "
+            "always kept too)", "int", minimum=1),
+    # -- reporting and safety --------------------------------------------------------------------------
+    Setting("log_samples", 4, "responses reported per iteration in result['samples']", "int", minimum=0),
+    Setting("max_consecutive_nonfinite_updates", 8, "NaN/inf updates are skipped; this many in a row stop the run",
+            "int", minimum=1),
+])
+
+#: DAPO's own settings and their defaults (the table's, less RLlib's own).
+DAPO_SETTINGS: dict[str, Any] = {name: s.default for name, s in SETTINGS.items() if not s.rllib}
+#: RLlib's own training settings, with the paper's values.
+OPTIMIZER_DEFAULTS: dict[str, Any] = {name: s.default for name, s in SETTINGS.items() if s.rllib}
+
+
+def setting_problems(values: dict[str, Any]) -> list[str]:
+    """The problems of each value alone, by the table (cross-setting rules are DAPOConfig's)."""
+    return [problem for name, value in values.items() if (problem := SETTINGS[name].problem(value)) is not None]
 
 
 def paper_settings() -> SimpleNamespace:
     """Every default as attributes (``paper_settings().clip_high``), for code that builds no DAPOConfig."""
-    return SimpleNamespace(**DAPO_SETTINGS, **OPTIMIZER_DEFAULTS)
+    return SimpleNamespace(**{name: setting.default for name, setting in SETTINGS.items()})
 
 
-__all__ = ["DAPO_SETTINGS", "GENERATION_ROUND_FACTOR", "OPTIMIZER_DEFAULTS", "paper_settings"]
+def settings_reference() -> str:
+    """The settings reference page (``docs/settings.md``), from the table."""
+    lines = [
+        "# Settings reference",
+        "",
+        "Generated from the table in `dapo_rl/settings.py` (`dapo_rl.settings.settings_reference()`); do not edit by hand.",
+        "Every setting of `DAPOConfig().training(...)`, also a key of a job file or of `dapo-rl train --set`. The",
+        "defaults are the paper's Qwen2.5-32B run; `validate()` refuses a value outside its allowed values, naming it.",
+        "",
+        "| setting | default | allowed values | what it does |",
+        "| --- | --- | --- | --- |",
+    ]
+    for setting in SETTINGS.values():
+        doc = setting.doc.replace("|", "\\|")
+        if setting.rllib:
+            doc += " (RLlib's setting, DAPO's default)"
+        lines.append(f"| `{setting.name}` | `{setting.default!r}` | {setting.describe()} | {doc} |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = [
+    "DAPO_SETTINGS",
+    "DATA_PARALLEL_CHOICES",
+    "GENERATION_BACKENDS",
+    "GENERATION_ROUND_FACTOR",
+    "MIXED_PRECISION_CHOICES",
+    "OPTIMIZER_DEFAULTS",
+    "PROMPT_TRUNCATION_CHOICES",
+    "SETTINGS",
+    "Setting",
+    "paper_settings",
+    "setting_problems",
+    "settings_reference",
+]

@@ -23,7 +23,7 @@ from tests.helpers import (
         (dict(max_response_length=4, overlong_cache_len=4), ["max_response_length (4)", "overlong_cache_len (4)"]),
         (dict(max_response_length=3, overlong_cache_len=5), ["max_response_length (3)", "overlong_cache_len (5)"]),
         (dict(loss_agg="sequence-sum"), ["loss_agg", "'sequence-sum'", "token-mean"]),
-        (dict(group_size=1), ["group_size must be >= 2", "got 1"]),
+        (dict(group_size=1), ["group_size must be an integer >= 2", "got 1"]),
         (dict(env=None), ["env must be", "None"]),
         # 1 prompt x 3 responses = 3 rows per update cannot be split over 2 learners.
         (dict(group_size=3, minibatch_prompts=1, num_learners=2), ["= 3)", "num_learners (2)"]),

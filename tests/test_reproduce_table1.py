@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from dapo_rl.dapo import DAPO_SETTINGS
+from dapo_rl.settings import SETTINGS
 from dapo_rl.evaluation import evaluate_model
-from dapo_rl.jobs import DEFAULT_JOB, OPTIMIZER_KEYS, RunSettings
+from dapo_rl.jobs import DEFAULT_JOB, RunSettings
 from dapo_rl.models import TINY_PRESET
 from reproduce import table1
 from reproduce.scales import TINY_RESPONSE_BUDGET
@@ -17,7 +17,7 @@ from reproduce.settings import PAPER_TABLE1, TECHNIQUE_KEYS, table1_rows
 
 
 def settings_of(config) -> dict:
-    return {key: getattr(config, key) for key in (*DAPO_SETTINGS, *OPTIMIZER_KEYS)}
+    return {key: getattr(config, key) for key in SETTINGS}
 
 
 def test_paper_scale_prints_plan_and_trains_nothing(tmp_path, capsys, monkeypatch):

@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from dapo_envs.multi_turn import is_multi_turn
 from dapo_rl.rollout.base import GenerationBackend, SamplingSettings
+from dapo_rl.settings import PROMPT_TRUNCATION_CHOICES
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,6 @@ class PromptSettings:
 _ONE_EXCHANGE = ({"role": "user", "content": "?"}, {"role": "assistant", "content": "!"})
 
 #: Values of ``PromptSettings.truncation`` (and of the ``prompt_truncation`` setting).
-PROMPT_TRUNCATION_CHOICES = ("error", "left")
 
 
 class PromptTooLongError(ValueError):
