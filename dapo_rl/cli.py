@@ -17,6 +17,7 @@ from pathlib import Path
 import gymnasium as gym
 
 from dapo_envs import held_out_env_config
+from dapo_rl import __version__
 from dapo_rl.evaluation import evaluate_model
 from dapo_rl.jobs import JobError, RunStoppedError, evaluate_policy, load_job, parse_assignment, resume_job, train
 from dapo_rl.tracking import LOGGERS
@@ -65,6 +66,7 @@ def run_eval(args: argparse.Namespace) -> None:
 
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="dapo-rl", description="DAPO on Ray RLlib: train and evaluate reasoning policies.")
+    root.add_argument("--version", action="version", version=f"dapo-rl {__version__}")
     commands = root.add_subparsers(dest="command", required=True)
     train_parser = commands.add_parser("train", help="train with DAPO (no arguments: the embedded CPU default)")
     train_parser.add_argument("--config", help="YAML file of settings (job keys and DAPOConfig training settings)")

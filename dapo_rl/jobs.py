@@ -53,6 +53,7 @@ from dapo_rl.settings import DAPO_SETTINGS, OPTIMIZER_DEFAULTS
 from dapo_rl.rollout.hf import HFGenerationBackend, generation_device
 from dapo_rl.rollout.runner import GenerationRunner, PromptSettings
 from dapo_rl.tracking import LOGGERS, ProgressCallback, logger_callbacks, missing_logger_package
+from dapo_rl.versions import package_versions
 from dapo_rl.warmstart import WarmStartSettings, supervised_warmstart
 
 #: The main job. Keys: the job's own (below) and, under "training", any DAPOConfig training setting.
@@ -774,6 +775,9 @@ def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_summary(output: str | os.PathLike[str], summary: dict[str, Any]) -> Path:
+    """Write ``<output>/summary.json``; ``summary`` gains ``versions`` (dapo-rl, Python, torch, Ray,
+    transformers, vLLM), unless it has them, so that its figures can be traced to the code that made them."""
+    summary.setdefault("versions", package_versions())
     target = Path(output) / "summary.json"
     _write_json(target, summary)
     return target
