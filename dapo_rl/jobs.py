@@ -49,9 +49,9 @@ from dapo_rl.dapo import DAPOConfig, InvalidConfigError
 from dapo_rl.evaluation import EvalResult, evaluate_model, evaluate_runner
 from dapo_rl.models import TINY_PRESET, ModelNotFoundError, load_policy, load_tokenizer, save_policy
 from dapo_rl.rollout.base import SamplingSettings
-from dapo_rl.settings import DAPO_SETTINGS, OPTIMIZER_DEFAULTS
 from dapo_rl.rollout.hf import HFGenerationBackend, generation_device
 from dapo_rl.rollout.runner import GenerationRunner, PromptSettings
+from dapo_rl.settings import DAPO_SETTINGS, OPTIMIZER_DEFAULTS
 from dapo_rl.tracking import LOGGERS, ProgressCallback, logger_callbacks, missing_logger_package
 from dapo_rl.versions import package_versions
 from dapo_rl.warmstart import WarmStartSettings, supervised_warmstart

@@ -33,8 +33,19 @@ import gymnasium
 from gymnasium.envs.registration import load_env_creator
 
 # Submodules are attributes of the package (dapo_envs.datasets.load(...) works after `import dapo_envs`).
-from dapo_envs import arithmetic, base, datasets, math, multi_turn, prompts, verifier_pool, verifiers  # noqa: F401
-from dapo_envs import calculator_env, math_retry, tools  # noqa: F401
+from dapo_envs import (  # noqa: F401
+    arithmetic,
+    base,
+    calculator_env,
+    datasets,
+    math,
+    math_retry,
+    multi_turn,
+    prompts,
+    tools,
+    verifier_pool,
+    verifiers,
+)
 from dapo_envs.base import Problem, ReasoningEnv, ResponseText
 from dapo_envs.multi_turn import Episode, MultiTurnReasoningEnv, ToolEnv, Turn, is_multi_turn
 from dapo_envs.verifiers import (

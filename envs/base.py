@@ -48,8 +48,8 @@ from __future__ import annotations
 
 import dataclasses
 import string
-from collections.abc import Sequence
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import gymnasium as gym
 import numpy as np
@@ -138,7 +138,8 @@ class ReasoningEnv(gym.Env[str, str]):
     """
 
     # render_fps only silences Gymnasium's checker: "ansi" rendering returns text and never sleeps.
-    metadata = {"render_modes": ["ansi"], "render_fps": 1}
+    # A plain attribute, not a ClassVar, as gymnasium.Env declares it.
+    metadata = {"render_modes": ["ansi"], "render_fps": 1}  # noqa: RUF012
 
     #: env_config overrides that select this environment's held-out problems; {} when the environment has
     #: no separate split (evaluate on its own problems). Read it through

@@ -299,7 +299,7 @@ class VerifierPool:
                         # Dying at start-up or while loading the verifier would repeat on every worker.
                         what = "starting" if worker.state == _STARTING else f"loading verifier '{name}'"
                         self._replace(worker)
-                        raise RuntimeError(f"a verifier worker process died while {what} (exit code {exitcode})")
+                        raise RuntimeError(f"a verifier worker process died while {what} (exit code {exitcode})") from None
                     results[worker.item] = verifier_failure(f"verifier '{name}' worker process died (exit code {exitcode})")
                     self._replace(worker)
                     continue
@@ -354,7 +354,7 @@ def get_pool() -> VerifierPool:
     """The process-wide pool, created on first use (and again in a forked child)."""
     global _POOL, _POOL_PID
     with _POOL_LOCK:
-        if _POOL is None or _POOL_PID != os.getpid():
+        if _POOL is None or os.getpid() != _POOL_PID:
             _POOL, _POOL_PID = VerifierPool(), os.getpid()
         return _POOL
 
@@ -364,7 +364,7 @@ def shutdown() -> None:
     global _POOL
     with _POOL_LOCK:
         pool, _POOL = _POOL, None
-    if pool is not None and _POOL_PID == os.getpid():
+    if pool is not None and os.getpid() == _POOL_PID:
         pool.close()
 
 

@@ -7,8 +7,8 @@ import struct
 
 import pytest
 
-from dapo_rl import tracking
 import dapo_rl.cli as cli
+from dapo_rl import tracking
 from dapo_rl.cli import main
 from dapo_rl.evaluation import evaluate_model
 from dapo_rl.jobs import DEFAULT_JOB, JobError, build_config, experiment_folder, load_job
@@ -63,7 +63,7 @@ def test_asynchronous_settings_from_the_command_line():
                           "recompute_old_logprobs=false"])
     config = build_config(job, job["model"])
     assert (config.max_staleness, config.importance_weight_cap, config.recompute_old_logprobs) == (1, None, False)
-    with pytest.raises(JobError, match="'max_staleness' .* must be int, got None"):
+    with pytest.raises(JobError, match=r"'max_staleness' .* must be int, got None"):
         load_job(None, ["max_staleness=null"])
     with pytest.raises(JobError, match="max_staleness=2 generates in remote env runners"):
         build_config(load_job(None, ["max_staleness=2"]), "tiny-qwen2")
