@@ -164,13 +164,15 @@ def register_reasoning_env(
             turns = getattr(env, "max_turns", None)
             if isinstance(turns, bool) or not isinstance(turns, int) or turns < 1:
                 raise ValueError(f"{env_class.__name__}.max_turns must be an integer >= 1, got {turns!r}")
-        env.close()
-        gymnasium.register(id=env_id, entry_point=env_class, kwargs=env_kwargs, **register_options)
+        env.close()  # type: ignore[no-untyped-call]  # gymnasium leaves Env.close unannotated
+        # A class is a creator; gymnasium's EnvCreator protocol types only a **kwargs call.
+        gymnasium.register(id=env_id, entry_point=env_class, kwargs=env_kwargs, **register_options)  # type: ignore[arg-type]
         return
     missing = [name for name in ("dataset", "verifier", "prompt_template") if name not in given]
     if missing:
         raise TypeError(f"register_reasoning_env without env_class needs dataset, verifier and prompt_template; "
                         f"missing: {', '.join(missing)}")
+    assert verifier is not None and prompt_template is not None  # none is missing (above)
     # Fail here, at registration, rather than at the first make().
     resolve_verifier(verifier)
     prompts.resolve_template(prompt_template)
@@ -200,6 +202,7 @@ def held_out_env_config(env_id: str, env_config: Mapping[str, Any] | None = None
         raise ValueError(f"no environment is registered under the id {env_id!r}")
     entry_point = gymnasium.registry[env_id].entry_point
     env_creator = load_env_creator(entry_point) if isinstance(entry_point, str) else entry_point
-    is_reasoning_env = isinstance(env_creator, type) and issubclass(env_creator, ReasoningEnv)
-    overrides = env_creator.held_out_env_config if is_reasoning_env else {}
+    overrides: dict[str, Any] = {}
+    if isinstance(env_creator, type) and issubclass(env_creator, ReasoningEnv):
+        overrides = env_creator.held_out_env_config
     return {**(env_config or {}), **overrides}

@@ -148,6 +148,9 @@ class ReasoningEnv(gym.Env[str, str]):
 
     verifier: Verifier
     prompt_template: str
+    # Set by _set_spaces: narrower than gym.Env's Space[str] (code reads their max_length).
+    observation_space: spaces.Text
+    action_space: ResponseText
 
     def __init__(self, *, render_mode: str | None = None) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
@@ -191,6 +194,7 @@ class ReasoningEnv(gym.Env[str, str]):
         if not replace and n > self.num_problems:
             raise ValueError(f"cannot draw {n} distinct problems from {self.num_problems}; pass replace=True")
         generator = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        indices: Sequence[int] | np.ndarray[Any, Any]
         if replace:
             indices = generator.integers(0, self.num_problems, size=n)
         elif n * 4 <= self.num_problems:
@@ -251,7 +255,7 @@ class ReasoningEnv(gym.Env[str, str]):
         )
         return self._current.prompt, float(result.score), True, False, info
 
-    def render(self) -> str | None:
+    def render(self) -> str | None:  # type: ignore[override]  # "ansi" frames are text
         if self.render_mode != "ansi":
             return None
         if self._current is None:

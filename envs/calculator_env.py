@@ -108,7 +108,7 @@ class CalculatorEnv(ToolEnv):
         return calculator_reply(text, self.limits)
 
     def problem(self, index: int) -> Problem:
-        problem = self.problems.problem(index)
+        problem = super().problem(index)  # the posed ArithmeticEnv's
         return Problem(index=problem.index, problem_id=problem.problem_id, data_source="calculator",
                        question=problem.question, prompt=problem.prompt, answer=problem.answer)
 
