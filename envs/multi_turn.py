@@ -36,10 +36,11 @@ The episode's return is its verdict's ``score`` plus the per-turn ``Turn.reward`
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any, ClassVar
 
-from dapo_envs.base import Problem, ReasoningEnv, ResponseText
+from dapo_envs.base import Problem, ReasoningEnv, ResponseText, is_number
 from dapo_envs.verifiers import VerifierResult, as_text
 
 __all__ = ["Episode", "MultiTurnReasoningEnv", "ToolEnv", "Turn", "is_multi_turn"]
@@ -270,6 +271,8 @@ class ToolEnv(MultiTurnReasoningEnv):
             raise ValueError(f"{type(self).__name__}.tag must be a plain tag name, got {self.tag!r}")
         self.max_calls = max_calls
         self.max_turns = max_calls + 1
+        if not (is_number(call_reward) and math.isfinite(call_reward)):
+            raise ValueError(f"call_reward must be a finite number, got {call_reward!r}")
         self.call_reward = float(call_reward)
         self._call = re.compile(f"<{self.tag}>(.*?)</{self.tag}>", re.DOTALL)
         self._pose(problems, problems.action_space.max_length)
