@@ -41,11 +41,11 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, Qwen2Config  # noqa: E402
 
 from dapo_rl.core import policy_loss  # noqa: E402
-from dapo_rl.settings import paper_settings  # noqa: E402
 from dapo_rl.distributed import clip_gradients_by_global_norm  # noqa: E402
 from dapo_rl.models import enable_activation_checkpointing  # noqa: E402
 from dapo_rl.policy import response_logprobs  # noqa: E402
 from dapo_rl.rollout.batch import pack_sequences  # noqa: E402
+from dapo_rl.settings import paper_settings  # noqa: E402
 
 #: Qwen2.5-0.5B's shape (its config.json), randomly initialised.
 QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,

@@ -34,9 +34,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gymnasium as gym  # noqa: E402
-import torch  # noqa: E402
-
 import pyarrow.fs  # noqa: E402
+import torch  # noqa: E402
 from ray.train._internal.storage import _pyarrow_fs_copy_files  # noqa: E402
 
 import dapo_envs  # noqa: E402,F401

@@ -35,11 +35,11 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from dapo_rl.core import policy_loss  # noqa: E402
-from dapo_rl.settings import paper_settings  # noqa: E402
 from dapo_rl.distributed import clip_gradients_by_global_norm, shard_causal_lm  # noqa: E402
 from dapo_rl.models import load_policy  # noqa: E402
 from dapo_rl.policy import ResponseLogprobs  # noqa: E402
 from dapo_rl.rollout.batch import pack_sequences  # noqa: E402
+from dapo_rl.settings import paper_settings  # noqa: E402
 
 WORLD = 2
 #: A ~25M-parameter Qwen2 (hidden 512, 8 layers; the preset's byte-level vocabulary).

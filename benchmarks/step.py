@@ -79,7 +79,7 @@ def plain_loop_iteration(state: dict, config) -> dict[str, float]:
     for rows in minibatch_indices(batch["group_index"], minibatch_prompts=config.minibatch_prompts, generator=state["shuffle"]):
         mini = minibatch_with_loss_normalizer(batch, rows, loss_agg=config.loss_agg,
                                               max_response_length=config.max_response_length)
-        logprobs, entropy = response_logprobs(model, mini, temperature=config.temperature, return_entropy=config.compute_entropy)
+        logprobs, _entropy = response_logprobs(model, mini, temperature=config.temperature, return_entropy=config.compute_entropy)
         loss, _ = policy_loss(
             logprobs, mini["old_logprobs"], mini["advantages"], mini["token_mask"], clip_low=config.clip_low,
             clip_high=config.clip_high, dual_clip=config.dual_clip, agg=config.loss_agg,
@@ -172,7 +172,7 @@ def main() -> None:
             for key in ("generate", "score", "old_logprobs", "update", "sync_weights", "total")
         ),
         "",
-        "| | s/iter (mean of {} after {} warm-up) |".format(args.iterations, args.warmup),
+        f"| | s/iter (mean of {args.iterations} after {args.warmup} warm-up) |",
         "| --- | --- |",
         f"| RLlib `DAPO.train()` | {rllib_mean:.3f} |",
         f"| plain loop, same work | {plain_mean:.3f} |",

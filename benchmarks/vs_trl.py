@@ -49,13 +49,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import dapo_envs
 import gymnasium as gym
 import ray
 import ray.tune.trainable.trainable as trainable_module
 import torch
 from transformers import TrainerCallback
 
+import dapo_envs
 from dapo_rl.core import shaped_rewards
 from dapo_rl.evaluation import evaluate_model
 from dapo_rl.jobs import build_config, load_job, start_ray

@@ -10,7 +10,10 @@ import Ray: on a machine without Ray (a GPU box, say) they import and run, and o
 
 import importlib.util
 
-__version__ = "0.1.0"
+from dapo_rl.versions import version as _version
+
+#: The installed version (pyproject's ``version``, read from the package metadata).
+__version__ = _version()
 
 __all__ = ["__version__"]
 

@@ -28,6 +28,7 @@ from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from dapo_rl.distributed import load_sharded_weights_unsharded, sharded_state_folder
 from dapo_rl.models import save_policy
 from dapo_rl.module import TEXT_SPACE, CausalLMModule
+from dapo_rl.versions import package_versions
 
 #: Checkpoint file with the RLModule's ``model_config`` (model, dtype, ...): what an offline
 #: consolidation needs to rebuild the module the shards belong to.
@@ -67,6 +68,7 @@ def write_checkpoint_manifest(
         "saved_at": time.time(),
         "time_total_s": float(time_total_s),
         "files": _file_sizes(folder, skip=CHECKPOINT_MANIFEST),
+        "versions": package_versions(),  # the code that wrote it (a resume or export may run other code)
     }
     if shards is not None and folder.resolve() not in shards.resolve().parents:
         manifest["shards"] = {"path": str(shards.resolve()), "files": _file_sizes(shards)}

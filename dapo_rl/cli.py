@@ -17,8 +17,18 @@ from pathlib import Path
 import gymnasium as gym
 
 from dapo_envs import held_out_env_config
+from dapo_rl import __version__
 from dapo_rl.evaluation import evaluate_model
-from dapo_rl.jobs import JobError, RunStoppedError, evaluate_policy, load_job, parse_assignment, resume_job, train
+from dapo_rl.jobs import (
+    JobError,
+    RunStoppedError,
+    evaluate_policy,
+    load_job,
+    parse_assignment,
+    quoting_hint,
+    resume_job,
+    train,
+)
 from dapo_rl.tracking import LOGGERS
 
 
@@ -53,8 +63,16 @@ def run_eval(args: argparse.Namespace) -> None:
     given_env_config = dict(parse_assignment(assignment, "--env-config") for assignment in args.env_config)
     # The environment's held-out problems unless --env-config says otherwise (e.g. split=train).
     env_config = {**held_out_env_config(args.env), **given_env_config} if args.env in gym.registry else given_env_config
-    if args.samples is not None and args.samples < 1:
-        raise JobError(f"--samples must be >= 1, got {args.samples}")
+    for option in ("samples", "problems", "max_new_tokens", "max_prompt_length", "tensor_parallel_size"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise JobError(f"--{option.replace('_', '-')} must be >= 1, got {value}")
+    if args.seed is not None and args.seed < 0:  # numpy's generators take no negative seed
+        raise JobError(f"--seed must be >= 0, got {args.seed}")
+    if args.temperature is not None and not args.temperature > 0:  # "not >": NaN fails too
+        raise JobError(f"--temperature must be > 0, got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise JobError(f"--top-p must be in (0, 1], got {args.top_p}")
     # Options left out keep dapo_rl.evaluation.evaluate_model's defaults (their one home).
     given = {name: getattr(args, option) for option, name in EVAL_OPTIONS.items() if getattr(args, option) is not None}
     if "apply_chat_template" in given:
@@ -65,6 +83,7 @@ def run_eval(args: argparse.Namespace) -> None:
 
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="dapo-rl", description="DAPO on Ray RLlib: train and evaluate reasoning policies.")
+    root.add_argument("--version", action="version", version=f"dapo-rl {__version__}")
     commands = root.add_subparsers(dest="command", required=True)
     train_parser = commands.add_parser("train", help="train with DAPO (no arguments: the embedded CPU default)")
     train_parser.add_argument("--config", help="YAML file of settings (job keys and DAPOConfig training settings)")
@@ -105,7 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run_eval(args)
     except JobError as error:
-        print(f"dapo-rl: error: {error}", file=sys.stderr)
+        # A value from --set / --env-config that YAML read as something else than text (operators=- is
+        # [None]) and that the error names: say how to quote it.
+        option, assignments = ("--set", args.set) if args.command == "train" else ("--env-config", args.env_config)
+        print(f"dapo-rl: error: {error}{quoting_hint(str(error), option, assignments)}", file=sys.stderr)
         return 2
     except RunStoppedError as error:
         print(f"dapo-rl: training stopped: {error}", file=sys.stderr)

@@ -43,6 +43,8 @@ from ray.rllib.utils.metrics import (
     TIMERS,
 )
 
+from dapo_rl.async_rollouts import RolloutStream, merge_shares
+from dapo_rl.checkpoints import write_checkpoint_manifest, write_policy_module_config
 from dapo_rl.core import shaped_rewards
 from dapo_rl.core.off_policy import behaviour_importance_weights
 from dapo_rl.distributed import (
@@ -53,21 +55,16 @@ from dapo_rl.distributed import (
     sharded_state_folder,
     sharded_state_target,
 )
-from dapo_rl.rollout.engine_sync import EngineWeightSync
-from dapo_rl.rollout.vllm_backend import INSTALL_HINT, vllm_available
-from dapo_rl.async_rollouts import RolloutStream, merge_shares
-from dapo_rl.checkpoints import write_checkpoint_manifest, write_policy_module_config
 from dapo_rl.env_runner import DAPOEnvRunner, env_registration, make_reasoning_env
 from dapo_rl.learner import NONFINITE_UPDATE_SKIPPED, DAPOTorchLearner
 from dapo_rl.models import load_tokenizer, save_policy
-from dapo_rl.presets import list_presets
 from dapo_rl.module import TEXT_SPACE, CausalLMModule, model_context_length
+from dapo_rl.presets import list_presets
 from dapo_rl.prompt_sampler import PromptSampler
+from dapo_rl.rollout.engine_sync import EngineWeightSync
+from dapo_rl.rollout.vllm_backend import INSTALL_HINT, vllm_available
 from dapo_rl.settings import DAPO_SETTINGS, GENERATION_ROUND_FACTOR, SETTINGS, setting_problems
 from dapo_rl.training import build_train_batch, collect_groups, minibatch_indices, minibatch_with_loss_normalizer
-
-
-#: Values of ``generation_backend``.
 
 #: Longest a round waits for an env runner to come back when every remote runner has failed.
 ENV_RUNNER_RECOVERY_S = 300.0
@@ -809,7 +806,8 @@ class DAPO(Algorithm):
         if self._sharded_learners:
             shared = self.config.sharded_checkpoint_dir
             folder = sharded_state_target(path, shared, self.iteration)
-            self._on_all_learners(lambda learner, f=os.fspath(folder): learner.save_sharded_state(f))
+            target = os.fspath(folder)
+            self._on_all_learners(lambda learner: learner.save_sharded_state(target))
             write_policy_module_config(path, self._policy_module_spec().model_config)
             finish_sharded_checkpoint(path, folder, shared, keep=self.config.sharded_checkpoints_kept,
                                       protect=self._previous_shard_folder)
@@ -831,7 +829,8 @@ class DAPO(Algorithm):
             self._previous_shard_folder = folder  # pruning keeps it until a newer checkpoint is persisted
             # Saved by sharded learners: DCP reshards onto whatever learners load it (sharded or not;
             # each unsharded learner reads the whole weights and optimizer state).
-            self._on_all_learners(lambda learner, f=os.fspath(folder): learner.load_sharded_state(f))
+            source = os.fspath(folder)
+            self._on_all_learners(lambda learner: learner.load_sharded_state(source))
         if folder is not None or self.config.generation_backend == "vllm":
             # RLlib's own sync after a restore reaches neither sharded learners' weights nor engines.
             self.sync_runner_weights()

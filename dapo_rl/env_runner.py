@@ -39,7 +39,6 @@ from dapo_rl.rollout.runner import GenerationRunner, PromptSettings
 from dapo_rl.rollout.vllm_backend import VLLMEngineSettings, VLLMGenerationBackend
 from dapo_rl.rollout.weight_sync import WeightMetadata
 
-
 #: The ``gymnasium.register`` fields a registration carries to other processes.
 _REGISTRATION_FIELDS = ("entry_point", "kwargs", "max_episode_steps", "reward_threshold", "nondeterministic",
                         "order_enforce", "disable_env_checker")

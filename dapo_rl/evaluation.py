@@ -19,11 +19,11 @@ import numpy as np
 
 import dapo_envs  # noqa: F401  (registers the dapo/ environment ids)
 from dapo_rl.models import load_policy, load_tokenizer, resolve_model_folder
-from dapo_rl.settings import DAPO_SETTINGS
 from dapo_rl.rollout.base import SamplingSettings
 from dapo_rl.rollout.hf import HFGenerationBackend, generation_device
 from dapo_rl.rollout.runner import GenerationRunner, PromptSettings
 from dapo_rl.rollout.vllm_backend import VLLMEngineSettings, VLLMGenerationBackend
+from dapo_rl.settings import DAPO_SETTINGS
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -43,16 +44,18 @@ from ray import tune
 from tqdm import tqdm
 
 import dapo_envs
+from dapo_envs.base import printable
 from dapo_rl.checkpoints import CheckpointRecord, export_checkpoint, is_rllib_checkpoint, newest_complete_checkpoint
 from dapo_rl.dapo import DAPO as DAPOAlgorithm
 from dapo_rl.dapo import DAPOConfig, InvalidConfigError
 from dapo_rl.evaluation import EvalResult, evaluate_model, evaluate_runner
 from dapo_rl.models import TINY_PRESET, ModelNotFoundError, load_policy, load_tokenizer, save_policy
 from dapo_rl.rollout.base import SamplingSettings
-from dapo_rl.settings import SETTINGS
 from dapo_rl.rollout.hf import HFGenerationBackend, generation_device
 from dapo_rl.rollout.runner import GenerationRunner, PromptSettings
+from dapo_rl.settings import SETTINGS
 from dapo_rl.tracking import LOGGERS, ProgressCallback, logger_callbacks, missing_logger_package
+from dapo_rl.versions import package_versions
 from dapo_rl.warmstart import WarmStartSettings, supervised_warmstart
 
 #: The main job. Keys: the job's own (below) and, under "training", any DAPOConfig training setting.
@@ -160,7 +163,7 @@ def resume_job(folder: str | os.PathLike[str], assignments: Sequence[str] = ()) 
 
 
 def _assignment_overrides(assignments: Sequence[str]) -> list[tuple[str, Any, str]]:
-    return [(*parse_assignment(assignment, "--set"), f"--set {assignment}") for assignment in assignments]
+    return [(*parse_assignment(assignment, "--set"), f"--set {printable(assignment)}") for assignment in assignments]
 
 
 def _overridden(job: dict[str, Any], overrides: list[tuple[str, Any, str]]) -> dict[str, Any]:
@@ -252,17 +255,25 @@ def build_config(job: dict[str, Any], model: str | None = None) -> DAPOConfig:
     """The validated DAPOConfig of a job, training ``model`` (default: the job's)."""
     _check_env_id(job["env"])
     model = _absolute_if_local(model or job["model"])
-    config = (
-        DAPOConfig()
-        .environment(job["env"], env_config=dict(job["env_config"]))
-        .rl_module(model_config={"model": model, **({"dtype": job["dtype"]} if job.get("dtype") else {})})
-        .training(**job["training"])
-        .learners(num_learners=job["num_learners"], num_gpus_per_learner=job["num_gpus_per_learner"],
-                  num_cpus_per_learner=_learner_cpus(job))
-        .env_runners(num_env_runners=job["num_env_runners"], num_gpus_per_env_runner=job["num_gpus_per_env_runner"])
-        .debugging(seed=job["seed"], log_level="ERROR")
-    )
+    try:
+        config = (
+            DAPOConfig()
+            .environment(job["env"], env_config=dict(job["env_config"]))
+            .rl_module(model_config={"model": model, **({"dtype": job["dtype"]} if job.get("dtype") else {})})
+            .training(**job["training"])
+            .learners(num_learners=job["num_learners"], num_gpus_per_learner=job["num_gpus_per_learner"],
+                      num_cpus_per_learner=_learner_cpus(job))
+            .env_runners(num_env_runners=job["num_env_runners"], num_gpus_per_env_runner=job["num_gpus_per_env_runner"])
+            .debugging(seed=job["seed"], log_level="ERROR")
+        )
+    except (TypeError, ValueError) as error:  # RLlib's setters check some values (grad_clip_by) as they are set
+        raise JobError(f"invalid settings: {_one_line(str(error))}") from None
     return validated(config)
+
+
+def _one_line(text: str) -> str:
+    """``text`` with its line breaks and runs of spaces made single spaces (a library's multi-line message)."""
+    return " ".join(text.split())
 
 
 def _learner_cpus(job: dict[str, Any]) -> int | str:
@@ -296,9 +307,9 @@ def validated(config: DAPOConfig) -> DAPOConfig:
     try:
         config.validate()
     except InvalidConfigError as error:
-        raise JobError("invalid settings: " + "; ".join(error.problems)) from None
+        raise JobError("invalid settings: " + "; ".join(map(_one_line, error.problems))) from None
     except ValueError as error:  # RLlib's own checks, and a model that cannot be found
-        raise JobError(str(error)) from None
+        raise JobError(_one_line(str(error))) from None
     return config
 
 
@@ -700,11 +711,45 @@ def _environments(config: DAPOConfig, run: RunSettings) -> tuple[Any, Any, str]:
     test_config = dapo_envs.held_out_env_config(test_id, base)
     split = [f"{key}={value}" for key, value in test_config.items() if base.get(key) != value]
     test_name = test_id + (f" ({', '.join(split)})" if split else "")
-    _check_env_config_keys(config.env, env_config)
+    return make_env(config.env, env_config), make_env(test_id, test_config), test_name
+
+
+def make_env(env_id: str, env_config: dict[str, Any]) -> Any:
+    """``gymnasium.make(env_id, **env_config).unwrapped``; a bad setting raises a one-line JobError.
+
+    The environment's constructor checks its arguments (naming the bad one); this adds which
+    environment and settings, and drops what Gymnasium appends to a constructor's TypeError (its
+    kwargs again, and "was raised from the environment creator").
+    """
+    _check_env_id(env_id)
+    _check_env_config_keys(env_id, env_config)
+    render_mode = env_config.get("render_mode")
+    if render_mode is not None and not isinstance(render_mode, str):  # gymnasium.make itself would fail on it
+        raise JobError(f"cannot make environment {env_id!r}: render_mode must be a string or null, got {render_mode!r}")
     try:
-        return gym.make(config.env, **env_config).unwrapped, gym.make(test_id, **test_config).unwrapped, test_name
+        return gym.make(env_id, **env_config).unwrapped
     except (TypeError, ValueError) as error:
-        raise JobError(f"cannot make environment {config.env!r} with env_config {env_config}: {error}") from None
+        reason = str(error).split(" was raised from the environment creator")[0]
+        raise JobError(f"cannot make environment {env_id!r} with env_config {env_config}: {reason}") from None
+
+
+def quoting_hint(message: str, option: str, assignments: Sequence[str]) -> str:
+    """How to quote a command-line value that YAML read as something other than text, when ``message``
+    (an error) names its setting; else "". E.g. ``--env-config operators=-`` is ``[None]`` in YAML
+    (a list holding null): the hint says to write ``--env-config operators="'-'"``."""
+    for assignment in assignments:
+        try:
+            key, value = parse_assignment(assignment, option)
+        except JobError:
+            continue
+        name = key.rsplit(".", 1)[-1]
+        if isinstance(value, str) or not name or not re.search(rf"(?<![\w.]){re.escape(name)}(?!\w)", message):
+            continue
+        raw = printable(assignment.split("=", 1)[1])
+        quoted = "'" + raw.replace("'", "''") + "'"  # YAML's single-quoted scalar: '' is one quote
+        return (f"; {option} values are read as YAML ({key}={raw} gave {value!r}): to pass text, quote it, "
+                f"e.g. {option} {key}=\"{quoted}\"")
+    return ""
 
 
 def _check_env_config_keys(env_id: str, env_config: dict[str, Any]) -> None:
@@ -766,6 +811,9 @@ def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_summary(output: str | os.PathLike[str], summary: dict[str, Any]) -> Path:
+    """Write ``<output>/summary.json``; ``summary`` gains ``versions`` (dapo-rl, Python, torch, Ray,
+    transformers, vLLM), unless it has them, so that its figures can be traced to the code that made them."""
+    summary.setdefault("versions", package_versions())
     target = Path(output) / "summary.json"
     _write_json(target, summary)
     return target
@@ -778,7 +826,8 @@ def evaluate_policy(model: str | os.PathLike[str], env_id: str, **settings: Any)
     """avg@k / pass@k / cons@k of a model folder, a preset, or a DAPO training checkpoint (whose policy
     is exported to a temporary folder first). ``settings``: those of :func:`dapo_rl.evaluation.evaluate_model`.
     """
-    _check_env_id(env_id)
+    # The environment is made once here, so that a bad env_config fails in one line before any model loads.
+    make_env(env_id, dict(settings.get("env_config") or {})).close()
     try:
         if not is_rllib_checkpoint(model):
             return evaluate_model(model, env_id, **settings)
@@ -808,7 +857,9 @@ __all__ = [
     "fit",
     "iteration_results",
     "load_job",
+    "make_env",
     "parse_assignment",
+    "quoting_hint",
     "resume_job",
     "resumed_trainable",
     "start_ray",

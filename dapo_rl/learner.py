@@ -43,6 +43,7 @@ from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
 from ray.rllib.utils.torch_utils import clip_gradients
 
 from dapo_rl.core.losses import piece_normalizer, policy_loss
+from dapo_rl.core.micro_batches import token_budget_micro_batches, trim_padding
 from dapo_rl.distributed import (
     clip_gradients_by_global_norm,
     full_state_dict,
@@ -54,8 +55,6 @@ from dapo_rl.distributed import (
 )
 from dapo_rl.rollout.vllm_backend import learner_broadcaster
 from dapo_rl.rollout.weight_sync import WeightMetadata, send_weights, weight_metadata
-from dapo_rl.core.micro_batches import token_budget_micro_batches, trim_padding
-
 
 #: Micro-batch column: its rows / the learner's rows of the mini-batch (for per-piece aggregations).
 PIECE_ROW_SHARE = "piece_row_share"
@@ -151,7 +150,7 @@ class DAPOTorchLearner(TorchLearner):
             dual_clip=config.dual_clip,
             agg=config.loss_agg,
             normalizer=normalizer,
-            importance_weights=batch["importance_weights"] if "importance_weights" in batch else None,
+            importance_weights=batch.get("importance_weights"),
         )
         if scale_by_world_size:
             # DDP averages gradients over learners; the normaliser is already global (see module doc).

@@ -33,8 +33,19 @@ import gymnasium
 from gymnasium.envs.registration import load_env_creator
 
 # Submodules are attributes of the package (dapo_envs.datasets.load(...) works after `import dapo_envs`).
-from dapo_envs import arithmetic, base, datasets, math, multi_turn, prompts, verifier_pool, verifiers  # noqa: F401
-from dapo_envs import calculator_env, math_retry, tools  # noqa: F401
+from dapo_envs import (  # noqa: F401
+    arithmetic,
+    base,
+    calculator_env,
+    datasets,
+    math,
+    math_retry,
+    multi_turn,
+    prompts,
+    tools,
+    verifier_pool,
+    verifiers,
+)
 from dapo_envs.base import Problem, ReasoningEnv, ResponseText
 from dapo_envs.multi_turn import Episode, MultiTurnReasoningEnv, ToolEnv, Turn, is_multi_turn
 from dapo_envs.verifiers import (
@@ -153,13 +164,15 @@ def register_reasoning_env(
             turns = getattr(env, "max_turns", None)
             if isinstance(turns, bool) or not isinstance(turns, int) or turns < 1:
                 raise ValueError(f"{env_class.__name__}.max_turns must be an integer >= 1, got {turns!r}")
-        env.close()
-        gymnasium.register(id=env_id, entry_point=env_class, kwargs=env_kwargs, **register_options)
+        env.close()  # type: ignore[no-untyped-call]  # gymnasium leaves Env.close unannotated
+        # A class is a creator; gymnasium's EnvCreator protocol types only a **kwargs call.
+        gymnasium.register(id=env_id, entry_point=env_class, kwargs=env_kwargs, **register_options)  # type: ignore[arg-type]
         return
     missing = [name for name in ("dataset", "verifier", "prompt_template") if name not in given]
     if missing:
         raise TypeError(f"register_reasoning_env without env_class needs dataset, verifier and prompt_template; "
                         f"missing: {', '.join(missing)}")
+    assert verifier is not None and prompt_template is not None  # none is missing (above)
     # Fail here, at registration, rather than at the first make().
     resolve_verifier(verifier)
     prompts.resolve_template(prompt_template)
@@ -189,6 +202,7 @@ def held_out_env_config(env_id: str, env_config: Mapping[str, Any] | None = None
         raise ValueError(f"no environment is registered under the id {env_id!r}")
     entry_point = gymnasium.registry[env_id].entry_point
     env_creator = load_env_creator(entry_point) if isinstance(entry_point, str) else entry_point
-    is_reasoning_env = isinstance(env_creator, type) and issubclass(env_creator, ReasoningEnv)
-    overrides = env_creator.held_out_env_config if is_reasoning_env else {}
+    overrides: dict[str, Any] = {}
+    if isinstance(env_creator, type) and issubclass(env_creator, ReasoningEnv):
+        overrides = env_creator.held_out_env_config
     return {**(env_config or {}), **overrides}

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from dapo_envs import prompts
-from dapo_envs.base import DEFAULT_MAX_RESPONSE_CHARS, Problem, ReasoningEnv
+from dapo_envs.base import DEFAULT_MAX_RESPONSE_CHARS, Problem, ReasoningEnv, is_integer
 from dapo_envs.verifiers import Verifier
 
 __all__ = ["ArithmeticEnv", "DIFFICULTY_PRESETS", "DEFAULT_ARITHMETIC_TEMPLATE"]
@@ -36,6 +36,7 @@ _TEST_SHARE = 5
 # Problem spaces up to this size are enumerated (exact, finite splits); larger ones are sampled by index.
 _ENUMERATE_LIMIT = 200_000
 _DEFAULT_SAMPLED_SIZE = {"train": 100_000, "test": 2_000}
+_MAX_NUM_PROBLEMS = 2**62
 
 
 def _in_test_split(expression: str) -> bool:
@@ -133,20 +134,22 @@ class ArithmeticEnv(ReasoningEnv):
         render_mode: str | None = None,
     ) -> None:
         super().__init__(render_mode=render_mode)
-        if difficulty is not None and difficulty not in DIFFICULTY_PRESETS:
+        if difficulty is not None and not (is_integer(difficulty) and difficulty in DIFFICULTY_PRESETS):
             raise ValueError(f"difficulty must be one of {sorted(DIFFICULTY_PRESETS)}, got {difficulty!r}")
         preset = DIFFICULTY_PRESETS[_DEFAULT_DIFFICULTY if difficulty is None else difficulty]
         self.operands = preset["operands"] if operands is None else operands
         self.digits = preset["digits"] if digits is None else digits
         self.operators = _check_operators(preset["operators"] if operators is None else operators)
-        if isinstance(self.operands, bool) or not isinstance(self.operands, int) or not 2 <= self.operands <= 6:
+        if not (is_integer(self.operands) and 2 <= self.operands <= 6):
             raise ValueError(f"operands must be an integer in 2..6, got {self.operands!r}")
-        if isinstance(self.digits, bool) or not isinstance(self.digits, int) or not 1 <= self.digits <= 6:
+        if not (is_integer(self.digits) and 1 <= self.digits <= 6):
             raise ValueError(f"digits must be an integer in 1..6, got {self.digits!r}")
-        if split not in _SPLITS:
+        if not isinstance(split, str) or split not in _SPLITS:
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        if not isinstance(allow_negative, bool):  # bool("no") is True
+            raise TypeError(f"allow_negative must be true or false, got {allow_negative!r}")
         self.split = split
-        self.allow_negative = bool(allow_negative)
+        self.allow_negative = allow_negative
         self._set_verifier(verifier, verifier_timeout)
         self.prompt_template = prompts.resolve_template(prompt_template)
 
@@ -162,8 +165,9 @@ class ArithmeticEnv(ReasoningEnv):
         if num_problems is None:
             self._num_problems = available if available is not None else _DEFAULT_SAMPLED_SIZE[split]
         else:
-            if isinstance(num_problems, bool) or not isinstance(num_problems, int) or num_problems < 1:
-                raise ValueError(f"num_problems must be a positive integer, got {num_problems!r}")
+            # The upper bound keeps a drawn index within numpy's int64 (larger sizes could not be sampled).
+            if not (is_integer(num_problems) and 1 <= num_problems <= _MAX_NUM_PROBLEMS):
+                raise ValueError(f"num_problems must be an integer in 1..2**62, got {num_problems!r}")
             if available is not None and num_problems > available:
                 raise ValueError(f"num_problems={num_problems} but the {split} split has only {available} problems")
             self._num_problems = num_problems
@@ -224,9 +228,8 @@ class ArithmeticEnv(ReasoningEnv):
 
 
 def _check_operators(operators: str | Sequence[str]) -> tuple[str, ...]:
-    if isinstance(operators, str):
-        operators = list(operators)
-    chosen = tuple(dict.fromkeys(operators))
-    if not chosen or any(o not in _OPERATORS for o in chosen):
-        raise ValueError(f"operators must be a non-empty selection of {_OPERATORS!r}, got {operators!r}")
-    return chosen
+    """The distinct operators of a string such as ``"+-"`` (or a list of one-character strings)."""
+    given = list(operators) if isinstance(operators, (str, list, tuple)) else None
+    if not given or any(not isinstance(o, str) or o not in _OPERATORS for o in given):
+        raise ValueError(f'operators must be a non-empty string over "{_OPERATORS}" (e.g. "+-"), got {operators!r}')
+    return tuple(dict.fromkeys(given))

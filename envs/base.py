@@ -47,9 +47,10 @@ longest prompt. Actions are a :class:`ResponseText`: a ``Text`` space that conta
 from __future__ import annotations
 
 import dataclasses
+import math
 import string
-from collections.abc import Sequence
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import gymnasium as gym
 import numpy as np
@@ -57,10 +58,25 @@ from gymnasium import spaces
 
 from dapo_envs.verifiers import Verifier, VerifierResult, as_text, resolve_verifier
 
-__all__ = ["Problem", "ReasoningEnv", "ResponseText", "DEFAULT_MAX_RESPONSE_CHARS"]
+__all__ = ["Problem", "ReasoningEnv", "ResponseText", "DEFAULT_MAX_RESPONSE_CHARS", "is_integer", "is_number", "printable"]
 
 #: Default ``max_length`` of the action space: DAPO's 20,480-token responses at a few characters each.
 DEFAULT_MAX_RESPONSE_CHARS = 200_000
+
+
+def is_integer(value: object) -> bool:
+    """An int, not a bool (YAML and JSON give True for "yes": it must not pass for 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """An int or float that is not a bool and not NaN (every comparison with NaN is False)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped: a newline in a value must not break a one-line error."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +154,8 @@ class ReasoningEnv(gym.Env[str, str]):
     """
 
     # render_fps only silences Gymnasium's checker: "ansi" rendering returns text and never sleeps.
-    metadata = {"render_modes": ["ansi"], "render_fps": 1}
+    # A plain attribute, not a ClassVar, as gymnasium.Env declares it.
+    metadata = {"render_modes": ["ansi"], "render_fps": 1}  # noqa: RUF012
 
     #: env_config overrides that select this environment's held-out problems; {} when the environment has
     #: no separate split (evaluate on its own problems). Read it through
@@ -147,9 +164,12 @@ class ReasoningEnv(gym.Env[str, str]):
 
     verifier: Verifier
     prompt_template: str
+    # Set by _set_spaces: narrower than gym.Env's Space[str] (code reads their max_length).
+    observation_space: spaces.Text
+    action_space: ResponseText
 
     def __init__(self, *, render_mode: str | None = None) -> None:
-        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+        if render_mode is not None and (not isinstance(render_mode, str) or render_mode not in self.metadata["render_modes"]):
             raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
         self.render_mode = render_mode
         self._current: Problem | None = None
@@ -159,11 +179,14 @@ class ReasoningEnv(gym.Env[str, str]):
     # -- for subclasses ------------------------------------------------------------------------------
 
     def _set_verifier(self, verifier: str | Verifier | Callable[[str, str], Any], timeout: float | None) -> None:
+        # At most a day: the worker pool waits with select(), which overflows on far larger timeouts.
+        if timeout is not None and not (is_number(timeout) and 0 < timeout <= 86_400):
+            raise ValueError(f"verifier_timeout must be None or a number of seconds in (0, 86400], got {timeout!r}")
         resolved = resolve_verifier(verifier)
         self.verifier = resolved if timeout is None else resolved.with_timeout(timeout)
 
     def _set_spaces(self, prompt_charset: frozenset[str], max_prompt_length: int, max_response_chars: int) -> None:
-        if not isinstance(max_response_chars, int) or max_response_chars < 1:
+        if isinstance(max_response_chars, bool) or not isinstance(max_response_chars, int) or max_response_chars < 1:
             raise ValueError(f"max_response_chars must be a positive integer, got {max_response_chars!r}")
         # A sorted string, not a set: Text numbers its characters in charset order, and a set's order
         # changes between processes (hash randomisation), which garbles AsyncVectorEnv's shared memory.
@@ -190,6 +213,7 @@ class ReasoningEnv(gym.Env[str, str]):
         if not replace and n > self.num_problems:
             raise ValueError(f"cannot draw {n} distinct problems from {self.num_problems}; pass replace=True")
         generator = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        indices: Sequence[int] | np.ndarray[Any, Any]
         if replace:
             indices = generator.integers(0, self.num_problems, size=n)
         elif n * 4 <= self.num_problems:
@@ -250,7 +274,7 @@ class ReasoningEnv(gym.Env[str, str]):
         )
         return self._current.prompt, float(result.score), True, False, info
 
-    def render(self) -> str | None:
+    def render(self) -> str | None:  # type: ignore[override]  # "ansi" frames are text
         if self.render_mode != "ansi":
             return None
         if self._current is None:

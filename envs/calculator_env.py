@@ -26,6 +26,20 @@ def calculator_reply(expression: str, limits: CalculatorLimits = CalculatorLimit
     return result.text if result.ok else f"error: {result.error}"
 
 
+def _calculator_limits(limits: CalculatorLimits | dict[str, Any] | None) -> CalculatorLimits:
+    if limits is None or isinstance(limits, CalculatorLimits):
+        return limits or CalculatorLimits()
+    if not isinstance(limits, dict):
+        raise TypeError(f"limits must be a CalculatorLimits or a mapping of its fields, got {limits!r}")
+    unknown = sorted(set(limits) - set(CalculatorLimits.__dataclass_fields__), key=str)
+    if unknown:
+        raise ValueError(f"limits has unknown field(s) {unknown}; fields: {', '.join(CalculatorLimits.__dataclass_fields__)}")
+    try:
+        return CalculatorLimits(**limits)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"limits: {error}") from None
+
+
 class CalculatorEnv(ToolEnv):
     """Multiplication of 3-digit numbers (by default), with a calculator the model may call.
 
@@ -102,13 +116,13 @@ class CalculatorEnv(ToolEnv):
             raise ValueError(f"demonstration_tool_share must be a number in [0, 1], got {demonstration_tool_share!r}")
         self.split = split
         self.demonstration_tool_share = float(demonstration_tool_share)
-        self.limits = CalculatorLimits(**limits) if isinstance(limits, dict) else limits or CalculatorLimits()
+        self.limits = _calculator_limits(limits)
 
     def tool(self, text: str) -> str:
         return calculator_reply(text, self.limits)
 
     def problem(self, index: int) -> Problem:
-        problem = self.problems.problem(index)
+        problem = super().problem(index)  # the posed ArithmeticEnv's
         return Problem(index=problem.index, problem_id=problem.problem_id, data_source="calculator",
                        question=problem.question, prompt=problem.prompt, answer=problem.answer)
 

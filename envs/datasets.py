@@ -73,7 +73,7 @@ def bundled_path(name: str) -> Path:
     return Path(str(resources.files("dapo_envs") / "data" / BUNDLED[name][0]))
 
 
-def load(name_or_path: str | os.PathLike | pa.Table | Sequence[Mapping[str, Any]]) -> pa.Table:
+def load(name_or_path: str | os.PathLike[str] | pa.Table | Sequence[Mapping[str, Any]]) -> pa.Table:
     """Load a problem set as a Table with string columns ``id``, ``prompt``, ``answer``, ``data_source``.
 
     Args:
@@ -87,7 +87,7 @@ def load(name_or_path: str | os.PathLike | pa.Table | Sequence[Mapping[str, Any]
     if isinstance(name_or_path, pa.Table):
         return _normalize(name_or_path, source="<pyarrow.Table>", default_data_source="custom")
     if isinstance(name_or_path, Sequence) and not isinstance(name_or_path, (str, bytes)):
-        return _load_rows(name_or_path)
+        return _load_rows(name_or_path)  # type: ignore[arg-type]  # rows are checked there, one by one
     if isinstance(name_or_path, str) and name_or_path in BUNDLED:
         path = bundled_path(name_or_path)
         table = _load_file_cached(str(path), *_file_stamp(path), default_data_source=name_or_path)
@@ -281,7 +281,7 @@ def _answer_cell(value: Any, source: str, row: int, column: str) -> str:
 
 
 def _string_cells(table: pa.Table, column: str, source: str, *, allow_empty: bool) -> list[str]:
-    values = table.column(column).to_pylist()
+    values: list[str] = table.column(column).to_pylist()
     for row, value in enumerate(values):
         if not isinstance(value, str):
             kind = "null" if value is None else type(value).__name__

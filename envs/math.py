@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 
 from dapo_envs import datasets, prompts
-from dapo_envs.base import DEFAULT_MAX_RESPONSE_CHARS, Problem, ReasoningEnv
+from dapo_envs.base import DEFAULT_MAX_RESPONSE_CHARS, Problem, ReasoningEnv, printable
 from dapo_envs.verifiers import Verifier
 
 __all__ = ["MathEnv"]
@@ -121,7 +121,11 @@ class MathEnv(ReasoningEnv):
         self._set_verifier(verifier, verifier_timeout)
         self.prompt_template = prompts.resolve_template(prompt_template)
         self.dataset_name = dataset if isinstance(dataset, str) else type(dataset).__name__
-        self._data = _prepare(datasets.load(dataset))
+        try:
+            table = datasets.load(dataset)
+        except (datasets.DatasetError, TypeError) as error:  # its message names the file or row; this, the argument
+            raise type(error)(f"dataset: {printable(str(error))}") from None
+        self._data = _prepare(table)
         placeholders = self.prompt_template.count(prompts.PLACEHOLDER)
         template_chars = frozenset(self.prompt_template.replace(prompts.PLACEHOLDER, ""))
         max_prompt_length = len(self.prompt_template) + placeholders * (

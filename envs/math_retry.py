@@ -72,9 +72,10 @@ class MathRetryEnv(MultiTurnReasoningEnv):
             raise ValueError(f"retry_discount must be a number in [0, 1], got {retry_discount!r}")
         if not isinstance(retry_message, str) or not retry_message:
             raise ValueError(f"retry_message must be a non-empty string, got {retry_message!r}")
-        self._pose(MathEnv(dataset, verifier, prompt_template, verifier_timeout=verifier_timeout,
-                           max_response_chars=max_response_chars), max_response_chars)
-        self.dataset_name = self.problems.dataset_name
+        problems = MathEnv(dataset, verifier, prompt_template, verifier_timeout=verifier_timeout,
+                           max_response_chars=max_response_chars)
+        self._pose(problems, max_response_chars)
+        self.dataset_name = problems.dataset_name
         self.max_tries = self.max_turns = max_tries
         self.retry_discount = float(retry_discount)
         self.retry_message = retry_message

@@ -36,10 +36,11 @@ The episode's return is its verdict's ``score`` plus the per-turn ``Turn.reward`
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any, ClassVar
 
-from dapo_envs.base import Problem, ReasoningEnv, ResponseText
+from dapo_envs.base import Problem, ReasoningEnv, ResponseText, is_number
 from dapo_envs.verifiers import VerifierResult, as_text
 
 __all__ = ["Episode", "MultiTurnReasoningEnv", "ToolEnv", "Turn", "is_multi_turn"]
@@ -191,15 +192,16 @@ class MultiTurnReasoningEnv(ReasoningEnv):
             if not turn.done and episode.turns >= self.max_turns:
                 turn = Turn(result=self.conclude(episode), reward=turn.reward, turn_limit=True)
         episode.rewards.append(float(turn.reward))
-        if turn.done:
+        if turn.result is not None:
             episode.result = turn.result
         else:
+            assert turn.observation is not None  # a Turn holds exactly one of the two
             episode.observations.append(turn.observation)
         return turn
 
     def stop_episode(self, episode: Episode) -> VerifierResult:
         """End an episode from outside (no token left for the model's next turn): the environment concludes."""
-        if not episode.done:
+        if episode.result is None:
             episode.result = self.conclude(episode)
         return episode.result
 
@@ -207,6 +209,7 @@ class MultiTurnReasoningEnv(ReasoningEnv):
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
         prompt, info = super().reset(seed=seed, options=options)
+        assert self._current is not None  # set by ReasoningEnv.reset
         self._episode = self.begin_episode(self._current)
         return prompt, info
 
@@ -218,16 +221,17 @@ class MultiTurnReasoningEnv(ReasoningEnv):
         turn = self.take_turn(self._episode, action)
         info = self._problem_info(self._current)
         info["turn"] = self._episode.turns
-        if not turn.done:
-            return turn.observation, float(turn.reward), False, False, info
         result = turn.result
+        if result is None:
+            assert turn.observation is not None  # a Turn holds exactly one of the two
+            return turn.observation, float(turn.reward), False, False, info
         self._last_response, self._last_result = self._episode.responses[-1], result
         info.update(acc=result.acc, score=result.score, pred=result.pred, ground_truth=self._current.answer,
                     reason=result.reason)
         reward = float(turn.reward) + float(result.score)
         return self._current.prompt, reward, not turn.turn_limit, turn.turn_limit, info
 
-    def render(self) -> str | None:
+    def render(self) -> str | None:  # type: ignore[override]  # "ansi" frames are text
         if self.render_mode != "ansi":
             return None
         if self._current is None:
@@ -267,6 +271,8 @@ class ToolEnv(MultiTurnReasoningEnv):
             raise ValueError(f"{type(self).__name__}.tag must be a plain tag name, got {self.tag!r}")
         self.max_calls = max_calls
         self.max_turns = max_calls + 1
+        if not (is_number(call_reward) and math.isfinite(call_reward)):
+            raise ValueError(f"call_reward must be a finite number, got {call_reward!r}")
         self.call_reward = float(call_reward)
         self._call = re.compile(f"<{self.tag}>(.*?)</{self.tag}>", re.DOTALL)
         self._pose(problems, problems.action_space.max_length)

@@ -251,7 +251,7 @@ class VerifierPool:
         payload: bytes | None = None
         name = verifier.name
 
-        def send(worker: _Worker, message: tuple) -> bool:
+        def send(worker: _Worker, message: tuple[Any, ...]) -> bool:
             try:
                 worker.conn.send(message)
                 return True
@@ -286,10 +286,10 @@ class VerifierPool:
                 continue
             soonest = min(w.deadline for w in waiting.values())
             ready = multiprocessing.connection.wait(list(waiting), timeout=max(0.0, soonest - time.monotonic()))
-            for conn in ready:
-                worker = waiting[conn]
+            for ready_conn in ready:
+                worker = waiting[ready_conn]  # type: ignore[index]  # wait() returns the connections it was given
                 try:
-                    message = conn.recv()
+                    message: Any = worker.conn.recv()
                 except (EOFError, OSError):
                     try:
                         exitcode = worker.process.wait(timeout=1)
@@ -299,7 +299,8 @@ class VerifierPool:
                         # Dying at start-up or while loading the verifier would repeat on every worker.
                         what = "starting" if worker.state == _STARTING else f"loading verifier '{name}'"
                         self._replace(worker)
-                        raise RuntimeError(f"a verifier worker process died while {what} (exit code {exitcode})")
+                        raise RuntimeError(f"a verifier worker process died while {what} (exit code {exitcode})") from None
+                    assert worker.item is not None  # a busy worker holds its item
                     results[worker.item] = verifier_failure(f"verifier '{name}' worker process died (exit code {exitcode})")
                     self._replace(worker)
                     continue
@@ -308,6 +309,7 @@ class VerifierPool:
                     worker.state = _IDLE
                 elif kind == "loaded":
                     worker.loaded.add(message[1])
+                    assert worker.item is not None  # a loading worker holds the item it loads for
                     send_item(worker, worker.item)
                 elif kind == "load_failed":
                     raise RuntimeError(
@@ -324,6 +326,7 @@ class VerifierPool:
                 if worker.state == _IDLE or now < worker.deadline:
                     continue
                 if worker.state == _BUSY:
+                    assert worker.item is not None
                     results[worker.item] = verifier_failure(f"timeout: verifier '{name}' took longer than {timeout:g} s")
                     self._replace(worker)
                 else:
@@ -337,7 +340,8 @@ def _pickle_verifier(verifier: PooledVerifier) -> bytes:
     import cloudpickle
 
     try:
-        return cloudpickle.dumps((verifier.fn, verifier.warmup))
+        payload: bytes = cloudpickle.dumps((verifier.fn, verifier.warmup))
+        return payload
     except Exception as error:  # noqa: BLE001 - any pickling failure means the same thing here
         raise TypeError(
             f"verifier '{verifier.name}' cannot be sent to a worker process ({type(error).__name__}: {error}); "
@@ -354,7 +358,7 @@ def get_pool() -> VerifierPool:
     """The process-wide pool, created on first use (and again in a forked child)."""
     global _POOL, _POOL_PID
     with _POOL_LOCK:
-        if _POOL is None or _POOL_PID != os.getpid():
+        if _POOL is None or os.getpid() != _POOL_PID:
             _POOL, _POOL_PID = VerifierPool(), os.getpid()
         return _POOL
 
@@ -364,7 +368,7 @@ def shutdown() -> None:
     global _POOL
     with _POOL_LOCK:
         pool, _POOL = _POOL, None
-    if pool is not None and _POOL_PID == os.getpid():
+    if pool is not None and os.getpid() == _POOL_PID:
         pool.close()
 
 

@@ -26,9 +26,8 @@ ALL_WRONG = dict(dynamic_sampling=True, max_sampling_rounds=2, generation_batch_
 
 def test_dynamic_sampling_limit_error_names_limit_rounds_and_kept(ray_session):
     # The random model never answers an arithmetic problem right: every group is all wrong.
-    with built_algo(make_config(**ALL_WRONG, on_sampling_limit="error")) as algo:
-        with pytest.raises(Exception) as info:
-            algo.train()
+    with built_algo(make_config(**ALL_WRONG, on_sampling_limit="error")) as algo, pytest.raises(Exception) as info:
+        algo.train()
     text = exception_text(info.value)
     assert "SamplingRoundLimitError" in text, text
     assert "max_sampling_rounds=2" in text and "after 2 generation rounds" in text, text

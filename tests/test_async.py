@@ -17,11 +17,11 @@ import pytest
 import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
 
+from benchmarks.step import make_plain_state, plain_loop_iteration
 from dapo_envs import Verifier, register_reasoning_env
 from dapo_rl import DAPOConfig
 from dapo_rl.core import policy_loss
 from dapo_rl.core.off_policy import behaviour_importance_weights
-from benchmarks.step import make_plain_state, plain_loop_iteration
 from dapo_rl.dapo import DAPO, InvalidConfigError
 from tests import helpers
 from tests.helpers import TINY, built_algo, learner_weights

@@ -6,11 +6,11 @@ the tiny tokenizer given ChatML markers as special tokens and a tiny random mode
 
 from __future__ import annotations
 
-import dapo_envs  # noqa: F401  (registers the dapo/ environments)
 import gymnasium as gym
 import torch
 from transformers import Qwen2ForCausalLM
 
+import dapo_envs  # noqa: F401  (registers the dapo/ environments)
 from dapo_rl.core import policy_loss
 from dapo_rl.models import tiny_model_config
 from dapo_rl.policy import response_logprobs

@@ -30,6 +30,7 @@ from dapo_rl.distributed import finish_sharded_checkpoint, sharded_state_folder,
 from tests import helpers
 from tests.helpers import built_algo
 
+
 def make_config() -> DAPOConfig:
     return helpers.make_config(lr=1e-3, overlong_filter=False)
 

@@ -4,11 +4,14 @@ with experiment trackers (the learning run itself is test_learning.py)."""
 import json
 import re
 import struct
+from pathlib import Path
 
 import pytest
 
-from dapo_rl import tracking
+import dapo_rl
 import dapo_rl.cli as cli
+from dapo_rl import tracking
+from dapo_rl.checkpoints import CHECKPOINT_MANIFEST
 from dapo_rl.cli import main
 from dapo_rl.evaluation import evaluate_model
 from dapo_rl.jobs import DEFAULT_JOB, JobError, build_config, experiment_folder, load_job
@@ -181,6 +184,10 @@ def test_train_logs_offline_to_wandb_and_mlflow_and_appends_samples(ray_session,
     assert main([*argv, *(arg for setting in ONE_ITERATION for arg in ("--set", setting))]) == 0
     summary = json.loads((output / "summary.json").read_text())
     assert summary["iterations"] == 1 and summary["job"]["loggers"] == ["wandb", "mlflow"]
+    # The run and its checkpoint record the code that made them (dapo-rl, torch, Ray, ... versions).
+    assert summary["versions"]["dapo_rl"] == dapo_rl.__version__ and summary["versions"]["torch"]
+    manifest = json.loads((Path(summary["checkpoint"]) / CHECKPOINT_MANIFEST).read_text())
+    assert manifest["versions"] == summary["versions"]
     (result_file,) = experiment_folder(output).glob("*/result.json")
     (result,) = [json.loads(line) for line in result_file.read_text().splitlines()]
     reward_mean = result["dapo"]["reward_mean"]

@@ -152,7 +152,7 @@ def test_transformer_blocks_finds_the_decoder_layers():
 
 def test_load_sharded_names_a_missing_checkpoint(tmp_path):
     model, _ = load_policy("tiny-qwen2", seed=0)
-    with pytest.raises(FileNotFoundError, match=".metadata"):
+    with pytest.raises(FileNotFoundError, match=r"\.metadata"):
         load_sharded(model, torch.optim.AdamW(model.parameters()), tmp_path / "nothing")
 
 

@@ -19,7 +19,7 @@ ALL_IDS = sorted(env_id for env_id in gym.registry if env_id.startswith("dapo/")
 
 
 def test_every_documented_id_is_registered():
-    assert ALL_IDS == sorted(dapo_envs.ENV_IDS)
+    assert sorted(dapo_envs.ENV_IDS) == ALL_IDS
     assert {
         "dapo/Math-v0",
         "dapo/DAPOMath17k-v0",

@@ -497,7 +497,7 @@ def test_invalid_shapes_and_masks_raise():
         policy_loss(lp, old, adv[:2], mask)
     with pytest.raises(ValueError, match=r"\(3, 2\)"):
         policy_loss(lp, old, adv, mask[:, :2])
-    with pytest.raises(ValueError, match="0.5"):
+    with pytest.raises(ValueError, match=r"0\.5"):
         policy_loss(lp, old, adv, mask.to(DTYPE) * 0.5)
     with pytest.raises(ValueError, match="normalizer=0"):
         policy_loss(lp, old, adv, mask, normalizer=0)

@@ -211,7 +211,7 @@ def test_a_one_turn_episode_gives_exactly_todays_loss():
         runner = GenerationRunner(env, tokenizer, backend, PromptSettings(32))
         sampling = SamplingSettings(n=4, max_new_tokens=12, logprobs=True)
         collected, _, [rollout] = collect_groups(
-            lambda count: runner.sample([env.problem(i) for i in range(count)], sampling, seed=3),
+            lambda count: runner.sample([env.problem(i) for i in range(count)], sampling, seed=3),  # noqa: B023 (called in this iteration)
             prompts_per_step=3, generation_batch_prompts=3, dynamic_sampling=False, max_sampling_rounds=1,
             on_sampling_limit="error")
         # A random model: score by length instead, for non-zero advantages (the same in both runs).

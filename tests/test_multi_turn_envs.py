@@ -123,7 +123,7 @@ def test_turn_and_episode_rules():
         Turn(observation="x", result=VerifierResult(1.0, True, "1"))
     episode = Episode(problem=gym.make("dapo/Calculator-v0").unwrapped.problem(0))
     with pytest.raises(RuntimeError, match="no verdict yet"):
-        episode.episode_return
+        _ = episode.episode_return
 
 
 class Reverse(ToolEnv):
@@ -151,7 +151,7 @@ def test_register_a_multi_turn_class():
 
 def test_register_refuses_what_is_not_an_environment_class():
     env_id = f"test/Bad-{uuid.uuid4().hex[:6]}-v0"
-    with pytest.raises(TypeError, match="subclass of dapo_envs.ReasoningEnv"):
+    with pytest.raises(TypeError, match=r"subclass of dapo_envs\.ReasoningEnv"):
         register_reasoning_env(env_id, dict)
     with pytest.raises(TypeError, match="missing: verifier, prompt_template"):
         register_reasoning_env(env_id, dataset=ROWS)
@@ -161,7 +161,7 @@ def test_register_refuses_what_is_not_an_environment_class():
             super().__init__()
             self.max_turns = 0
 
-    with pytest.raises(ValueError, match="NoTurns.max_turns must be an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"NoTurns\.max_turns must be an integer >= 1, got 0"):
         register_reasoning_env(env_id, NoTurns)
     assert env_id not in gym.registry
 
@@ -187,7 +187,7 @@ def test_a_failing_tool_is_named_with_its_call():
     with pytest.raises(RuntimeError, match=r"Broken.tool raised ZeroDivisionError on the call <rev>abc</rev>"):
         env.take_turn(env.begin_episode(env.problem(0)), "<rev>abc</rev>")
     env = NotText()
-    with pytest.raises(TypeError, match="NotText.tool must return a string, got int"):
+    with pytest.raises(TypeError, match=r"NotText\.tool must return a string, got int"):
         env.take_turn(env.begin_episode(env.problem(0)), "<rev>abc</rev>")
 
 
@@ -198,7 +198,7 @@ def test_a_multi_turn_class_without_max_turns_is_named():
             self.problems = ArithmeticEnv()
 
     env = Forgetful()
-    with pytest.raises(ValueError, match="Forgetful.max_turns must be an integer >= 1"):
+    with pytest.raises(ValueError, match=r"Forgetful\.max_turns must be an integer >= 1"):
         env.begin_episode(env.problems.problem(0))
 
 
@@ -213,5 +213,5 @@ def test_warm_start_demonstrations_are_checked_and_kept():
         def demonstration(self, problem):
             return ["<rev>1</rev>", "<result>1</result>"]
 
-    with pytest.raises(ValueError, match="EvenDemonstration.demonstration must return a list of an odd number"):
+    with pytest.raises(ValueError, match=r"EvenDemonstration\.demonstration must return a list of an odd number"):
         demonstration_turns(EvenDemonstration(), problem)

@@ -278,7 +278,7 @@ def test_preset_without_its_weights_package_says_what_to_install(cache, monkeypa
 
 
 def test_missing_gguf_file_is_model_not_found(cache, tmp_path):
-    with pytest.raises(ModelNotFoundError, match="no-such.gguf"):
+    with pytest.raises(ModelNotFoundError, match=r"no-such\.gguf"):
         load_policy(tmp_path / "no-such.gguf")
     with pytest.raises(ModelNotFoundError, match="built in code"):
         resolve_model_folder(TINY_PRESET)

@@ -31,6 +31,7 @@ RAY_FREE_MODULES = [
     "dapo_rl.core.micro_batches",
     "dapo_rl.core.off_policy",
     "dapo_rl.settings",
+    "dapo_rl.versions",
     "dapo_rl.models",
     "dapo_rl.presets",
     "dapo_rl.policy",

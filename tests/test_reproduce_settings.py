@@ -5,6 +5,8 @@ Builds and validates DAPOConfig objects only: no Ray cluster, no model loaded.
 
 from __future__ import annotations
 
+import itertools
+
 import gymnasium as gym
 import pytest
 
@@ -151,7 +153,7 @@ def test_table1_names_and_paper_scores():
 @pytest.mark.parametrize("variant", list(settings.VARIANTS))
 def test_each_row_adds_exactly_its_technique(rows_by_variant, variant):
     rows = list(rows_by_variant[variant].items())
-    for (_, before), (name, after) in zip(rows, rows[1:]):
+    for (_, before), (name, after) in itertools.pairwise(rows):
         assert changed(before, after) == set(TECHNIQUES[name]), name
         assert all(getattr(after, key) == value for key, value in TECHNIQUES[name].items())
 
@@ -190,7 +192,7 @@ def test_every_row_validates_at_every_scale(rows_by_variant, scale):
         for config in scaled:
             config.validate_settings(require_installed=scale != "paper")
         pairs = list(zip(rows, scaled))
-        for (_, before), (name, after) in zip(pairs, pairs[1:]):
+        for (_, before), (name, after) in itertools.pairwise(pairs):
             assert changed(before, after) == set(TECHNIQUES[name]), (variant, scale, name)
 
 

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from dapo_rl.settings import SETTINGS
 from dapo_rl.evaluation import evaluate_model
 from dapo_rl.jobs import DEFAULT_JOB, RunSettings
 from dapo_rl.models import TINY_PRESET
+from dapo_rl.settings import SETTINGS
 from reproduce import table1
 from reproduce.scales import TINY_RESPONSE_BUDGET
 from reproduce.settings import PAPER_TABLE1, TECHNIQUE_KEYS, table1_rows
@@ -67,7 +67,7 @@ def test_row_runs_train_the_row_config_itself():
         assert run == main_job
     _, quick = table1.row_run(config, 0, scale="tiny", quick=True, iterations=5)
     assert quick == dataclasses.replace(main_job, **{**table1.QUICK_JOB, "iterations": 5})
-    assert table1.select_rows(list(rows), None, quick=True) == [list(rows)[0], list(rows)[-1]]
+    assert table1.select_rows(list(rows), None, quick=True) == [next(iter(rows)), list(rows)[-1]]
     assert table1.select_rows(list(rows), ["clip-higher", "Naive GRPO"], quick=True) == ["Naive GRPO", "+ Clip-Higher"]
 
 

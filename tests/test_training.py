@@ -66,7 +66,7 @@ def _fake_round(correct_by_group):
 def test_dynamic_sampling_keeps_only_mixed_groups_until_the_target():
     # Groups alternate: all wrong, mixed, all right.
     generate_round, calls = _fake_round([[[False] * 4, [True, False, False, True], [True] * 4]])
-    batch, stats, rounds = collect_groups(
+    batch, stats, _ = collect_groups(
         generate_round, prompts_per_step=5, generation_batch_prompts=6, dynamic_sampling=True,
         max_sampling_rounds=10, on_sampling_limit="error",
     )
@@ -84,7 +84,7 @@ def test_dynamic_sampling_round_limit_in_both_modes():
     with pytest.raises(SamplingRoundLimitError, match="max_sampling_rounds=2 after 2 generation rounds, having kept 0"):
         collect_groups(generate_round, prompts_per_step=4, generation_batch_prompts=4, dynamic_sampling=True,
                        max_sampling_rounds=2, on_sampling_limit="error")
-    batch, stats, _ = collect_groups(generate_round, prompts_per_step=4, generation_batch_prompts=4,
+    _, stats, _ = collect_groups(generate_round, prompts_per_step=4, generation_batch_prompts=4,
                                      dynamic_sampling=True, max_sampling_rounds=2, on_sampling_limit="train")
     assert stats.limit_reached and stats.rounds == 2 and stats.groups_kept == 0
 

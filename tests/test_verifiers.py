@@ -430,7 +430,7 @@ def test_builtin_verifiers_are_registered():
 def test_registry_rejects_duplicates_and_unknown_names():
     with pytest.raises(ValueError, match="already registered"):
         register_verifier("dapo", lambda response, reference: True)
-    with pytest.raises(KeyError, match="no verifier named 'nope'; registered: .*dapo"):
+    with pytest.raises(KeyError, match=r"no verifier named 'nope'; registered: .*dapo"):
         get_verifier("nope")
     with pytest.raises(ValueError, match="non-empty"):
         register_verifier("", lambda response, reference: True)
@@ -528,5 +528,5 @@ def test_unpicklable_isolated_verifier_gives_a_clear_error():
 
     lock = threading.Lock()
     verifier = dapo_envs.Verifier(name="locked", fn=lambda response, reference: bool(lock))
-    with pytest.raises(TypeError, match="cannot be sent to a worker process.*isolate=False"):
+    with pytest.raises(TypeError, match=r"cannot be sent to a worker process.*isolate=False"):
         verifier("a", "b")

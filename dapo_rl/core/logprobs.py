@@ -18,6 +18,8 @@ Pure torch, no Ray, device-agnostic (only matmuls, elementwise ops, gather/scatt
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -77,7 +79,7 @@ class _ChunkBuffers:
         return out
 
 
-def _chunk_bounds(n: int, chunk_size: int):
+def _chunk_bounds(n: int, chunk_size: int) -> Iterator[tuple[int, int]]:
     for start in range(0, n, chunk_size):
         yield start, min(start + chunk_size, n)
 
@@ -91,7 +93,8 @@ class _TokenLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, tokens, inv_temp: float, chunk_size: int, with_entropy: bool):
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, inv_temp: float,
+                chunk_size: int, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
         n, vocab = hidden.shape[0], weight.shape[0]
         acc = _acc_dtype(hidden.dtype)
         logprobs = torch.empty(n, dtype=acc, device=hidden.device)
@@ -107,6 +110,7 @@ class _TokenLogprobs(torch.autograd.Function):
                 target = z.gather(1, tokens[s:e, None])
                 z.sub_(m)  # z := shifted logits, all <= 0
                 if with_entropy:
+                    assert bufs.aux is not None  # allocated when with_entropy
                     p = bufs.aux[: e - s]
                     torch.exp(z, out=p)
                     sumexp = p.sum(dim=1, keepdim=True)
@@ -131,12 +135,15 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logprobs, grad_entropy):
+    def backward(
+        ctx: Any, grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
         hidden, weight, tokens, lse, entropy = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not ctx.with_entropy:
             grad_entropy = None
-        grad_hidden = grad_weight = None
+        grad_hidden: torch.Tensor | None = None
+        grad_weight: torch.Tensor | None = None
         if not (need_h or need_w):
             return None, None, None, None, None, None
         n, vocab = hidden.shape[0], weight.shape[0]
@@ -164,6 +171,7 @@ class _TokenLogprobs(torch.autograd.Function):
             # => dL/dz = g_lp * onehot - p * (g_lp + g_H * (log p + H)),  per row.
             if grad_entropy is not None:
                 g_ent = grad_entropy[s:e, None].to(z.dtype)
+                assert bufs.aux is not None  # allocated when there is an entropy gradient (with_aux)
                 p = bufs.aux[: e - s]
                 torch.exp(z, out=p)
                 offset = g_ent * entropy[s:e, None]
@@ -172,6 +180,7 @@ class _TokenLogprobs(torch.autograd.Function):
                 # z := -(g_H * log p + offset) * p
                 z.mul_(-g_ent).sub_(offset).mul_(p)
             else:
+                assert grad_logprobs is not None  # one of the two gradients is there (checked above)
                 z.exp_()  # z := p
                 z.mul_(-grad_logprobs[s:e, None].to(z.dtype))
             if grad_logprobs is not None:
@@ -181,13 +190,16 @@ class _TokenLogprobs(torch.autograd.Function):
                 z.scatter_(1, idx, z.gather(1, idx) + grad_logprobs[s:e, None].to(z.dtype))
             # z now holds dL/d(logits/T); the chain rule's 1/T goes into the GEMMs' alpha.
             if low:
+                assert bufs.raw is not None  # allocated for low-precision inputs
                 g = bufs.raw[: e - s]
                 g.copy_(z)  # matmuls run in the input dtype, as the forward ones did
             else:
                 g = z
             if need_h:
+                assert grad_hidden is not None
                 grad_hidden[s:e].addmm_(g, weight, beta=0, alpha=inv_temp)
             if need_w:
+                assert grad_weight is not None
                 first = s == 0
                 if low:
                     # addmm cannot mix a bf16 product with a float32 destination.
@@ -201,7 +213,7 @@ class _TokenLogprobs(torch.autograd.Function):
         return grad_hidden, _cast(grad_weight, weight.dtype), None, None, None, None
 
 
-def _cast(t, dtype):
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
@@ -213,7 +225,7 @@ def token_logprobs(
     temperature: float = 1.0,
     chunk_size: int = _DEFAULT_CHUNK_SIZE,
     return_entropy: bool = False,
-):
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of ``tokens`` under ``softmax(hidden @ weight.T / temperature)``.
 
     Equivalent to ``torch.log_softmax(hidden @ weight.T / temperature, -1).gather(-1,
@@ -287,9 +299,10 @@ def token_logprobs(
         if lo < 0 or hi >= vocab:
             raise ValueError(f"tokens must lie in [0, {vocab}) (vocab size), got min {lo}, max {hi}")
 
-    logprobs, entropy = _TokenLogprobs.apply(
+    outputs: tuple[torch.Tensor, torch.Tensor] = _TokenLogprobs.apply(  # type: ignore[no-untyped-call]  # torch leaves apply untyped
         flat_hidden, weight, flat_tokens, 1.0 / float(temperature), chunk_size, bool(return_entropy)
     )
+    logprobs, entropy = outputs
     logprobs = logprobs.reshape(lead)
     if return_entropy:
         return logprobs, entropy.reshape(lead)

@@ -36,6 +36,12 @@ class CalculatorLimits:
     max_result_digits: int = 200  # digits of any intermediate numerator or denominator
     decimals: int = 6  # places of a non-integer result
 
+    def __post_init__(self) -> None:
+        for field, value in vars(self).items():
+            least = 0 if field == "decimals" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"CalculatorLimits.{field} must be an integer >= {least}, got {value!r}")
+
 
 @dataclass(frozen=True)
 class CalculatorResult:

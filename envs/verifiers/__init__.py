@@ -53,6 +53,7 @@ from dapo_envs.verifiers.result import VerifierResult, as_text, coerce_result, r
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
+    "UnknownVerifierError",
     "Verifier",
     "VerifierResult",
     "as_text",
@@ -176,6 +177,14 @@ def register_verifier(
     return verifier
 
 
+class UnknownVerifierError(KeyError, ValueError):
+    """No verifier is registered under the name: a KeyError (a failed look-up, as documented) and a
+    ValueError (bad input, which callers such as ``dapo-rl`` report in one line)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""  # KeyError's own would quote the message
+
+
 def get_verifier(name: str) -> Verifier:
     """The verifier registered under ``name``.
 
@@ -187,7 +196,7 @@ def get_verifier(name: str) -> Verifier:
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
-        raise KeyError(f"no verifier named {name!r}; registered: {', '.join(sorted(_REGISTRY))}") from None
+        raise UnknownVerifierError(f"no verifier named {name!r}; registered: {', '.join(sorted(_REGISTRY))}") from None
 
 
 def list_verifiers() -> list[str]:

@@ -13,12 +13,14 @@ pool (:mod:`dapo_envs.verifier_pool`), whose hard per-item time limit replaces t
 
 from __future__ import annotations
 
+from typing import Any
+
 from dapo_envs.verifiers.result import VerifierResult, verdict, wrong
 
 __all__ = ["math_verify_rule", "math_verify_warmup"]
 
 
-def _prediction_extraction_config() -> list:
+def _prediction_extraction_config() -> list[Any]:
     from math_verify import LatexExtractionConfig
 
     # Boxed answers first, LaTeX only with an anchor ("the answer is ..."), so that a number in the middle
