@@ -41,7 +41,9 @@ def expected_wheel_files(files: list[str]) -> dict[str, str]:
     expected = {}
     for name in files:
         path = PurePosixPath(name)
-        if path.parts[0] in folders and not any(path.match(pattern) or fnmatch(name, pattern) for pattern in NOT_INSTALLED):
+        if path.parts[0] in folders and not any(
+            path.match(pattern) or fnmatch(name, pattern) for pattern in NOT_INSTALLED
+        ):
             expected[str(PurePosixPath(folders[path.parts[0]], *path.parts[1:]))] = name
     return expected
 
@@ -61,10 +63,15 @@ def main() -> int:
         entry_points = next((n for n in wheel.namelist() if n.endswith(".dist-info/entry_points.txt")), None)
         if entry_points is None or "dapo-rl = dapo_rl.cli:main" not in wheel.read(entry_points).decode():
             problems.append(f"{wheels[0].name}: no console script dapo-rl = dapo_rl.cli:main")
-    problems += [f"{wheels[0].name} lacks {target} (from {source})"
-                 for target, source in sorted(expected.items()) if target not in in_wheel]
-    problems += [f"{wheels[0].name} has {name}, which no package of the tree accounts for"
-                 for name in sorted(in_wheel - set(expected))]
+    problems += [
+        f"{wheels[0].name} lacks {target} (from {source})"
+        for target, source in sorted(expected.items())
+        if target not in in_wheel
+    ]
+    problems += [
+        f"{wheels[0].name} has {name}, which no package of the tree accounts for"
+        for name in sorted(in_wheel - set(expected))
+    ]
 
     with tarfile.open(sdists[0]) as sdist:
         top = sdists[0].name.removesuffix(".tar.gz")
@@ -75,8 +82,10 @@ def main() -> int:
     for problem in problems:
         print(f"wheel contents: {problem}", file=sys.stderr)
     if not problems:
-        print(f"wheel contents: {wheels[0].name} holds all {len(expected)} files of the tree's packages; "
-              f"{sdists[0].name} holds their sources")
+        print(
+            f"wheel contents: {wheels[0].name} holds all {len(expected)} files of the tree's packages; "
+            f"{sdists[0].name} holds their sources"
+        )
     return 1 if problems else 0
 
 

@@ -61,14 +61,18 @@ def main() -> None:
         prompt, info = env.reset(seed=0)
         reasoning_env = env.unwrapped
         problem = reasoning_env.problem(info["index"])
-        check(isinstance(prompt, str) and prompt == problem.prompt and problem.answer, f"{env_id}: reset gave {prompt!r}")
+        check(
+            isinstance(prompt, str) and prompt == problem.prompt and problem.answer, f"{env_id}: reset gave {prompt!r}"
+        )
         # The verifier scores a correct answer correct (math_verify's runs in a worker process that
         # must import dapo_envs from the wheel too).
         _, reward, terminated, _, step_info = env.step(reasoning_env.solution_text(problem))
         check(terminated and step_info["acc"] and reward > 0, f"{env_id}: a correct answer scored {step_info}")
         env.close()
-        print(f"ok  {env_id}: {reasoning_env.num_problems} problems, a correct answer scored {reward:+g} "
-              f"({time.perf_counter() - started:.1f} s)")
+        print(
+            f"ok  {env_id}: {reasoning_env.num_problems} problems, a correct answer scored {reward:+g} "
+            f"({time.perf_counter() - started:.1f} s)"
+        )
 
     # Extras installed with the wheel (.ci/wheel installs smollm2 and tracking).
     from dapo_rl.presets import GGUF_CONVERSION_PACKAGES
@@ -80,11 +84,25 @@ def main() -> None:
         check(missing_logger_package(logger) is None, f"extra tracking: {missing_logger_package(logger)}")
     print(f"ok  extras: {', '.join(GGUF_CONVERSION_PACKAGES)} (smollm2), {', '.join(LOGGERS)} (tracking) import")
 
-    output = run("dapo-rl", "eval", "--model", "tiny-qwen2", "--env", "dapo/Arithmetic-v0", "--problems", "4",
-                 "--samples", "2", "--max-new-tokens", "8")
+    output = run(
+        "dapo-rl",
+        "eval",
+        "--model",
+        "tiny-qwen2",
+        "--env",
+        "dapo/Arithmetic-v0",
+        "--problems",
+        "4",
+        "--samples",
+        "2",
+        "--max-new-tokens",
+        "8",
+    )
     result = json.loads(output)
-    check(result["num_problems"] == 4 and result["samples"] == 2 and 0.0 <= result["avg_at_k"] <= 1.0,
-          f"dapo-rl eval printed {result}")
+    check(
+        result["num_problems"] == 4 and result["samples"] == 2 and 0.0 <= result["avg_at_k"] <= 1.0,
+        f"dapo-rl eval printed {result}",
+    )
     print(f"wheel smoke test passed in {os.getcwd()}")
 
 

@@ -62,13 +62,28 @@ def folder_name(run: str) -> str:
 
 
 def train(model: Path, output: Path, iterations: int, checkpoint_every: int, seed: int, extra: list[str]) -> dict:
-    settings = [f"model={model}", "warmstart_steps=0", f"iterations={iterations}", f"checkpoint_every={checkpoint_every}",
-                f"keep_checkpoints={iterations // checkpoint_every + 1}", f"seed={seed}", *extra]
-    command = [sys.executable, "-m", "dapo_rl.cli", "train", "--output", str(output),
-               *[item for setting in settings for item in ("--set", setting)]]
+    settings = [
+        f"model={model}",
+        "warmstart_steps=0",
+        f"iterations={iterations}",
+        f"checkpoint_every={checkpoint_every}",
+        f"keep_checkpoints={iterations // checkpoint_every + 1}",
+        f"seed={seed}",
+        *extra,
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "dapo_rl.cli",
+        "train",
+        "--output",
+        str(output),
+        *[item for setting in settings for item in ("--set", setting)],
+    ]
     with open(output.with_suffix(".log"), "w") as log:
-        subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True,
-                       env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        subprocess.run(
+            command, stdout=log, stderr=subprocess.STDOUT, check=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"}
+        )
     return json.loads((output / "summary.json").read_text(encoding="utf-8"))
 
 
@@ -77,9 +92,16 @@ def held_out_accuracy(model_folder: Path, seed: int) -> float:
     run's seed as the job's own evaluation is."""
     job = DEFAULT_JOB
     test_config = dapo_envs.held_out_env_config(job["env"], dict(job["env_config"]))
-    return evaluate_model(model_folder, job["env"], env_config=test_config, samples=job["eval_samples"],
-                          num_problems=job["eval_problems"], max_new_tokens=job["training"]["max_response_length"],
-                          max_prompt_length=job["training"]["max_prompt_length"], seed=seed).avg_at_k
+    return evaluate_model(
+        model_folder,
+        job["env"],
+        env_config=test_config,
+        samples=job["eval_samples"],
+        num_problems=job["eval_problems"],
+        max_new_tokens=job["training"]["max_response_length"],
+        max_prompt_length=job["training"]["max_prompt_length"],
+        seed=seed,
+    ).avg_at_k
 
 
 def curve(output: Path, summary: dict, scratch: Path, seed: int) -> list[tuple[int, float, float]]:
@@ -101,8 +123,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="DAPO's seed (the warm-start is seeded 0 either way)")
     parser.add_argument("--warmstart-steps", type=int, default=DEFAULT_JOB["warmstart_steps"])
     parser.add_argument("--output", default="benchmarks/results/async_cpu.md")
-    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS), metavar="RUN",
-                        help=f"runs to make, the first being the baseline (default: all of {list(RUNS)})")
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        default=list(RUNS),
+        choices=list(RUNS),
+        metavar="RUN",
+        help=f"runs to make, the first being the baseline (default: all of {list(RUNS)})",
+    )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="dapo-async-bench-"))
     model = warm_model(root / "warm", args.warmstart_steps)
@@ -113,23 +141,27 @@ def main() -> None:
         summary = train(model, output, args.iterations, args.checkpoint_every, args.seed, extra)
         rows = iteration_results(output)
         measured[name] = {
-            "step": statistics.median(row["time_this_iter_s"] for row in rows[args.skip:]),
+            "step": statistics.median(row["time_this_iter_s"] for row in rows[args.skip :]),
             "total": rows[-1]["time_total_s"],
             "after": summary["eval_accuracy_after"],
             "before": summary["eval_accuracy_before"],
             "staleness": statistics.mean(row["dapo"].get("staleness_mean", 0.0) for row in rows),
             "dropped": rows[-1]["dapo"].get("stale_rounds_dropped_total", 0),
-            "wait": statistics.median(row["dapo"].get("wait_seconds", float("nan")) for row in rows[args.skip:]),
+            "wait": statistics.median(row["dapo"].get("wait_seconds", float("nan")) for row in rows[args.skip :]),
         }
         print(name, measured[name], flush=True)
     start_ray()
-    curves = {name: curve(root / folder_name(name), {"eval_accuracy_before": m["before"]}, root, args.seed)
-              for name, m in measured.items()}
+    curves = {
+        name: curve(root / folder_name(name), {"eval_accuracy_before": m["before"]}, root, args.seed)
+        for name, m in measured.items()
+    }
 
     output = Path(args.output)
     figure, axes = plt.subplots(figsize=(6, 4))
     for name, points in curves.items():
-        axes.plot([seconds for _, seconds, _ in points], [accuracy for _, _, accuracy in points], marker="o", label=name)
+        axes.plot(
+            [seconds for _, seconds, _ in points], [accuracy for _, _, accuracy in points], marker="o", label=name
+        )
     axes.set_xlabel("DAPO wall-clock seconds (Tune's time_total_s)")
     axes.set_ylabel("held-out avg@4 (200 problems)")
     axes.set_title(f"Main job, {os.cpu_count()} CPU cores: checkpoints every {args.checkpoint_every} steps")
@@ -144,7 +176,8 @@ def main() -> None:
         "# Asynchronous rollouts (max_staleness) vs synchronous DAPO on the main job",
         "",
         f"Command: `python benchmarks/async.py --iterations {args.iterations} --checkpoint-every {args.checkpoint_every} "
-        f"--seed {args.seed}" + (f" --runs {' '.join(repr(run) for run in args.runs)}" if args.runs != list(RUNS) else "")
+        f"--seed {args.seed}"
+        + (f" --runs {' '.join(repr(run) for run in args.runs)}" if args.runs != list(RUNS) else "")
         + "`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores; torch {torch.__version__}; "
         f"1-min load average at the end {os.getloadavg()[0]:.1f}  ",
@@ -162,10 +195,18 @@ def main() -> None:
         lines.append(
             f"| {name} | {m['step']:.3f} | {base['step'] / m['step']:.2f}x | {m['total']:.0f} | {m['after']:.3f} | "
             f"{100 * (m['after'] - base['after']):+.1f} | {m['staleness']:.2f} | {m['dropped']:.0f} | "
-            + ("-" if m["wait"] != m["wait"] else f"{m['wait']:.3f}") + " |")
-    lines += ["", f"Held-out accuracy against DAPO's wall-clock time: `{plot.name}`. Points (step, seconds, avg@4):", ""]
+            + ("-" if m["wait"] != m["wait"] else f"{m['wait']:.3f}")
+            + " |"
+        )
+    lines += [
+        "",
+        f"Held-out accuracy against DAPO's wall-clock time: `{plot.name}`. Points (step, seconds, avg@4):",
+        "",
+    ]
     for name, points in curves.items():
-        lines.append(f"- {name}: " + ", ".join(f"({step}, {seconds:.0f}, {accuracy:.3f})" for step, seconds, accuracy in points))
+        lines.append(
+            f"- {name}: " + ", ".join(f"({step}, {seconds:.0f}, {accuracy:.3f})" for step, seconds, accuracy in points)
+        )
     text = "\n".join(lines) + "\n"
     output.write_text(text, encoding="utf-8")
     print(text)

@@ -48,11 +48,27 @@ from dapo_rl.rollout.batch import pack_sequences  # noqa: E402
 from dapo_rl.settings import paper_settings  # noqa: E402
 
 #: Qwen2.5-0.5B's shape (its config.json), randomly initialised.
-QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
-                  tie_word_embeddings=True, rope_theta=1000000.0)
-QUICK = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=5000, max_position_embeddings=4096, tie_word_embeddings=True)
+QWEN25_05B = dict(
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    vocab_size=151936,
+    max_position_embeddings=32768,
+    tie_word_embeddings=True,
+    rope_theta=1000000.0,
+)
+QUICK = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=5000,
+    max_position_embeddings=4096,
+    tie_word_embeddings=True,
+)
 VARIANTS = ("baseline", "dapo")
 #: The paper's 32B run: dapo_rl.settings' defaults (lr, weight decay, clip range, grad clip, loss).
 PAPER = paper_settings()
@@ -74,8 +90,12 @@ def _baseline_logprobs(model, batch):
     response_width = batch["response_mask"].shape[1]
     prompt_width = batch["input_ids"].shape[1] - response_width
     with torch.autocast(device_type=batch["input_ids"].device.type, dtype=torch.bfloat16):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"], use_cache=False).logits
+        logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            use_cache=False,
+        ).logits
     logits = logits[:, prompt_width - 1 : prompt_width - 1 + response_width].float()
     tokens = batch["input_ids"][:, prompt_width:]
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
@@ -100,8 +120,16 @@ def _child(args) -> None:
             logprobs, _ = response_logprobs(model, batch, mixed_precision="bf16", chunk_size=args.chunk_size)
         else:
             logprobs = _baseline_logprobs(model, batch)
-        loss, _ = policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], mask,
-                              clip_low=PAPER.clip_low, clip_high=PAPER.clip_high, agg=PAPER.loss_agg, normalizer=normalizer)
+        loss, _ = policy_loss(
+            logprobs,
+            batch["old_logprobs"],
+            batch["advantages"],
+            mask,
+            clip_low=PAPER.clip_low,
+            clip_high=PAPER.clip_high,
+            agg=PAPER.loss_agg,
+            normalizer=normalizer,
+        )
         loss.backward()
         clip_gradients_by_global_norm([p.grad for p in model.parameters()], PAPER.grad_clip)
         optimizer.step()
@@ -128,9 +156,24 @@ def _child(args) -> None:
 
 
 def _run_child(args, variant: str, tokens: int) -> dict:
-    command = [sys.executable, __file__, "--child", variant, "--child-tokens", str(tokens), "--device", args.device,
-               "--rows", str(args.rows), "--prompt-tokens", str(args.prompt_tokens), "--rounds", str(args.rounds),
-               "--chunk-size", str(args.chunk_size)] + (["--quick"] if args.quick else [])
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        variant,
+        "--child-tokens",
+        str(tokens),
+        "--device",
+        args.device,
+        "--rows",
+        str(args.rows),
+        "--prompt-tokens",
+        str(args.prompt_tokens),
+        "--rounds",
+        str(args.rounds),
+        "--chunk-size",
+        str(args.chunk_size),
+    ] + (["--quick"] if args.quick else [])
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
         raise RuntimeError(f"{variant} at {tokens} tokens failed:\n{completed.stderr[-3000:]}")

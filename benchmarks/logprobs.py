@@ -240,7 +240,9 @@ def main(argv=None):
     if args.device == "cuda":
         machine = torch.cuda.get_device_name()
     else:
-        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch threads {args.threads}"
+        machine = (
+            f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch threads {args.threads}"
+        )
         if hasattr(os, "getloadavg"):  # a shared machine's load skews times (both variants alike)
             machine += f", 1-min load average at the end {os.getloadavg()[0]:.1f}"
     cmd = "python benchmarks/logprobs.py " + shlex.join(sys.argv[1:] if argv is None else argv)

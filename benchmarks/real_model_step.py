@@ -54,27 +54,43 @@ PHASES = ("generate", "score", "old_logprobs", "update")
 def job_settings(job: dict) -> SimpleNamespace:
     """The job's training settings over the defaults, as attributes (what DAPOConfig would hold)."""
     settings = SimpleNamespace(**{**DAPO_SETTINGS, **OPTIMIZER_DEFAULTS, **job.get("training", {})})
-    settings.generation_round_prompts = settings.generation_batch_prompts or GENERATION_ROUND_FACTOR * settings.prompts_per_step
+    settings.generation_round_prompts = (
+        settings.generation_batch_prompts or GENERATION_ROUND_FACTOR * settings.prompts_per_step
+    )
     return settings
 
 
 class Side:
     """One copy of the training loop: its own model, optimizer, prompt order and RNGs."""
 
-    def __init__(self, model, tokenizer, env, settings: SimpleNamespace, *, share: bool, seed: int, device: torch.device):
+    def __init__(
+        self, model, tokenizer, env, settings: SimpleNamespace, *, share: bool, seed: int, device: torch.device
+    ):
         self.model = model.to(device)
         self.settings = settings
         self.share = share
         self.device = device
         self.tokenizer = tokenizer
-        backend = HFGenerationBackend(self.model, pad_token_id=tokenizer.pad_token_id, eos_token_ids=[tokenizer.eos_token_id],
-                                      prompts_per_call=settings.generation_prompts_per_call, share_prompt_prefill=share)
-        self.runner = GenerationRunner(env, tokenizer, backend, PromptSettings(settings.max_prompt_length, settings.apply_chat_template))
+        backend = HFGenerationBackend(
+            self.model,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_ids=[tokenizer.eos_token_id],
+            prompts_per_call=settings.generation_prompts_per_call,
+            share_prompt_prefill=share,
+        )
+        self.runner = GenerationRunner(
+            env, tokenizer, backend, PromptSettings(settings.max_prompt_length, settings.apply_chat_template)
+        )
         self.sampler = PromptSampler(env, seed)
         self.rounds_rng = np.random.default_rng(seed + 1)
         self.shuffle = torch.Generator().manual_seed(seed + 2)
-        self.sampling = SamplingSettings(n=settings.group_size, max_new_tokens=settings.max_response_length,
-                                         temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+        self.sampling = SamplingSettings(
+            n=settings.group_size,
+            max_new_tokens=settings.max_response_length,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            top_k=settings.top_k,
+        )
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
 
     def iteration(self) -> dict[str, float]:
@@ -87,8 +103,11 @@ class Side:
             return self.runner.sample(problems, self.sampling, seed=int(self.rounds_rng.integers(2**31 - 1)))
 
         collected, _, rounds = collect_groups(
-            generate_round, prompts_per_step=settings.prompts_per_step, generation_batch_prompts=settings.generation_round_prompts,
-            dynamic_sampling=settings.dynamic_sampling, max_sampling_rounds=settings.max_sampling_rounds,
+            generate_round,
+            prompts_per_step=settings.prompts_per_step,
+            generation_batch_prompts=settings.generation_round_prompts,
+            dynamic_sampling=settings.dynamic_sampling,
+            max_sampling_rounds=settings.max_sampling_rounds,
             on_sampling_limit=settings.on_sampling_limit,
         )
         out = {
@@ -98,11 +117,17 @@ class Side:
             "acc": float(np.mean(np.concatenate([r["acc"] for r in rounds]))),
         }
         batch = build_train_batch(
-            collected, pad_token_id=self.tokenizer.pad_token_id, max_response_length=settings.max_response_length,
-            overlong_cache_len=settings.overlong_cache_len, overlong_penalty_factor=settings.overlong_penalty_factor,
-            overlong_filter=settings.overlong_filter, advantage_scale=settings.advantage_scale,
+            collected,
+            pad_token_id=self.tokenizer.pad_token_id,
+            max_response_length=settings.max_response_length,
+            overlong_cache_len=settings.overlong_cache_len,
+            overlong_penalty_factor=settings.overlong_penalty_factor,
+            overlong_filter=settings.overlong_filter,
+            advantage_scale=settings.advantage_scale,
         )
-        batch = {key: value.to(self.device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+        batch = {
+            key: value.to(self.device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()
+        }
         out["train_tokens"] = float(batch["attention_mask"].sum())
         sync()
         start = time.perf_counter()
@@ -110,20 +135,41 @@ class Side:
             old = []
             for first in range(0, len(batch["input_ids"]), settings.logprob_batch_rows):
                 rows = slice(first, first + settings.logprob_batch_rows)
-                chunk = {key: batch[key][rows] for key in ("input_ids", "attention_mask", "position_ids", "response_mask")}
-                old.append(response_logprobs(self.model, chunk, temperature=settings.temperature, share_prompts=self.share)[0])
+                chunk = {
+                    key: batch[key][rows] for key in ("input_ids", "attention_mask", "position_ids", "response_mask")
+                }
+                old.append(
+                    response_logprobs(self.model, chunk, temperature=settings.temperature, share_prompts=self.share)[0]
+                )
             batch["old_logprobs"] = torch.cat(old)
         sync()
         out["old_logprobs"] = time.perf_counter() - start
         start = time.perf_counter()
-        for rows in minibatch_indices(batch["group_index"].cpu(), minibatch_prompts=settings.minibatch_prompts, generator=self.shuffle):
-            mini = minibatch_with_loss_normalizer(batch, rows.to(self.device), loss_agg=settings.loss_agg,
-                                                  max_response_length=settings.max_response_length)
-            logprobs, _ = response_logprobs(self.model, mini, temperature=settings.temperature,
-                                            return_entropy=settings.compute_entropy, share_prompts=self.share)
+        for rows in minibatch_indices(
+            batch["group_index"].cpu(), minibatch_prompts=settings.minibatch_prompts, generator=self.shuffle
+        ):
+            mini = minibatch_with_loss_normalizer(
+                batch,
+                rows.to(self.device),
+                loss_agg=settings.loss_agg,
+                max_response_length=settings.max_response_length,
+            )
+            logprobs, _ = response_logprobs(
+                self.model,
+                mini,
+                temperature=settings.temperature,
+                return_entropy=settings.compute_entropy,
+                share_prompts=self.share,
+            )
             loss, _ = policy_loss(
-                logprobs, mini["old_logprobs"], mini["advantages"], mini["token_mask"], clip_low=settings.clip_low,
-                clip_high=settings.clip_high, dual_clip=settings.dual_clip, agg=settings.loss_agg,
+                logprobs,
+                mini["old_logprobs"],
+                mini["advantages"],
+                mini["token_mask"],
+                clip_low=settings.clip_low,
+                clip_high=settings.clip_high,
+                dual_clip=settings.dual_clip,
+                agg=settings.loss_agg,
                 normalizer=float(mini["loss_normalizer"][0]),
             )
             self.optimizer.zero_grad(set_to_none=True)
@@ -151,7 +197,9 @@ def main() -> None:
     env = gym.make(job["env"], **job.get("env_config", {})).unwrapped
     model, tokenizer = load_policy(job["model"], seed=seed)
     sides = {
-        "per response (before)": Side(copy.deepcopy(model), tokenizer, env, settings, share=False, seed=seed, device=device),
+        "per response (before)": Side(
+            copy.deepcopy(model), tokenizer, env, settings, share=False, seed=seed, device=device
+        ),
         "shared prompt (after)": Side(model, tokenizer, env, settings, share=True, seed=seed, device=device),
     }
     records: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
@@ -168,15 +216,17 @@ def main() -> None:
     rows = []
     for name in sides:
         seconds = {phase: total(name, phase) / args.iterations for phase in PHASES}
-        rows.append({
-            "name": name,
-            "seconds": seconds,
-            "iteration": sum(seconds.values()),
-            "generation_tps": total(name, "generated_tokens") / total(name, "generate"),
-            "old_logprobs_tps": total(name, "train_tokens") / total(name, "old_logprobs"),
-            "update_tps": total(name, "train_tokens") / total(name, "update"),
-            "acc": statistics.mean(r["acc"] for r in records[name]),
-        })
+        rows.append(
+            {
+                "name": name,
+                "seconds": seconds,
+                "iteration": sum(seconds.values()),
+                "generation_tps": total(name, "generated_tokens") / total(name, "generate"),
+                "old_logprobs_tps": total(name, "train_tokens") / total(name, "old_logprobs"),
+                "update_tps": total(name, "train_tokens") / total(name, "update"),
+                "acc": statistics.mean(r["acc"] for r in records[name]),
+            }
+        )
     before, after = rows
     lines = [
         "| side | generate s | score s | old log-probs s | update s | s/iter | generation tok/s | old log-probs tok/s | update tok/s | generated acc |",

@@ -60,8 +60,14 @@ def command(*arguments: str) -> list[str]:
 
 
 def settings(model: Path, iterations: int, checkpoint_every: int) -> list[str]:
-    values = [f"model={model}", "warmstart_steps=0", f"iterations={iterations}", f"checkpoint_every={checkpoint_every}",
-              "eval_problems=8", "eval_samples=1"]
+    values = [
+        f"model={model}",
+        "warmstart_steps=0",
+        f"iterations={iterations}",
+        f"checkpoint_every={checkpoint_every}",
+        "eval_problems=8",
+        "eval_samples=1",
+    ]
     return [item for value in values for item in ("--set", value)]
 
 
@@ -78,8 +84,14 @@ def iterations_done(output: Path) -> int:
     return done
 
 
-def run(arguments: list[str], output: Path, log_file: Path, *, kill_at: int | None = None,
-        first_iteration: int | None = None) -> dict:
+def run(
+    arguments: list[str],
+    output: Path,
+    log_file: Path,
+    *,
+    kill_at: int | None = None,
+    first_iteration: int | None = None,
+) -> dict:
     """Run the command; return its wall time and the seconds until its log shows iteration
     ``first_iteration``; kill its process group once ``kill_at`` iterations are done."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
@@ -116,8 +128,12 @@ def checkpoint_cost(model: Path, iterations: int, folder: Path) -> dict:
             algo.train()
             trained = time.perf_counter()
             local = algo.save_to_path(str(folder / f"local_{index}"))
-            _pyarrow_fs_copy_files(local, str(folder / f"checkpoint_{index:06d}"), source_filesystem=filesystem,
-                                   destination_filesystem=filesystem)
+            _pyarrow_fs_copy_files(
+                local,
+                str(folder / f"checkpoint_{index:06d}"),
+                source_filesystem=filesystem,
+                destination_filesystem=filesystem,
+            )
             save_s.append(time.perf_counter() - trained)
             train_s.append(trained - started)
         size = sum(f.stat().st_size for f in (folder / "checkpoint_000000").rglob("*") if f.is_file())
@@ -142,11 +158,19 @@ def main() -> None:
     ratio = cost["save_s"] / cost["train_s"]
     print(f"iteration {cost['train_s']:.3f} s, checkpoint {cost['save_s']:.3f} s", flush=True)
 
-    fresh = run(command("--output", str(root / "fresh"), *settings(model, 1, 0)), root / "fresh", root / "fresh.log",
-                first_iteration=1)
+    fresh = run(
+        command("--output", str(root / "fresh"), *settings(model, 1, 0)),
+        root / "fresh",
+        root / "fresh.log",
+        first_iteration=1,
+    )
     killed = root / "killed"
-    run(command("--output", str(killed), *settings(model, args.run_iterations, args.checkpoint_every)), killed,
-        root / "killed.log", kill_at=args.kill_at)
+    run(
+        command("--output", str(killed), *settings(model, args.run_iterations, args.checkpoint_every)),
+        killed,
+        root / "killed.log",
+        kill_at=args.kill_at,
+    )
     done_at_kill = iterations_done(killed)
     record = newest_complete_checkpoint(killed / "tune")
     resumed_from = record.iteration if record else 0

@@ -43,8 +43,14 @@ from dapo_rl.settings import paper_settings  # noqa: E402
 
 WORLD = 2
 #: A ~25M-parameter Qwen2 (hidden 512, 8 layers; the preset's byte-level vocabulary).
-MEDIUM = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-              num_key_value_heads=2, max_position_embeddings=1024)
+MEDIUM = dict(
+    hidden_size=512,
+    intermediate_size=1536,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+)
 VARIANTS = ("ddp", "fsdp2")
 #: The paper's clip range, loss aggregation and grad clip: dapo_rl.settings' defaults.
 PAPER = paper_settings()
@@ -69,9 +75,11 @@ def _worker(rank: int, port: int, variant: str, quick: bool, rounds: int, result
         generator = torch.Generator().manual_seed(rank)
         vocab = model.config.vocab_size
         rows, prompt, response = (2, 8, 16) if quick else (4, 64, 192)
-        batch = pack_sequences([torch.randint(3, vocab, (prompt,), generator=generator).tolist() for _ in range(rows)],
-                               [torch.randint(3, vocab, (response,), generator=generator).tolist() for _ in range(rows)],
-                               pad_token_id=0)
+        batch = pack_sequences(
+            [torch.randint(3, vocab, (prompt,), generator=generator).tolist() for _ in range(rows)],
+            [torch.randint(3, vocab, (response,), generator=generator).tolist() for _ in range(rows)],
+            pad_token_id=0,
+        )
         mask = batch["response_mask"].float()
         advantages = torch.randn(rows, generator=generator)
 
@@ -79,8 +87,16 @@ def _worker(rank: int, port: int, variant: str, quick: bool, rounds: int, result
             started = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             logprobs, _ = forward(batch)
-            loss, _ = policy_loss(logprobs, logprobs.detach() - 0.01, advantages, mask, clip_low=PAPER.clip_low,
-                                  clip_high=PAPER.clip_high, agg=PAPER.loss_agg, normalizer=float(mask.sum()) * WORLD)
+            loss, _ = policy_loss(
+                logprobs,
+                logprobs.detach() - 0.01,
+                advantages,
+                mask,
+                clip_low=PAPER.clip_low,
+                clip_high=PAPER.clip_high,
+                agg=PAPER.loss_agg,
+                normalizer=float(mask.sum()) * WORLD,
+            )
             (loss * WORLD).backward()
             clip_gradients_by_global_norm([p.grad for p in model.parameters()], PAPER.grad_clip)
             optimizer.step()
@@ -90,10 +106,16 @@ def _worker(rank: int, port: int, variant: str, quick: bool, rounds: int, result
         seconds = statistics.median(step() for _ in range(rounds))
         parameters = sum(_local_bytes(p) for p in model.parameters())
         gradients = sum(_local_bytes(p.grad) for p in model.parameters() if p.grad is not None)
-        optimizer_state = sum(_local_bytes(v) for state in optimizer.state.values() for v in state.values()
-                              if isinstance(v, torch.Tensor))
-        results[(variant, rank)] = dict(seconds=seconds, parameters=parameters, gradients=gradients,
-                                        optimizer=optimizer_state, count=sum(p.numel() for p in model.parameters()))
+        optimizer_state = sum(
+            _local_bytes(v) for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)
+        )
+        results[(variant, rank)] = dict(
+            seconds=seconds,
+            parameters=parameters,
+            gradients=gradients,
+            optimizer=optimizer_state,
+            count=sum(p.numel() for p in model.parameters()),
+        )
     finally:
         dist.destroy_process_group()
 
@@ -131,8 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         total = r["parameters"] + r["gradients"] + r["optimizer"]
         seconds = max(results[(variant, rank)]["seconds"] for rank in range(WORLD))
         base_seconds = max(results[("ddp", rank)]["seconds"] for rank in range(WORLD))
-        lines.append(f"| {variant} | {r['parameters'] / mib:.1f} | {r['gradients'] / mib:.1f} | {r['optimizer'] / mib:.1f} | "
-                     f"{total / base_total:.3f}x | {seconds / base_seconds:.2f}x |")
+        lines.append(
+            f"| {variant} | {r['parameters'] / mib:.1f} | {r['gradients'] / mib:.1f} | {r['optimizer'] / mib:.1f} | "
+            f"{total / base_total:.3f}x | {seconds / base_seconds:.2f}x |"
+        )
     table = "\n".join(lines)
     print(table)
     if args.output:

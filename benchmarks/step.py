@@ -59,30 +59,48 @@ def plain_loop_iteration(state: dict, config) -> dict[str, float]:
         return state["runner"].sample(problems, state["sampling"], seed=int(rounds_seed.integers(2**31 - 1)))
 
     collected, _, rounds = collect_groups(
-        generate_round, prompts_per_step=config.prompts_per_step, generation_batch_prompts=config.generation_round_prompts,
-        dynamic_sampling=config.dynamic_sampling, max_sampling_rounds=config.max_sampling_rounds,
+        generate_round,
+        prompts_per_step=config.prompts_per_step,
+        generation_batch_prompts=config.generation_round_prompts,
+        dynamic_sampling=config.dynamic_sampling,
+        max_sampling_rounds=config.max_sampling_rounds,
         on_sampling_limit=config.on_sampling_limit,
     )
     times["generate"] = sum(r["generate_seconds"] for r in rounds)
     times["score"] = sum(r["score_seconds"] for r in rounds)
     mark = time.perf_counter()
     batch = build_train_batch(
-        collected, pad_token_id=state["pad"], max_response_length=config.max_response_length,
-        overlong_cache_len=config.overlong_cache_len, overlong_penalty_factor=config.overlong_penalty_factor,
-        overlong_filter=config.overlong_filter, advantage_scale=config.advantage_scale,
+        collected,
+        pad_token_id=state["pad"],
+        max_response_length=config.max_response_length,
+        overlong_cache_len=config.overlong_cache_len,
+        overlong_penalty_factor=config.overlong_penalty_factor,
+        overlong_filter=config.overlong_filter,
+        advantage_scale=config.advantage_scale,
     )
     model = state["learner_model"]
     with torch.no_grad():
         batch["old_logprobs"], _ = response_logprobs(model, batch, temperature=config.temperature)
     times["old_logprobs"] = time.perf_counter() - mark
     mark = time.perf_counter()
-    for rows in minibatch_indices(batch["group_index"], minibatch_prompts=config.minibatch_prompts, generator=state["shuffle"]):
-        mini = minibatch_with_loss_normalizer(batch, rows, loss_agg=config.loss_agg,
-                                              max_response_length=config.max_response_length)
-        logprobs, _entropy = response_logprobs(model, mini, temperature=config.temperature, return_entropy=config.compute_entropy)
+    for rows in minibatch_indices(
+        batch["group_index"], minibatch_prompts=config.minibatch_prompts, generator=state["shuffle"]
+    ):
+        mini = minibatch_with_loss_normalizer(
+            batch, rows, loss_agg=config.loss_agg, max_response_length=config.max_response_length
+        )
+        logprobs, _entropy = response_logprobs(
+            model, mini, temperature=config.temperature, return_entropy=config.compute_entropy
+        )
         loss, _ = policy_loss(
-            logprobs, mini["old_logprobs"], mini["advantages"], mini["token_mask"], clip_low=config.clip_low,
-            clip_high=config.clip_high, dual_clip=config.dual_clip, agg=config.loss_agg,
+            logprobs,
+            mini["old_logprobs"],
+            mini["advantages"],
+            mini["token_mask"],
+            clip_low=config.clip_low,
+            clip_high=config.clip_high,
+            dual_clip=config.dual_clip,
+            agg=config.loss_agg,
             normalizer=float(mini["loss_normalizer"][0]),
         )
         state["optimizer"].zero_grad(set_to_none=True)
@@ -101,18 +119,29 @@ def make_plain_state(config, model_name: str, seed: int) -> dict:
     learner_model, tokenizer = load_policy(model_name, seed=seed)
     runner_model = copy.deepcopy(learner_model)
     env = gym.make(config.env, **config.env_config).unwrapped
-    backend = HFGenerationBackend(runner_model, pad_token_id=tokenizer.pad_token_id, eos_token_ids=[tokenizer.eos_token_id],
-                                  prompts_per_call=config.generation_prompts_per_call)
+    backend = HFGenerationBackend(
+        runner_model,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_ids=[tokenizer.eos_token_id],
+        prompts_per_call=config.generation_prompts_per_call,
+    )
     return {
         "learner_model": learner_model,
         "runner_model": runner_model,
-        "runner": GenerationRunner(env, tokenizer, backend, PromptSettings(config.max_prompt_length, config.apply_chat_template)),
+        "runner": GenerationRunner(
+            env, tokenizer, backend, PromptSettings(config.max_prompt_length, config.apply_chat_template)
+        ),
         "sampler": PromptSampler(env, seed),
         "rng": np.random.default_rng(seed + 1),
         "shuffle": torch.Generator().manual_seed(seed + 2),
         "pad": tokenizer.pad_token_id,
-        "sampling": SamplingSettings(n=config.group_size, max_new_tokens=config.max_response_length,
-                                     temperature=config.temperature, top_p=config.top_p, top_k=config.top_k),
+        "sampling": SamplingSettings(
+            n=config.group_size,
+            max_new_tokens=config.max_response_length,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            top_k=config.top_k,
+        ),
         "optimizer": torch.optim.AdamW(learner_model.parameters(), lr=config.lr, weight_decay=config.weight_decay),
     }
 
@@ -122,8 +151,11 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--model", default=None, help="model folder (default: the tiny preset, random init)")
-    parser.add_argument("--dynamic-sampling", action="store_true",
-                        help="keep dynamic sampling on (with a random-init model every group is all-wrong)")
+    parser.add_argument(
+        "--dynamic-sampling",
+        action="store_true",
+        help="keep dynamic sampling on (with a random-init model every group is all-wrong)",
+    )
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
 
@@ -132,7 +164,9 @@ def main() -> None:
     if not args.dynamic_sampling:
         job["training"]["dynamic_sampling"] = False
     config = build_config(job, model_name)
-    trainable_module.DEFAULT_STORAGE_PATH = str(Path(args.output or "benchmarks/results").resolve().parent / "ray_results_tmp")
+    trainable_module.DEFAULT_STORAGE_PATH = str(
+        Path(args.output or "benchmarks/results").resolve().parent / "ray_results_tmp"
+    )
     start_ray()
 
     algo = config.build_algo()
@@ -148,19 +182,25 @@ def main() -> None:
             plain_times.append(plain_phase["total"])
             dapo = result["dapo"]
             timers = result["timers"]
-            phases.append({
-                "rllib": {
-                    "generate": dapo["generate_seconds"], "score": dapo["score_seconds"],
-                    "old_logprobs": timers["old_logprobs"], "update": timers["update"],
-                    "sync_weights": timers["sync_weights"], "total": rllib_seconds,
-                },
-                "plain": plain_phase,
-            })
+            phases.append(
+                {
+                    "rllib": {
+                        "generate": dapo["generate_seconds"],
+                        "score": dapo["score_seconds"],
+                        "old_logprobs": timers["old_logprobs"],
+                        "update": timers["update"],
+                        "sync_weights": timers["sync_weights"],
+                        "total": rllib_seconds,
+                    },
+                    "plain": plain_phase,
+                }
+            )
     algo.stop()
     ray.shutdown()
 
     rllib_mean = statistics.mean(rllib_times)
     plain_mean = statistics.mean(plain_times)
+
     def mean(side: str, key: str) -> float:
         return statistics.mean(p[side][key] for p in phases)
 

@@ -36,20 +36,37 @@ PHASES = ("generate_and_score", "old_logprobs", "update")
 
 
 def run(model: Path, iterations: int, output: Path, extra: list[str]) -> list[dict]:
-    settings = [f"model={model}", "warmstart_steps=0", f"iterations={iterations}", "checkpoint_every=0",
-                "eval_problems=8", "eval_samples=1", *extra]
-    command = [sys.executable, "-m", "dapo_rl.cli", "train", "--output", str(output),
-               *[item for setting in settings for item in ("--set", setting)]]
+    settings = [
+        f"model={model}",
+        "warmstart_steps=0",
+        f"iterations={iterations}",
+        "checkpoint_every=0",
+        "eval_problems=8",
+        "eval_samples=1",
+        *extra,
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "dapo_rl.cli",
+        "train",
+        "--output",
+        str(output),
+        *[item for setting in settings for item in ("--set", setting)],
+    ]
     with open(output.with_suffix(".log"), "w") as log:
-        subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True,
-                       env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        subprocess.run(
+            command, stdout=log, stderr=subprocess.STDOUT, check=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"}
+        )
     assert (output / RESULTS_FILE).is_file()
     return iteration_results(output)
 
 
 def medians(rows: list[dict]) -> dict[str, float]:
-    values = {"step": statistics.median(row["dapo"]["step_seconds"] for row in rows),
-              "threads": statistics.median(row["dapo"]["torch_threads"] for row in rows)}
+    values = {
+        "step": statistics.median(row["dapo"]["step_seconds"] for row in rows),
+        "threads": statistics.median(row["dapo"]["torch_threads"] for row in rows),
+    }
     for phase in PHASES:
         values[phase] = statistics.median(row["timers"][phase] for row in rows)
     return values
@@ -64,11 +81,11 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="dapo-threads-bench-"))
     model = warm_model(root / "warm", args.warmstart_steps)
-    one = medians(run(model, args.iterations, root / "one_cpu", ["num_cpus_per_learner=1"])[args.skip:])
-    every = medians(run(model, args.iterations, root / "every_core", [])[args.skip:])
+    one = medians(run(model, args.iterations, root / "one_cpu", ["num_cpus_per_learner=1"])[args.skip :])
+    every = medians(run(model, args.iterations, root / "every_core", [])[args.skip :])
     rows = [("iteration", "step")] + [(phase, phase) for phase in PHASES]
     lines = [
-        "# Torch threads in the Tune trial: every core (the default) vs 1 CPU (RLlib's \"auto\")",
+        '# Torch threads in the Tune trial: every core (the default) vs 1 CPU (RLlib\'s "auto")',
         "",
         f"Command: `python benchmarks/trial_threads.py --iterations {args.iterations} --skip {args.skip}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores; torch {torch.__version__}; "

@@ -76,7 +76,7 @@ WORKLOADS: dict[str, tuple[str | None, int]] = {
 #: The rows of the results, in the order they run.
 SIDES = ("trl", "dapo", "dapo_dynamic")
 SIDE_LABELS = {
-    "trl": "TRL `GRPOTrainer(loss_type=\"dapo\")`",
+    "trl": 'TRL `GRPOTrainer(loss_type="dapo")`',
     "dapo": "dapo-rl, dynamic sampling off (like for like)",
     "dapo_dynamic": "dapo-rl, dynamic sampling on (the job's setting)",
 }
@@ -116,9 +116,7 @@ def updates_per_rollout(training: Mapping[str, Any]) -> int:
     return training["prompts_per_step"] // training["minibatch_prompts"] * training["num_epochs"]
 
 
-def trl_grpo_settings(
-    training: Mapping[str, Any], *, seed: int, rollout_steps: int, output_dir: str
-) -> dict[str, Any]:
+def trl_grpo_settings(training: Mapping[str, Any], *, seed: int, rollout_steps: int, output_dir: str) -> dict[str, Any]:
     """The ``GRPOConfig`` keyword arguments that reproduce dapo-rl's training geometry and objective.
 
     ``training``: every dapo-rl training setting (:func:`resolved_training`). The mapping:
@@ -151,7 +149,9 @@ def trl_grpo_settings(
     """
     problems = []
     if training["dual_clip"] is not None:
-        problems.append(f"dual_clip={training['dual_clip']} (TRL's `delta` clips the ratio of every token, not dual-clip)")
+        problems.append(
+            f"dual_clip={training['dual_clip']} (TRL's `delta` clips the ratio of every token, not dual-clip)"
+        )
     if training["loss_agg"] != "token-mean":
         problems.append(f"loss_agg={training['loss_agg']!r} (TRL's loss_type='dapo' is a token mean)")
     if training["advantage_scale"] not in ("std", "none"):
@@ -231,41 +231,83 @@ def geometry_rows(training: Mapping[str, Any], trl: Mapping[str, Any]) -> list[t
     group, prompts = training["group_size"], training["prompts_per_step"]
     return [
         ("responses per prompt (G)", f"group_size={group}", f"num_generations={trl['num_generations']}"),
-        ("prompts per rollout step", f"prompts_per_step={prompts}",
-         f"generation_batch_size={trl['per_device_train_batch_size'] * trl['steps_per_generation']} completions"),
-        ("optimizer steps per rollout step",
-         f"{prompts}/{training['minibatch_prompts']} mini-batches x num_epochs={training['num_epochs']}",
-         f"steps_per_generation={trl['steps_per_generation']} x num_iterations={trl['num_iterations']}"),
-        ("responses per optimizer step",
-         f"minibatch_prompts={training['minibatch_prompts']} whole groups = {training['minibatch_prompts'] * group}",
-         (f"per_device_train_batch_size={trl['per_device_train_batch_size']} (shuffled rows), "
-         f"gradient_accumulation_steps={trl['gradient_accumulation_steps']}")),
-        ("learning rate, schedule", f"lr={training['lr']}, lr_warmup_steps={training['lr_warmup_steps']}",
-         f"learning_rate={trl['learning_rate']}, {trl['lr_scheduler_type']}, warmup_steps={trl['warmup_steps']}"),
-        ("optimizer", f"torch AdamW, weight_decay={training['weight_decay']}",
-         (f"{trl['optim']}, betas=({trl['adam_beta1']}, {trl['adam_beta2']}), eps={trl['adam_epsilon']}, "
-         f"weight_decay={trl['weight_decay']}")),
-        ("gradient clip", f"grad_clip={training['grad_clip']} ({training['grad_clip_by']})",
-         f"max_grad_norm={trl['max_grad_norm']}"),
-        ("clip range", f"clip_low={training['clip_low']}, clip_high={training['clip_high']}",
-         f"epsilon={trl['epsilon']}, epsilon_high={trl['epsilon_high']}"),
+        (
+            "prompts per rollout step",
+            f"prompts_per_step={prompts}",
+            f"generation_batch_size={trl['per_device_train_batch_size'] * trl['steps_per_generation']} completions",
+        ),
+        (
+            "optimizer steps per rollout step",
+            f"{prompts}/{training['minibatch_prompts']} mini-batches x num_epochs={training['num_epochs']}",
+            f"steps_per_generation={trl['steps_per_generation']} x num_iterations={trl['num_iterations']}",
+        ),
+        (
+            "responses per optimizer step",
+            f"minibatch_prompts={training['minibatch_prompts']} whole groups = {training['minibatch_prompts'] * group}",
+            (
+                f"per_device_train_batch_size={trl['per_device_train_batch_size']} (shuffled rows), "
+                f"gradient_accumulation_steps={trl['gradient_accumulation_steps']}"
+            ),
+        ),
+        (
+            "learning rate, schedule",
+            f"lr={training['lr']}, lr_warmup_steps={training['lr_warmup_steps']}",
+            f"learning_rate={trl['learning_rate']}, {trl['lr_scheduler_type']}, warmup_steps={trl['warmup_steps']}",
+        ),
+        (
+            "optimizer",
+            f"torch AdamW, weight_decay={training['weight_decay']}",
+            (
+                f"{trl['optim']}, betas=({trl['adam_beta1']}, {trl['adam_beta2']}), eps={trl['adam_epsilon']}, "
+                f"weight_decay={trl['weight_decay']}"
+            ),
+        ),
+        (
+            "gradient clip",
+            f"grad_clip={training['grad_clip']} ({training['grad_clip_by']})",
+            f"max_grad_norm={trl['max_grad_norm']}",
+        ),
+        (
+            "clip range",
+            f"clip_low={training['clip_low']}, clip_high={training['clip_high']}",
+            f"epsilon={trl['epsilon']}, epsilon_high={trl['epsilon_high']}",
+        ),
         ("loss", f"loss_agg={training['loss_agg']}, no KL", f"loss_type={trl['loss_type']}, beta={trl['beta']}"),
         ("advantages", f"advantage_scale={training['advantage_scale']}", f"scale_rewards={trl['scale_rewards']}"),
-        ("truncated responses", f"overlong_filter={training['overlong_filter']}",
-         f"mask_truncated_completions={trl['mask_truncated_completions']}"),
-        ("overlong penalty",
-         f"overlong_cache_len={training['overlong_cache_len']}, factor={training['overlong_penalty_factor']}",
-         "the same shaping, inside the reward function"),
-        ("new tokens", f"max_response_length={training['max_response_length']}",
-         f"max_completion_length={trl['max_completion_length']}"),
-        ("prompt tokens", f"max_prompt_length={training['max_prompt_length']}",
-         "no limit in TRL 1.16; every prompt checked to fit"),
-        ("sampling", f"temperature={training['temperature']}, top_p={training['top_p']}, top_k={training['top_k']}",
-         f"temperature={trl['temperature']}, top_p={trl['top_p']}, top_k={trl['top_k']}"),
+        (
+            "truncated responses",
+            f"overlong_filter={training['overlong_filter']}",
+            f"mask_truncated_completions={trl['mask_truncated_completions']}",
+        ),
+        (
+            "overlong penalty",
+            f"overlong_cache_len={training['overlong_cache_len']}, factor={training['overlong_penalty_factor']}",
+            "the same shaping, inside the reward function",
+        ),
+        (
+            "new tokens",
+            f"max_response_length={training['max_response_length']}",
+            f"max_completion_length={trl['max_completion_length']}",
+        ),
+        (
+            "prompt tokens",
+            f"max_prompt_length={training['max_prompt_length']}",
+            "no limit in TRL 1.16; every prompt checked to fit",
+        ),
+        (
+            "sampling",
+            f"temperature={training['temperature']}, top_p={training['top_p']}, top_k={training['top_k']}",
+            f"temperature={trl['temperature']}, top_p={trl['top_p']}, top_k={trl['top_k']}",
+        ),
         ("dynamic sampling", f"dynamic_sampling={training['dynamic_sampling']} (off in the like-for-like row)", "none"),
-        ("precision, checkpointing", (f"mixed_precision={training['mixed_precision']}, "
-         f"gradient_checkpointing={training['gradient_checkpointing']}"),
-         f"bf16={trl['bf16']}, gradient_checkpointing={trl['gradient_checkpointing']}"),
+        (
+            "precision, checkpointing",
+            (
+                f"mixed_precision={training['mixed_precision']}, "
+                f"gradient_checkpointing={training['gradient_checkpointing']}"
+            ),
+            f"bf16={trl['bf16']}, gradient_checkpointing={trl['gradient_checkpointing']}",
+        ),
     ]
 
 
@@ -282,8 +324,9 @@ def trl_dataset_rows(env: Any, tokenizer: Any, job: Mapping[str, Any], count: in
             ``max_prompt_length``, which dapo-rl cuts and TRL 1.16 does not).
     """
     training = resolved_training(job)
-    runner = GenerationRunner(env, tokenizer, None, PromptSettings(training["max_prompt_length"],
-                                                                   training["apply_chat_template"]))
+    runner = GenerationRunner(
+        env, tokenizer, None, PromptSettings(training["max_prompt_length"], training["apply_chat_template"])
+    )
     # The runner's rule: None uses the tokenizer's chat template when it has one.
     uses_chat_template = training["apply_chat_template"]
     if uses_chat_template is None:
@@ -312,8 +355,9 @@ def make_reward_function(
     calls), plus dapo-rl's soft overlong penalty on the response's token count, exactly as dapo-rl's
     ``build_train_batch`` shapes it. ``on_scored`` receives each call's correctness (for logging)."""
 
-    def verifier_reward(prompts: list, completions: list, completion_ids: list[list[int]], answer: list[str],
-                        **_: Any) -> list[float]:
+    def verifier_reward(
+        prompts: list, completions: list, completion_ids: list[list[int]], answer: list[str], **_: Any
+    ) -> list[float]:
         # Conversational prompts give completions as [{"role": "assistant", "content": text}].
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         results = env.score(texts, answer)
@@ -376,11 +420,25 @@ def run_dapo_side(spec: dict[str, Any]) -> dict[str, Any]:
         result = algo.train()
         step_seconds.append(time.perf_counter() - start)
         dapo = result["dapo"]
-        per_step.append({key: float(dapo[key]) for key in (
-            "generated_accuracy", "train_accuracy", "reward_mean", "response_length_mean", "sampling_rounds",
-            "prompts_generated", "generate_seconds")})
-        progress(side, f"rollout step {step + 1}/{spec['rollout_steps']}: {step_seconds[-1]:.2f} s, "
-                       f"generated accuracy {per_step[-1]['generated_accuracy']:.3f}")
+        per_step.append(
+            {
+                key: float(dapo[key])
+                for key in (
+                    "generated_accuracy",
+                    "train_accuracy",
+                    "reward_mean",
+                    "response_length_mean",
+                    "sampling_rounds",
+                    "prompts_generated",
+                    "generate_seconds",
+                )
+            }
+        )
+        progress(
+            side,
+            f"rollout step {step + 1}/{spec['rollout_steps']}: {step_seconds[-1]:.2f} s, "
+            f"generated accuracy {per_step[-1]['generated_accuracy']:.3f}",
+        )
     ray_processes_gb = descendants_rss_gb()
     final_model = algo.export_policy(work / f"final_{side}")
     algo.stop()
@@ -422,8 +480,11 @@ class RolloutStepTimer(TrainerCallback):
         scored = [acc for call in self.accuracies for acc in call]
         self.accuracies.clear()
         self.generated_accuracy.append(sum(scored) / len(scored) if scored else math.nan)
-        progress(self.side, f"rollout step {len(self.step_seconds)}/{self.total}: {self.step_seconds[-1]:.2f} s, "
-                            f"generated accuracy {self.generated_accuracy[-1]:.3f}")
+        progress(
+            self.side,
+            f"rollout step {len(self.step_seconds)}/{self.total}: {self.step_seconds[-1]:.2f} s, "
+            f"generated accuracy {self.generated_accuracy[-1]:.3f}",
+        )
 
 
 def run_trl_side(spec: dict[str, Any]) -> dict[str, Any]:
@@ -441,8 +502,9 @@ def run_trl_side(spec: dict[str, Any]) -> dict[str, Any]:
     env = gym.make(job["env"], **job["env_config"]).unwrapped
     rows = trl_dataset_rows(env, tokenizer, job, spec["rollout_steps"] * training["prompts_per_step"])
     accuracies: list[list[bool]] = []
-    settings = trl_grpo_settings(training, seed=int(job["seed"]), rollout_steps=spec["rollout_steps"],
-                                 output_dir=str(work / "trl_output"))
+    settings = trl_grpo_settings(
+        training, seed=int(job["seed"]), rollout_steps=spec["rollout_steps"], output_dir=str(work / "trl_output")
+    )
     timer = RolloutStepTimer(updates_per_rollout(training), accuracies, side, spec["rollout_steps"])
     trainer = GRPOTrainer(
         model=model,
@@ -489,34 +551,54 @@ def worker_main(spec_path: str) -> None:
 
 def worker_environment(threads: int) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({
-        "OMP_NUM_THREADS": str(threads),
-        "MKL_NUM_THREADS": str(threads),
-        "CUDA_VISIBLE_DEVICES": "",  # a CPU comparison: neither side may put generation on a GPU
-        "TOKENIZERS_PARALLELISM": "false",
-        "RAY_AUTH_MODE": "disabled",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "OMP_NUM_THREADS": str(threads),
+            "MKL_NUM_THREADS": str(threads),
+            "CUDA_VISIBLE_DEVICES": "",  # a CPU comparison: neither side may put generation on a GPU
+            "TOKENIZERS_PARALLELISM": "false",
+            "RAY_AUTH_MODE": "disabled",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     return env
 
 
-def run_side(side: str, job: dict[str, Any], start_model: str, rollout_steps: int, threads: int,
-             work_dir: Path) -> dict[str, Any]:
+def run_side(
+    side: str, job: dict[str, Any], start_model: str, rollout_steps: int, threads: int, work_dir: Path
+) -> dict[str, Any]:
     """Run one side in a fresh process; its output goes to ``<work_dir>/<side>.log``, progress lines echoed."""
     spec_path, result_path, log_path = (work_dir / f"{side}.{suffix}" for suffix in ("spec.json", "result.json", "log"))
     result_path.unlink(missing_ok=True)
-    spec_path.write_text(json.dumps({
-        "side": side, "job": job, "start_model": start_model, "rollout_steps": rollout_steps, "threads": threads,
-        "work_dir": str(work_dir), "result_path": str(result_path),
-    }, indent=2), encoding="utf-8")
+    spec_path.write_text(
+        json.dumps(
+            {
+                "side": side,
+                "job": job,
+                "start_model": start_model,
+                "rollout_steps": rollout_steps,
+                "threads": threads,
+                "work_dir": str(work_dir),
+                "result_path": str(result_path),
+            },
+            indent=2,
+        ),
+        encoding="utf-8",
+    )
     print(f"{PROGRESS_PREFIX} {side}: starting (log: {log_path})", flush=True)
-    with open(log_path, "w", encoding="utf-8") as log, subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=worker_environment(threads),
-        cwd=str(REPO_ROOT),
-    ) as process:
+    with (
+        open(log_path, "w", encoding="utf-8") as log,
+        subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=worker_environment(threads),
+            cwd=str(REPO_ROOT),
+        ) as process,
+    ):
         lines: list[str] = []
         for line in process.stdout:
             log.write(line)
@@ -536,11 +618,23 @@ def prepare_start_model(job: dict[str, Any], work_dir: Path, warmstart_steps: in
     if warmstart_steps <= 0 and job["model"] != TINY_PRESET:
         return job["model"]  # a pretrained model: both sides load it as it is
     training = resolved_training(job)
-    settings = WarmStartSettings(steps=warmstart_steps, batch_size=job["warmstart_batch_size"],
-                                 lr=job["warmstart_lr"], noise=job["warmstart_noise"], seed=int(job["seed"]))
-    record = {"model": job["model"], "env": job["env"], "env_config": job["env_config"], "dtype": job["dtype"],
-              "init_seed": int(job["seed"]), "max_prompt_length": training["max_prompt_length"],
-              "apply_chat_template": training["apply_chat_template"], "warmstart": dataclasses.asdict(settings)}
+    settings = WarmStartSettings(
+        steps=warmstart_steps,
+        batch_size=job["warmstart_batch_size"],
+        lr=job["warmstart_lr"],
+        noise=job["warmstart_noise"],
+        seed=int(job["seed"]),
+    )
+    record = {
+        "model": job["model"],
+        "env": job["env"],
+        "env_config": job["env_config"],
+        "dtype": job["dtype"],
+        "init_seed": int(job["seed"]),
+        "max_prompt_length": training["max_prompt_length"],
+        "apply_chat_template": training["apply_chat_template"],
+        "warmstart": dataclasses.asdict(settings),
+    }
     folder = work_dir / "start_model"
     marker = folder / "vs_trl_start_model.json"
     if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) == record:
@@ -549,8 +643,9 @@ def prepare_start_model(job: dict[str, Any], work_dir: Path, warmstart_steps: in
     model, tokenizer = load_policy(job["model"], seed=int(job["seed"]), dtype=job["dtype"])
     if settings.steps > 0:
         env = gym.make(job["env"], **job["env_config"]).unwrapped
-        encoder = GenerationRunner(env, tokenizer, None, PromptSettings(training["max_prompt_length"],
-                                                                        training["apply_chat_template"]))
+        encoder = GenerationRunner(
+            env, tokenizer, None, PromptSettings(training["max_prompt_length"], training["apply_chat_template"])
+        )
         start = time.perf_counter()
 
         def report(step: int, loss: float) -> None:
@@ -571,10 +666,18 @@ def evaluate(model: str, job: Mapping[str, Any], problems: int, samples: int) ->
     env_id, base = (job["env"], job["env_config"]) if job["eval_env"] is None else (job["eval_env"], {})
     start = time.perf_counter()
     result = evaluate_model(
-        model, env_id, env_config=dapo_envs.held_out_env_config(env_id, base), samples=samples, num_problems=problems,
-        max_new_tokens=training["max_response_length"], temperature=training["temperature"], top_p=training["top_p"],
-        top_k=training["top_k"], max_prompt_length=training["max_prompt_length"],
-        apply_chat_template=training["apply_chat_template"], seed=int(job["seed"]),
+        model,
+        env_id,
+        env_config=dapo_envs.held_out_env_config(env_id, base),
+        samples=samples,
+        num_problems=problems,
+        max_new_tokens=training["max_response_length"],
+        temperature=training["temperature"],
+        top_p=training["top_p"],
+        top_k=training["top_k"],
+        max_prompt_length=training["max_prompt_length"],
+        apply_chat_template=training["apply_chat_template"],
+        seed=int(job["seed"]),
     )
     return {**result.as_dict(), "seconds": time.perf_counter() - start}
 
@@ -605,19 +708,23 @@ def write_report(report: dict[str, Any], output: Path) -> None:
     k = report["eval"]["samples"]
     before = report["eval"]["start_model"]
     lines = [
-        f"# dapo-rl vs TRL `GRPOTrainer(loss_type=\"dapo\")`: {report['workload']}",
+        f'# dapo-rl vs TRL `GRPOTrainer(loss_type="dapo")`: {report["workload"]}',
         "",
         *(["**Smoke run (`--quick`): these numbers are not a measurement.**", ""] if report["quick"] else []),
         f"Command: `{report['command']}`",
         f"Date: {report['date']}",
         f"Machine: {report['machine']['cpu_count']} CPU cores ({report['machine']['platform']}), "
         f"{report['threads']} torch threads per side, no GPU; python {report['machine']['python']}, "
-        + ", ".join(f"{name} {version}" for name, version in report["machine"]["versions"].items()) + ".",
-        (f"Workload: model `{report['job']['model']}` (start model `{report['start_model']}`), env "
-        f"`{report['job']['env']}` {json.dumps(report['job']['env_config'])}, seed {report['job']['seed']}, "
-        f"{report['rollout_steps']} rollout steps per side."),
+        + ", ".join(f"{name} {version}" for name, version in report["machine"]["versions"].items())
+        + ".",
+        (
+            f"Workload: model `{report['job']['model']}` (start model `{report['start_model']}`), env "
+            f"`{report['job']['env']}` {json.dumps(report['job']['env_config'])}, seed {report['job']['seed']}, "
+            f"{report['rollout_steps']} rollout steps per side."
+        ),
         "Each side ran in its own process, one after the other (order: "
-        + ", ".join(sides) + "), from the same start model, on the same prompts (dapo-rl's prompt sampler, "
+        + ", ".join(sides)
+        + "), from the same start model, on the same prompts (dapo-rl's prompt sampler, "
         "its order), with the same reward (the environment's verifier plus dapo-rl's overlong shaping).",
         "",
         "## Geometry",
@@ -628,13 +735,17 @@ def write_report(report: dict[str, Any], output: Path) -> None:
         "",
         "## Results",
         "",
-        ("Seconds per rollout step: wall time of `algo.train()` (dapo-rl) and, for TRL, from the end of one "
-        "rollout step's last optimizer step to the end of the next one's (a `TrainerCallback`), generation "
-        "included. Setup (building the algorithm or trainer, starting Ray) is not in them. Peak RSS: the "
-        "side's own process (`ru_maxrss`); Ray's daemons (GCS, raylet) are the other-processes column."),
+        (
+            "Seconds per rollout step: wall time of `algo.train()` (dapo-rl) and, for TRL, from the end of one "
+            "rollout step's last optimizer step to the end of the next one's (a `TrainerCallback`), generation "
+            "included. Setup (building the algorithm or trainer, starting Ray) is not in them. Peak RSS: the "
+            "side's own process (`ru_maxrss`); Ray's daemons (GCS, raylet) are the other-processes column."
+        ),
         "",
-        (f"| side | s / rollout step (mean, steps 2..N) | s / rollout step (mean, all) | total train s | setup s "
-        f"| peak RSS GB | other processes GB | held-out avg@{k} before → after | pass@{k} before → after |"),
+        (
+            f"| side | s / rollout step (mean, steps 2..N) | s / rollout step (mean, all) | total train s | setup s "
+            f"| peak RSS GB | other processes GB | held-out avg@{k} before → after | pass@{k} before → after |"
+        ),
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for side, result in sides.items():
@@ -647,15 +758,25 @@ def write_report(report: dict[str, Any], output: Path) -> None:
             f"{before['pass_at_k']:.3f} → {after['pass_at_k']:.3f} |"
         )
     if report["ratios"]:
-        lines += ["", ("| dapo-rl row | time per rollout step / TRL's (steps 2..N) | (all steps) | "
-                      "target ≤ 0.5x at equal or better avg@k |"), "| --- | --- | --- | --- |"]
+        lines += [
+            "",
+            (
+                "| dapo-rl row | time per rollout step / TRL's (steps 2..N) | (all steps) | "
+                "target ≤ 0.5x at equal or better avg@k |"
+            ),
+            "| --- | --- | --- | --- |",
+        ]
         for side, ratio in report["ratios"].items():
             met = {True: "yes", False: "no", None: "–"}[ratio["target_met"]]
-            lines.append(f"| {SIDE_LABELS[side]} | {number(ratio['after_first'], 3)} | {number(ratio['all'], 3)} | {met} |")
+            lines.append(
+                f"| {SIDE_LABELS[side]} | {number(ratio['after_first'], 3)} | {number(ratio['all'], 3)} | {met} |"
+            )
     lines += [
         "",
-        (f"Held-out evaluation: `dapo_rl.evaluation.evaluate_model`, the first {report['eval']['problems']} problems "
-        f"of the held-out split, {k} samples each, seed {report['job']['seed']}, sampling as in training."),
+        (
+            f"Held-out evaluation: `dapo_rl.evaluation.evaluate_model`, the first {report['eval']['problems']} problems "
+            f"of the held-out split, {k} samples each, seed {report['job']['seed']}, sampling as in training."
+        ),
         "",
         "Per rollout step: seconds (accuracy of the responses generated on the training prompts):",
         "",
@@ -677,49 +798,85 @@ def write_report(report: dict[str, Any], output: Path) -> None:
 
 #: What the mapping cannot make equal (TRL 1.16.0 semantics), written into every report.
 REMAINING_DIFFERENCES = (
-    ("Mini-batches: TRL shuffles the rollout step's completions row by row and cuts them into "
-    "`steps_per_generation` equal slices; dapo-rl's mini-batches are whole groups (`minibatch_prompts` "
-    "prompts x G). Same number of optimizer steps and of responses per step."),
-    ("Token-mean normaliser: TRL's `dapo` loss divides a slice's summed token loss by the loss tokens of the "
-    "whole rollout step / `steps_per_generation` (the mean per slice); dapo-rl divides by the mini-batch's own "
-    "loss-token count. Equal on average, not per update."),
-    ("Advantages: (R - group mean) / (group std + eps) with Bessel's std on both sides; eps is 1e-4 in TRL, "
-    "1e-6 in dapo-rl. Constant groups get 0 on both."),
-    ("Old log-probs: both recompute them with the weights of the start of the rollout step (TRL does so because "
-    "`gradient_accumulation_steps` (1) is not a multiple of `steps_per_generation`)."),
-    ("Sampling: the same distributions (temperature, top-p, top-k off, the tokenizer's EOS only: the benchmark "
-    "sets the model's `generation_config.eos_token_id` to it for TRL), different random streams."),
-    ("Prompts: TRL 1.16 has no prompt-length limit; every training prompt is checked to fit in "
-    "`max_prompt_length` tokens, so neither side cuts one. Dynamic sampling draws more prompts than the TRL "
-    "dataset holds, so only the dynamic-sampling-off row sees exactly TRL's prompts."),
-    ("Optimizer: torch AdamW on both; HF Trainer leaves biases and norm weights out of weight decay (no "
-    "effect at weight_decay 0). An lr warm-up (`lr_warmup_steps` > 1) would be off by one step: HF starts at 0, "
-    "dapo-rl at lr / warm-up steps."),
+    (
+        "Mini-batches: TRL shuffles the rollout step's completions row by row and cuts them into "
+        "`steps_per_generation` equal slices; dapo-rl's mini-batches are whole groups (`minibatch_prompts` "
+        "prompts x G). Same number of optimizer steps and of responses per step."
+    ),
+    (
+        "Token-mean normaliser: TRL's `dapo` loss divides a slice's summed token loss by the loss tokens of the "
+        "whole rollout step / `steps_per_generation` (the mean per slice); dapo-rl divides by the mini-batch's own "
+        "loss-token count. Equal on average, not per update."
+    ),
+    (
+        "Advantages: (R - group mean) / (group std + eps) with Bessel's std on both sides; eps is 1e-4 in TRL, "
+        "1e-6 in dapo-rl. Constant groups get 0 on both."
+    ),
+    (
+        "Old log-probs: both recompute them with the weights of the start of the rollout step (TRL does so because "
+        "`gradient_accumulation_steps` (1) is not a multiple of `steps_per_generation`)."
+    ),
+    (
+        "Sampling: the same distributions (temperature, top-p, top-k off, the tokenizer's EOS only: the benchmark "
+        "sets the model's `generation_config.eos_token_id` to it for TRL), different random streams."
+    ),
+    (
+        "Prompts: TRL 1.16 has no prompt-length limit; every training prompt is checked to fit in "
+        "`max_prompt_length` tokens, so neither side cuts one. Dynamic sampling draws more prompts than the TRL "
+        "dataset holds, so only the dynamic-sampling-off row sees exactly TRL's prompts."
+    ),
+    (
+        "Optimizer: torch AdamW on both; HF Trainer leaves biases and norm weights out of weight decay (no "
+        "effect at weight_decay 0). An lr warm-up (`lr_warmup_steps` > 1) would be off by one step: HF starts at 0, "
+        "dapo-rl at lr / warm-up steps."
+    ),
 )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=sorted(WORKLOADS), default="tiny",
-                        help="tiny: the main job after its warm-start; smollm2: configs/smollm2-arithmetic.yaml")
-    parser.add_argument("--rollout-steps", type=int, default=None,
-                        help=f"rollout steps per side (default: {', '.join(f'{k} {v[1]}' for k, v in WORKLOADS.items())})")
-    parser.add_argument("--output", default=None, help="markdown file (default: benchmarks/results/vs_trl_<model>_cpu.md)")
-    parser.add_argument("--work-dir", default=None,
-                        help="start model, final models, logs (default: runs/vs_trl/<model>, git-ignored)")
+    parser.add_argument(
+        "--model",
+        choices=sorted(WORKLOADS),
+        default="tiny",
+        help="tiny: the main job after its warm-start; smollm2: configs/smollm2-arithmetic.yaml",
+    )
+    parser.add_argument(
+        "--rollout-steps",
+        type=int,
+        default=None,
+        help=f"rollout steps per side (default: {', '.join(f'{k} {v[1]}' for k, v in WORKLOADS.items())})",
+    )
+    parser.add_argument(
+        "--output", default=None, help="markdown file (default: benchmarks/results/vs_trl_<model>_cpu.md)"
+    )
+    parser.add_argument(
+        "--work-dir", default=None, help="start model, final models, logs (default: runs/vs_trl/<model>, git-ignored)"
+    )
     parser.add_argument("--eval-problems", type=int, default=None, help="held-out problems (default: the job's)")
     parser.add_argument("--eval-samples", type=int, default=None, help="samples per problem (default: the job's)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help="torch threads of each side and of the warm-start and evaluation (default: torch's, the "
-                             "cores); on a shared 2-core machine 1 thread ran ~10x faster than 2 in smoke runs")
-    parser.add_argument("--warmstart-steps", type=int, default=None,
-                        help="supervised warm-start steps (default: the job's; fewer only for smoke runs)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=torch.get_num_threads(),
+        help="torch threads of each side and of the warm-start and evaluation (default: torch's, the "
+        "cores); on a shared 2-core machine 1 thread ran ~10x faster than 2 in smoke runs",
+    )
+    parser.add_argument(
+        "--warmstart-steps",
+        type=int,
+        default=None,
+        help="supervised warm-start steps (default: the job's; fewer only for smoke runs)",
+    )
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--skip-dapo", action="store_true", help="skip both dapo-rl rows")
     parser.add_argument("--skip-dynamic", action="store_true", help="skip the dapo-rl row with dynamic sampling on")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"smoke run: {QUICK_ROLLOUT_STEPS} rollout steps, {QUICK_EVAL_PROBLEMS} eval problems "
-                             f"x {QUICK_EVAL_SAMPLES}, report in the work dir unless --output is given")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: {QUICK_ROLLOUT_STEPS} rollout steps, {QUICK_EVAL_PROBLEMS} eval problems "
+        f"x {QUICK_EVAL_SAMPLES}, report in the work dir unless --output is given",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one side from a spec file
     args = parser.parse_args(argv)
     if args.worker:
@@ -734,15 +891,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     warmstart_steps = job["warmstart_steps"] if args.warmstart_steps is None else args.warmstart_steps
     work_dir = Path(args.work_dir or REPO_ROOT / "runs" / "vs_trl" / args.model).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
-    default_output = (work_dir / f"vs_trl_{args.model}_quick.md" if args.quick
-                      else REPO_ROOT / "benchmarks" / "results" / f"vs_trl_{args.model}_cpu.md")
+    default_output = (
+        work_dir / f"vs_trl_{args.model}_quick.md"
+        if args.quick
+        else REPO_ROOT / "benchmarks" / "results" / f"vs_trl_{args.model}_cpu.md"
+    )
     output = Path(args.output) if args.output else default_output
     # Fail on settings TRL cannot express before any work.
-    trl_settings = trl_grpo_settings(training, seed=int(job["seed"]), rollout_steps=rollout_steps,
-                                     output_dir=str(work_dir / "trl_output"))
-    sides = [side for side in SIDES if not (
-        (side == "trl" and args.skip_trl) or (side != "trl" and args.skip_dapo)
-        or (side == "dapo_dynamic" and (args.skip_dynamic or not training["dynamic_sampling"])))]
+    trl_settings = trl_grpo_settings(
+        training, seed=int(job["seed"]), rollout_steps=rollout_steps, output_dir=str(work_dir / "trl_output")
+    )
+    sides = [
+        side
+        for side in SIDES
+        if not (
+            (side == "trl" and args.skip_trl)
+            or (side != "trl" and args.skip_dapo)
+            or (side == "dapo_dynamic" and (args.skip_dynamic or not training["dynamic_sampling"]))
+        )
+    ]
     torch.set_num_threads(args.threads)
 
     start_model = prepare_start_model(job, work_dir, warmstart_steps)
@@ -750,30 +917,42 @@ def main(argv: Sequence[str] | None = None) -> None:
     for result in results.values():
         result.update(summarise(result))
 
-    print(f"{PROGRESS_PREFIX} evaluating {len(results) + 1} models on {eval_problems} held-out problems x {eval_samples}",
-          flush=True)
+    print(
+        f"{PROGRESS_PREFIX} evaluating {len(results) + 1} models on {eval_problems} held-out problems x {eval_samples}",
+        flush=True,
+    )
     before = evaluate(start_model, job, eval_problems, eval_samples)
-    final = {side: evaluate(result["final_model"], job, eval_problems, eval_samples) for side, result in results.items()}
+    final = {
+        side: evaluate(result["final_model"], job, eval_problems, eval_samples) for side, result in results.items()
+    }
     ratios = {}
     if "trl" in results:
         for side in (s for s in results if s != "trl"):
             ratios[side] = {
-                "after_first": results[side]["mean_step_seconds_after_first"] / results["trl"]["mean_step_seconds_after_first"],
+                "after_first": results[side]["mean_step_seconds_after_first"]
+                / results["trl"]["mean_step_seconds_after_first"],
                 "all": results[side]["mean_step_seconds"] / results["trl"]["mean_step_seconds"],
             }
             # Judged on the steps after the first (warm-up); undecided with a single rollout step.
             ratio = ratios[side]["after_first"]
-            ratios[side]["target_met"] = None if math.isnan(ratio) else bool(
-                ratio <= 0.5 and final[side]["avg_at_k"] >= final["trl"]["avg_at_k"])
+            ratios[side]["target_met"] = (
+                None
+                if math.isnan(ratio)
+                else bool(ratio <= 0.5 and final[side]["avg_at_k"] >= final["trl"]["avg_at_k"])
+            )
     report = {
         "workload": args.model,
         "quick": args.quick,
         "command": "python benchmarks/vs_trl.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": {
-            "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "versions": {name: package_version(name) for name in
-                         ("torch", "ray", "transformers", "trl", "datasets", "accelerate")},
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "versions": {
+                name: package_version(name)
+                for name in ("torch", "ray", "transformers", "trl", "datasets", "accelerate")
+            },
         },
         "threads": args.threads,
         "job": job,

@@ -66,8 +66,14 @@ class RolloutStream:
         recovery_seconds: how long to wait for a runner to come back before raising.
     """
 
-    def __init__(self, group: Any, sample_call: Callable[[list[Any], int], Callable[[Any], Any]],
-                 restore_runners: Callable[[], Any], *, recovery_seconds: float) -> None:
+    def __init__(
+        self,
+        group: Any,
+        sample_call: Callable[[list[Any], int], Callable[[Any], Any]],
+        restore_runners: Callable[[], Any],
+        *,
+        recovery_seconds: float,
+    ) -> None:
         self._group = group
         self._manager = group._worker_manager
         self._sample_call = sample_call
@@ -88,8 +94,9 @@ class RolloutStream:
         """Request one round: ``problems`` split in one share per healthy runner (share k seeded seed + k)."""
         runners = self._healthy_runners()
         shares = np.array_split(np.arange(len(problems)), len(runners))
-        requested = RequestedRound(next(self._numbers), {k: [problems[i] for i in share]
-                                                          for k, share in enumerate(shares) if len(share)}, seed)
+        requested = RequestedRound(
+            next(self._numbers), {k: [problems[i] for i in share] for k, share in enumerate(shares) if len(share)}, seed
+        )
         self._rounds.append(requested)
         for k, runner in zip(requested.shares, runners, strict=False):
             self._send(requested, k, runner)
@@ -116,7 +123,8 @@ class RolloutStream:
         tag = f"dapo-weights-{next(self._tags)}"
         sent = self._manager.foreach_actor_async(
             lambda runner, ref=state_ref, v=version: runner.receive_policy(ref, v),
-            tag=tag, remote_actor_ids=runner_ids or self._healthy_runners(),
+            tag=tag,
+            remote_actor_ids=runner_ids or self._healthy_runners(),
         )
         if sent:
             self._other_calls[tag] = sent
@@ -171,7 +179,8 @@ class RolloutStream:
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"no env runner came back within {self._recovery_seconds:.0f} s after the runners failed "
-                    f"({self.failed_calls} failed sampling calls in the asynchronous stream)")
+                    f"({self.failed_calls} failed sampling calls in the asynchronous stream)"
+                )
             self._restore_runners()
             time.sleep(0.2)
 

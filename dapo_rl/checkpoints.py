@@ -113,8 +113,14 @@ def complete_checkpoints(folder: str | os.PathLike[str]) -> list[CheckpointRecor
         if checkpoint_problem(checkpoint) is not None:
             continue
         manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
-        records.append(CheckpointRecord(checkpoint, int(manifest["iteration"]), float(manifest["saved_at"]),
-                                        float(manifest.get("time_total_s", 0.0))))
+        records.append(
+            CheckpointRecord(
+                checkpoint,
+                int(manifest["iteration"]),
+                float(manifest["saved_at"]),
+                float(manifest.get("time_total_s", 0.0)),
+            )
+        )
     return sorted(records, key=lambda record: (record.saved_at, record.iteration))
 
 
@@ -144,7 +150,9 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], folder: str | os.PathL
         return
     description = Path(checkpoint, POLICY_MODULE_FILE)
     if not description.is_file():
-        raise FileNotFoundError(f"{checkpoint} holds learner shards but no {POLICY_MODULE_FILE}: it cannot be consolidated")
+        raise FileNotFoundError(
+            f"{checkpoint} holds learner shards but no {POLICY_MODULE_FILE}: it cannot be consolidated"
+        )
     model_config = json.loads(description.read_text(encoding="utf-8"))
     module = RLModuleSpec(
         module_class=CausalLMModule, observation_space=TEXT_SPACE, action_space=TEXT_SPACE, model_config=model_config

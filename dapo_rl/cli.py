@@ -50,9 +50,16 @@ def run_train(args: argparse.Namespace) -> None:
 
 #: ``dapo-rl eval`` options (argparse names) -> evaluate_model keyword arguments.
 EVAL_OPTIONS = {
-    "samples": "samples", "problems": "num_problems", "max_new_tokens": "max_new_tokens", "temperature": "temperature",
-    "top_p": "top_p", "seed": "seed", "backend": "backend", "tensor_parallel_size": "tensor_parallel_size",
-    "max_prompt_length": "max_prompt_length", "chat_template": "apply_chat_template",
+    "samples": "samples",
+    "problems": "num_problems",
+    "max_new_tokens": "max_new_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "seed": "seed",
+    "backend": "backend",
+    "tensor_parallel_size": "tensor_parallel_size",
+    "max_prompt_length": "max_prompt_length",
+    "chat_template": "apply_chat_template",
 }
 
 #: ``--chat-template`` values -> evaluate_model's ``apply_chat_template``.
@@ -82,19 +89,32 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="dapo-rl", description="DAPO on Ray RLlib: train and evaluate reasoning policies.")
+    root = argparse.ArgumentParser(
+        prog="dapo-rl", description="DAPO on Ray RLlib: train and evaluate reasoning policies."
+    )
     root.add_argument("--version", action="version", version=f"dapo-rl {__version__}")
     commands = root.add_subparsers(dest="command", required=True)
     train_parser = commands.add_parser("train", help="train with DAPO (no arguments: the embedded CPU default)")
     train_parser.add_argument("--config", help="YAML file of settings (job keys and DAPOConfig training settings)")
     train_parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
     train_parser.add_argument("--output", help="output folder (default: runs/train-<time>)")
-    train_parser.add_argument("--resume", metavar="DIR", help="continue the run in output folder DIR from its newest "
-                              "complete checkpoint (--set may change iterations, checkpoint_every, keep_checkpoints)")
-    train_parser.add_argument("--logger", action="append", default=[], choices=sorted(LOGGERS),
-                              help="also log to an experiment tracker, offline under the output folder (repeatable)")
+    train_parser.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run in output folder DIR from its newest "
+        "complete checkpoint (--set may change iterations, checkpoint_every, keep_checkpoints)",
+    )
+    train_parser.add_argument(
+        "--logger",
+        action="append",
+        default=[],
+        choices=sorted(LOGGERS),
+        help="also log to an experiment tracker, offline under the output folder (repeatable)",
+    )
     eval_parser = commands.add_parser("eval", help="avg@k / pass@k / cons@k of a Hugging Face model folder")
-    eval_parser.add_argument("--model", required=True, help="a local model folder, a DAPO training checkpoint, or tiny-qwen2")
+    eval_parser.add_argument(
+        "--model", required=True, help="a local model folder, a DAPO training checkpoint, or tiny-qwen2"
+    )
     eval_parser.add_argument("--env", required=True, help="a registered environment id, e.g. dapo/AIME24-v0")
     default = {name: parameter.default for name, parameter in inspect.signature(evaluate_model).parameters.items()}
     eval_parser.add_argument("--samples", type=int, help=f"samples per problem (k; default {default['samples']})")
@@ -103,16 +123,29 @@ def parser() -> argparse.ArgumentParser:
     eval_parser.add_argument("--temperature", type=float, help=f"default {default['temperature']}")
     eval_parser.add_argument("--top-p", type=float, help=f"default {default['top_p']}")
     eval_parser.add_argument("--seed", type=int, help=f"default {default['seed']}")
-    eval_parser.add_argument("--env-config", action="append", default=[], metavar="KEY=VALUE",
-                             help="environment settings; the environment's held-out split is used unless overridden")
+    eval_parser.add_argument(
+        "--env-config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment settings; the environment's held-out split is used unless overridden",
+    )
     eval_parser.add_argument("--max-prompt-length", type=int, help=f"default {default['max_prompt_length']}")
-    eval_parser.add_argument("--chat-template", choices=sorted(CHAT_TEMPLATE_CHOICES),
-                             help="auto (default): the tokenizer's chat template when it has one; on; off (plain text, "
-                                  "as a job with apply_chat_template: false trains)")
-    eval_parser.add_argument("--backend", choices=("hf", "vllm"), help=f"default {default['backend']}; hf: transformers "
-                             "generate (on the GPU when there is one); vllm: a vLLM engine")
-    eval_parser.add_argument("--tensor-parallel-size", type=int,
-                             help=f"GPUs of the vLLM engine (default {default['tensor_parallel_size']})")
+    eval_parser.add_argument(
+        "--chat-template",
+        choices=sorted(CHAT_TEMPLATE_CHOICES),
+        help="auto (default): the tokenizer's chat template when it has one; on; off (plain text, "
+        "as a job with apply_chat_template: false trains)",
+    )
+    eval_parser.add_argument(
+        "--backend",
+        choices=("hf", "vllm"),
+        help=f"default {default['backend']}; hf: transformers "
+        "generate (on the GPU when there is one); vllm: a vLLM engine",
+    )
+    eval_parser.add_argument(
+        "--tensor-parallel-size", type=int, help=f"GPUs of the vLLM engine (default {default['tensor_parallel_size']})"
+    )
     return root
 
 

@@ -196,25 +196,33 @@ class DAPOConfig(AlgorithmConfig):
 
     def _minibatches_split_the_step(self, _: bool) -> list[str]:
         if self.prompts_per_step % self.minibatch_prompts:
-            return [f"minibatch_prompts ({self.minibatch_prompts}) must divide prompts_per_step ({self.prompts_per_step})"]
+            return [
+                f"minibatch_prompts ({self.minibatch_prompts}) must divide prompts_per_step ({self.prompts_per_step})"
+            ]
         return []
 
     def _minibatch_rows_split_over_learners(self, _: bool) -> list[str]:
         rows = self.minibatch_prompts * self.group_size
         if rows % self.learner_shards:
-            return [f"a mini-batch's rows (minibatch_prompts {self.minibatch_prompts} x group_size {self.group_size} = "
-                    f"{rows}) must divide evenly over num_learners ({self.learner_shards})"]
+            return [
+                f"a mini-batch's rows (minibatch_prompts {self.minibatch_prompts} x group_size {self.group_size} = "
+                f"{rows}) must divide evenly over num_learners ({self.learner_shards})"
+            ]
         return []
 
     def _response_budget_exceeds_the_overlong_cache(self, _: bool) -> list[str]:
         if self.max_response_length <= self.overlong_cache_len:
-            return [f"max_response_length ({self.max_response_length}) must be greater than overlong_cache_len "
-                    f"({self.overlong_cache_len})"]
+            return [
+                f"max_response_length ({self.max_response_length}) must be greater than overlong_cache_len "
+                f"({self.overlong_cache_len})"
+            ]
         return []
 
     def _fsdp2_clips_by_global_norm(self, _: bool) -> list[str]:
         if self.data_parallel == "fsdp2" and self.grad_clip is not None and self.grad_clip_by != "global_norm":
-            return [f"data_parallel='fsdp2' clips gradients by global norm only, got grad_clip_by={self.grad_clip_by!r}"]
+            return [
+                f"data_parallel='fsdp2' clips gradients by global norm only, got grad_clip_by={self.grad_clip_by!r}"
+            ]
         return []
 
     def _model_fits(self, _: bool) -> list[str]:
@@ -250,8 +258,10 @@ class DAPOConfig(AlgorithmConfig):
     def _async_needs_remote_runners(self, _: bool) -> list[str]:
         # RLlib validates a copy for evaluation whose num_env_runners is evaluation_num_env_runners.
         if self.is_async and int(self.num_env_runners or 0) < 1 and not self.in_evaluation:
-            return [f"max_staleness={self.max_staleness} generates in remote env runners while the learners update: "
-                    f"set env_runners(num_env_runners=N >= 1), got num_env_runners={self.num_env_runners}"]
+            return [
+                f"max_staleness={self.max_staleness} generates in remote env runners while the learners update: "
+                f"set env_runners(num_env_runners=N >= 1), got num_env_runners={self.num_env_runners}"
+            ]
         return []
 
     # -- derived values ---------------------------------------------------------------------------------
@@ -438,8 +448,11 @@ class DAPO(Algorithm):
                 for rows in minibatch_indices(
                     batch["group_index"], minibatch_prompts=config.minibatch_prompts, generator=self._shuffle_generator
                 ):
-                    self._update(minibatch_with_loss_normalizer(batch, rows, loss_agg=config.loss_agg,
-                                           max_response_length=config.max_response_length))
+                    self._update(
+                        minibatch_with_loss_normalizer(
+                            batch, rows, loss_agg=config.loss_agg, max_response_length=config.max_response_length
+                        )
+                    )
 
         with self.metrics.log_time((TIMERS, "sync_weights")):
             if asynchronous:
@@ -491,7 +504,7 @@ class DAPO(Algorithm):
         if self._stream is None:
             self._stream = RolloutStream(
                 self.env_runner_group,
-                lambda problems, seed: (lambda runner: (runner.sample_groups(problems, seed), runner.get_metrics())),
+                lambda problems, seed: lambda runner: (runner.sample_groups(problems, seed), runner.get_metrics()),
                 lambda: self.restore_env_runners(self.env_runner_group),
                 recovery_seconds=ENV_RUNNER_RECOVERY_S,
             )
@@ -539,8 +552,11 @@ class DAPO(Algorithm):
         elif self._sharded_learners:
             state_ref = ray.put(self._gathered_learner_state())
         else:
-            state_ref = ray.put(self.learner_group.get_state(
-                components=COMPONENT_LEARNER + "/" + COMPONENT_RL_MODULE, inference_only=True)[COMPONENT_LEARNER])
+            state_ref = ray.put(
+                self.learner_group.get_state(
+                    components=COMPONENT_LEARNER + "/" + COMPONENT_RL_MODULE, inference_only=True
+                )[COMPONENT_LEARNER]
+            )
         self._stream.push_weights(state_ref, self._policy_version, runner_ids)
 
     def restore_env_runners(self, env_runner_group: Any) -> list[int]:
@@ -554,8 +570,12 @@ class DAPO(Algorithm):
     def _add_importance_weights(self, batch: dict[str, torch.Tensor]) -> None:
         """The truncated behaviour importance weights of the stale responses (dapo_rl.core.off_policy)."""
         weights, metrics = behaviour_importance_weights(
-            batch["old_logprobs"], batch["behaviour_logprobs"], batch["token_mask"],
-            batch["staleness"] > 0, cap=self.config.importance_weight_cap)
+            batch["old_logprobs"],
+            batch["behaviour_logprobs"],
+            batch["token_mask"],
+            batch["staleness"] > 0,
+            cap=self.config.importance_weight_cap,
+        )
         batch["importance_weights"] = weights
         self._step_extra.update(metrics)
 
@@ -599,7 +619,8 @@ class DAPO(Algorithm):
                 if time.monotonic() > deadline:
                     raise RuntimeError(
                         f"no env runner came back within {ENV_RUNNER_RECOVERY_S:.0f} s after the runners failed "
-                        f"({self._env_runner_failures} failed sampling calls this run)")
+                        f"({self._env_runner_failures} failed sampling calls this run)"
+                    )
                 self.restore_env_runners(group)
                 time.sleep(0.2)
                 continue
@@ -677,7 +698,9 @@ class DAPO(Algorithm):
                 "iteration's samples, lower lr, or resume from an earlier checkpoint"
             )
 
-    def _log_step_metrics(self, batch: dict[str, torch.Tensor], stats: Any, rounds: list[dict[str, Any]], seconds: float) -> None:
+    def _log_step_metrics(
+        self, batch: dict[str, torch.Tensor], stats: Any, rounds: list[dict[str, Any]], seconds: float
+    ) -> None:
         log = self.metrics.log_value
         generated_acc = np.concatenate([r["acc"] for r in rounds]).astype(np.float64)
         generated_lengths = np.concatenate([r["response_length"] for r in rounds])
@@ -809,8 +832,9 @@ class DAPO(Algorithm):
             target = os.fspath(folder)
             self._on_all_learners(lambda learner: learner.save_sharded_state(target))
             write_policy_module_config(path, self._policy_module_spec().model_config)
-            finish_sharded_checkpoint(path, folder, shared, keep=self.config.sharded_checkpoints_kept,
-                                      protect=self._previous_shard_folder)
+            finish_sharded_checkpoint(
+                path, folder, shared, keep=self.config.sharded_checkpoints_kept, protect=self._previous_shard_folder
+            )
             self._previous_shard_folder = folder
         write_checkpoint_manifest(path, iteration=self.iteration, time_total_s=self._time_total, shards=folder)
         return path
@@ -872,7 +896,9 @@ class DAPO(Algorithm):
                 self._stream_needs_weights = True
 
     def _policy_module_spec(self) -> RLModuleSpec:
-        return self.config.get_rl_module_spec(spaces={DEFAULT_MODULE_ID: (TEXT_SPACE, TEXT_SPACE)}, inference_only=False)
+        return self.config.get_rl_module_spec(
+            spaces={DEFAULT_MODULE_ID: (TEXT_SPACE, TEXT_SPACE)}, inference_only=False
+        )
 
     def export_policy(self, folder: str | os.PathLike[str]) -> str:
         """Write the current policy as a Hugging Face model folder (weights, config, tokenizer)."""

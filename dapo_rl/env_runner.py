@@ -40,8 +40,15 @@ from dapo_rl.rollout.vllm_backend import VLLMEngineSettings, VLLMGenerationBacke
 from dapo_rl.rollout.weight_sync import WeightMetadata
 
 #: The ``gymnasium.register`` fields a registration carries to other processes.
-_REGISTRATION_FIELDS = ("entry_point", "kwargs", "max_episode_steps", "reward_threshold", "nondeterministic",
-                        "order_enforce", "disable_env_checker")
+_REGISTRATION_FIELDS = (
+    "entry_point",
+    "kwargs",
+    "max_episode_steps",
+    "reward_threshold",
+    "nondeterministic",
+    "order_enforce",
+    "disable_env_checker",
+)
 
 
 def env_registration(env_id: Any) -> dict[str, Any] | None:
@@ -62,7 +69,9 @@ def env_registration(env_id: Any) -> dict[str, Any] | None:
 def make_reasoning_env(config: Any) -> Any:
     """The (unwrapped) reasoning environment a config names, with its ``env_config`` keywords."""
     if not isinstance(config.env, str):
-        raise ValueError(f"env must be a registered Gymnasium id string (e.g. 'dapo/Arithmetic-v0'), got {config.env!r}")
+        raise ValueError(
+            f"env must be a registered Gymnasium id string (e.g. 'dapo/Arithmetic-v0'), got {config.env!r}"
+        )
     registration = getattr(config, "env_registration", None)
     if config.env not in gym.registry and registration and registration["id"] == config.env:
         gym.register(**registration)
@@ -105,7 +114,9 @@ class DAPOEnvRunner(EnvRunner, Checkpointable):
             self.env,
             tokenizer,
             backend,
-            PromptSettings(self.config.max_prompt_length, self.config.apply_chat_template, self.config.prompt_truncation),
+            PromptSettings(
+                self.config.max_prompt_length, self.config.apply_chat_template, self.config.prompt_truncation
+            ),
         )
 
     def _vllm_engine(self, tokenizer: Any) -> VLLMGenerationBackend:
@@ -142,8 +153,10 @@ class DAPOEnvRunner(EnvRunner, Checkpointable):
     def sample_groups(self, problems: list[Any], seed: int) -> dict[str, Any]:
         """G scored responses for each problem (see ``GenerationRunner.sample`` for the columns)."""
         if self.backend is None:
-            raise RuntimeError("this is the driver's local env runner, which holds no vLLM engine: "
-                               "with generation_backend='vllm' the remote env runners generate")
+            raise RuntimeError(
+                "this is the driver's local env runner, which holds no vLLM engine: "
+                "with generation_backend='vllm' the remote env runners generate"
+            )
         rollout = self.generation.sample(problems, self.sampling_settings(), seed=seed)
         num_responses = len(rollout["acc"])
         rollout["weights_seq_no"] = self._weights_seq_no
@@ -152,7 +165,9 @@ class DAPOEnvRunner(EnvRunner, Checkpointable):
         self.metrics.log_value(NUM_ENV_STEPS_SAMPLED_LIFETIME, num_responses, reduce="lifetime_sum")
         return rollout
 
-    def sample(self, *, problems: list[Any] | None = None, seed: int | None = None, **rllib_kwargs: Any) -> dict[str, Any]:
+    def sample(
+        self, *, problems: list[Any] | None = None, seed: int | None = None, **rllib_kwargs: Any
+    ) -> dict[str, Any]:
         """RLlib's entry point, as :meth:`sample_groups` (DAPO's training step calls that directly).
 
         RLlib's own sampling arguments (``num_timesteps``, ``num_episodes``, ``explore``, ...) count
@@ -170,8 +185,11 @@ class DAPOEnvRunner(EnvRunner, Checkpointable):
         """Take the learners' weights (None: they arrived otherwise, e.g. over NCCL to a vLLM engine)
         and the policy version they are (asynchronous rollouts)."""
         if state is not None:
-            self.set_state({**ray.get(state), WEIGHTS_SEQ_NO: 0} if isinstance(state, ray.ObjectRef)
-                           else {**state, WEIGHTS_SEQ_NO: 0})
+            self.set_state(
+                {**ray.get(state), WEIGHTS_SEQ_NO: 0}
+                if isinstance(state, ray.ObjectRef)
+                else {**state, WEIGHTS_SEQ_NO: 0}
+            )
         self._policy_version = int(version)
 
     # -- weight transfer to a vLLM engine: started here, completed while the learners send --------

@@ -113,15 +113,23 @@ def evaluate_model(
     problems = [env.problem(i) for i in range(count)]
     if backend == "vllm":
         tokenizer = load_tokenizer(model)
-        engine = VLLMEngineSettings(model=resolve_model_folder(model), tensor_parallel_size=tensor_parallel_size, seed=seed,
-                                    max_model_len=max_prompt_length + max_new_tokens)
+        engine = VLLMEngineSettings(
+            model=resolve_model_folder(model),
+            tensor_parallel_size=tensor_parallel_size,
+            seed=seed,
+            max_model_len=max_prompt_length + max_new_tokens,
+        )
         generator = VLLMGenerationBackend(engine, eos_token_ids=[tokenizer.eos_token_id])
     elif backend == "hf":
         policy, tokenizer = load_policy(model)
         policy.to(generation_device())
-        generator = HFGenerationBackend(policy, pad_token_id=tokenizer.pad_token_id, eos_token_ids=[tokenizer.eos_token_id])
+        generator = HFGenerationBackend(
+            policy, pad_token_id=tokenizer.pad_token_id, eos_token_ids=[tokenizer.eos_token_id]
+        )
     else:
         raise ValueError(f"backend must be 'hf' or 'vllm', got {backend!r}")
     runner = GenerationRunner(env, tokenizer, generator, PromptSettings(max_prompt_length, apply_chat_template))
-    sampling = SamplingSettings(n=samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
+    sampling = SamplingSettings(
+        n=samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k
+    )
     return evaluate_runner(runner, problems, sampling, seed=seed)

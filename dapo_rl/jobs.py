@@ -149,16 +149,19 @@ def resume_job(folder: str | os.PathLike[str], assignments: Sequence[str] = ()) 
     try:
         job = json.loads(job_file.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise JobError(f"cannot resume {folder}: it has no {JOB_FILE}, so it is not the output folder of a "
-                       "`dapo-rl train` run") from None
+        raise JobError(
+            f"cannot resume {folder}: it has no {JOB_FILE}, so it is not the output folder of a `dapo-rl train` run"
+        ) from None
     except (OSError, ValueError) as error:
         raise JobError(f"cannot resume {folder}: {job_file} is unreadable ({error})") from None
     job = {**copy.deepcopy(DEFAULT_JOB), **job}  # keys added to dapo-rl since the run started
     overrides = _assignment_overrides(assignments)
     for key, _, origin in overrides:
         if key not in RESUME_KEYS:
-            raise JobError(f"{origin}: a resume can change only {', '.join(RESUME_KEYS)}; {key!r} would make the run "
-                           "differ from the one its checkpoints come from (start a new run with --config instead)")
+            raise JobError(
+                f"{origin}: a resume can change only {', '.join(RESUME_KEYS)}; {key!r} would make the run "
+                "differ from the one its checkpoints come from (start a new run with --config instead)"
+            )
     return _overridden(job, overrides)
 
 
@@ -261,8 +264,11 @@ def build_config(job: dict[str, Any], model: str | None = None) -> DAPOConfig:
             .environment(job["env"], env_config=dict(job["env_config"]))
             .rl_module(model_config={"model": model, **({"dtype": job["dtype"]} if job.get("dtype") else {})})
             .training(**job["training"])
-            .learners(num_learners=job["num_learners"], num_gpus_per_learner=job["num_gpus_per_learner"],
-                      num_cpus_per_learner=_learner_cpus(job))
+            .learners(
+                num_learners=job["num_learners"],
+                num_gpus_per_learner=job["num_gpus_per_learner"],
+                num_cpus_per_learner=_learner_cpus(job),
+            )
             .env_runners(num_env_runners=job["num_env_runners"], num_gpus_per_env_runner=job["num_gpus_per_env_runner"])
             .debugging(seed=job["seed"], log_level="ERROR")
         )
@@ -367,8 +373,12 @@ def start_ray(address: str | None = None, *, min_cpus: int = 1) -> None:
     if ray.is_initialized():
         return
     if address is None:
-        ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.ERROR)
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, min_cpus),
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.ERROR,
+        )
     else:
         ray.init(address=address)
 
@@ -409,7 +419,8 @@ def fit(
     if config.sharded_checkpoint_dir:
         # Every checkpoint Tune keeps must keep its shards.
         config = config.copy(copy_frozen=False).training(
-            sharded_checkpoints_kept=max(config.sharded_checkpoints_kept, keep_checkpoints))
+            sharded_checkpoints_kept=max(config.sharded_checkpoints_kept, keep_checkpoints)
+        )
     trainable: str | type = "DAPO"
     if resume and (record := newest_complete_checkpoint(experiment)) is not None:
         if record.iteration >= iterations:  # done: only the export and evaluation were left
@@ -543,26 +554,39 @@ def train_config(
         _write_json(output / RUN_STATE_FILE, state)
     else:
         resumed = newest_complete_checkpoint(experiment_folder(output))
-        where = f"from iteration {resumed.iteration} ({resumed.path})" if resumed else "from iteration 0 (no checkpoint)"
+        where = (
+            f"from iteration {resumed.iteration} ({resumed.path})" if resumed else "from iteration 0 (no checkpoint)"
+        )
         print(f"resuming {output} {where}", flush=True)
         for log in (output / "samples.jsonl", output / RESULTS_FILE):  # the resume logs those iterations again
             _drop_lines_after(log, resumed.iteration if resumed else 0)
     print(f"held-out accuracy before DAPO: {state['accuracy_before']:.3f}", flush=True)
     if state.get("environment_turn_frac_before") is not None:
-        print(f"held-out episodes with an environment turn (a tool call, a retry) before DAPO: "
-              f"{state['environment_turn_frac_before']:.3f}", flush=True)
+        print(
+            f"held-out episodes with an environment turn (a tool call, a retry) before DAPO: "
+            f"{state['environment_turn_frac_before']:.3f}",
+            flush=True,
+        )
 
     rl_config = config.copy(copy_frozen=False).rl_module(model_config=state["model_config"])
     start_ray(min_cpus=_trial_cpus(rl_config))
     progress = ProgressCallback(run.iterations, output / "samples.jsonl", output / RESULTS_FILE)
     rl_start = time.perf_counter()
     try:
-        result = fit(rl_config, output, iterations=run.iterations, checkpoint_every=run.checkpoint_every,
-                     keep_checkpoints=run.keep_checkpoints, resume=resume,
-                     callbacks=[progress, *logger_callbacks(run.loggers, output)])
+        result = fit(
+            rl_config,
+            output,
+            iterations=run.iterations,
+            checkpoint_every=run.checkpoint_every,
+            keep_checkpoints=run.keep_checkpoints,
+            resume=resume,
+            callbacks=[progress, *logger_callbacks(run.loggers, output)],
+        )
     except RuntimeError as error:
         newest = newest_complete_checkpoint(experiment_folder(output))
-        where = f"its newest complete checkpoint is iteration {newest.iteration}" if newest else "it has no checkpoint yet"
+        where = (
+            f"its newest complete checkpoint is iteration {newest.iteration}" if newest else "it has no checkpoint yet"
+        )
         raise RunStoppedError(f"{error}\n{output}: {where}; continue with: dapo-rl train --resume {output}") from error
     finally:
         progress.close()
@@ -572,8 +596,10 @@ def train_config(
     accuracy_after = evaluation_after.avg_at_k
     print(f"held-out accuracy after DAPO:  {accuracy_after:.3f}", flush=True)
     if evaluation_after.environment_turn_frac is not None:
-        print(f"held-out episodes with an environment turn after DAPO: {evaluation_after.environment_turn_frac:.3f}",
-              flush=True)
+        print(
+            f"held-out episodes with an environment turn after DAPO: {evaluation_after.environment_turn_frac:.3f}",
+            flush=True,
+        )
     summary = {
         "eval_accuracy_before": state["accuracy_before"],
         "eval_accuracy_after": accuracy_after,
@@ -599,7 +625,9 @@ def train_config(
 PROMPTS_CHECKED = 20_000
 
 
-def _check_prompt_lengths(config: DAPOConfig, train_env: Any, held_out: list[Any], prompt_settings: PromptSettings) -> None:
+def _check_prompt_lengths(
+    config: DAPOConfig, train_env: Any, held_out: list[Any], prompt_settings: PromptSettings
+) -> None:
     """With ``prompt_truncation="error"``: fail now, naming the problem, if a training prompt (all of
     them, or ``PROMPTS_CHECKED`` spread over a larger set) or a held-out one is over max_prompt_length."""
     if prompt_settings.truncation != "error":
@@ -620,8 +648,15 @@ def _trial_cpus(config: DAPOConfig) -> int:
     return math.ceil(sum(bundle.get("CPU", 0) for bundle in bundles))
 
 
-def _prepare_dapo(config: DAPOConfig, model_config: dict[str, Any], run: RunSettings, output: Path, train_env: Any,
-                  prompt_settings: PromptSettings, accuracy: Any) -> dict[str, Any]:
+def _prepare_dapo(
+    config: DAPOConfig,
+    model_config: dict[str, Any],
+    run: RunSettings,
+    output: Path,
+    train_env: Any,
+    prompt_settings: PromptSettings,
+    accuracy: Any,
+) -> dict[str, Any]:
     """Load the model, warm-start it (``run.warmstart_steps`` > 0) and measure its held-out accuracy.
 
     Returns the run state DAPO starts from: the ``model_config`` to train (the warm-started folder,
@@ -631,8 +666,12 @@ def _prepare_dapo(config: DAPOConfig, model_config: dict[str, Any], run: RunSett
     try:
         # The preset's random init follows the run's seed (each seed of a table starts elsewhere).
         init_seed = int(model_config.get("init_seed", config.seed or 0))
-        model, tokenizer = load_policy(model_config["model"], seed=init_seed, dtype=model_config.get("dtype"),
-                                       tiny_spec=model_config.get("tiny_spec"))
+        model, tokenizer = load_policy(
+            model_config["model"],
+            seed=init_seed,
+            dtype=model_config.get("dtype"),
+            tiny_spec=model_config.get("tiny_spec"),
+        )
     except ValueError as error:  # a missing model folder, a bad dtype name
         raise JobError(str(error)) from None
     warmstart_seconds = 0.0
@@ -645,8 +684,12 @@ def _prepare_dapo(config: DAPOConfig, model_config: dict[str, Any], run: RunSett
     elif model_config["model"] == TINY_PRESET:
         model_config["init_seed"] = init_seed  # DAPO starts from the weights just evaluated
     before = accuracy(model, tokenizer)
-    return {"model_config": model_config, "accuracy_before": before.avg_at_k,
-            "environment_turn_frac_before": before.environment_turn_frac, "warmstart_seconds": warmstart_seconds}
+    return {
+        "model_config": model_config,
+        "accuracy_before": before.avg_at_k,
+        "environment_turn_frac_before": before.environment_turn_frac,
+        "warmstart_seconds": warmstart_seconds,
+    }
 
 
 def _read_run_state(output: Path) -> dict[str, Any] | None:
@@ -697,8 +740,12 @@ def _check_run(config: DAPOConfig, run: RunSettings) -> None:
     if not (isinstance(run.keep_checkpoints, int) and run.keep_checkpoints >= 1):
         raise JobError(f"keep_checkpoints must be an integer >= 1, got {run.keep_checkpoints!r}")
     try:
-        WarmStartSettings(steps=run.warmstart_steps, batch_size=run.warmstart_batch_size, lr=run.warmstart_lr,
-                          noise=run.warmstart_noise)
+        WarmStartSettings(
+            steps=run.warmstart_steps,
+            batch_size=run.warmstart_batch_size,
+            lr=run.warmstart_lr,
+            noise=run.warmstart_noise,
+        )
     except ValueError as error:
         raise JobError(str(error)) from None
 
@@ -747,8 +794,10 @@ def quoting_hint(message: str, option: str, assignments: Sequence[str]) -> str:
             continue
         raw = printable(assignment.split("=", 1)[1])
         quoted = "'" + raw.replace("'", "''") + "'"  # YAML's single-quoted scalar: '' is one quote
-        return (f"; {option} values are read as YAML ({key}={raw} gave {value!r}): to pass text, quote it, "
-                f"e.g. {option} {key}=\"{quoted}\"")
+        return (
+            f"; {option} values are read as YAML ({key}={raw} gave {value!r}): to pass text, quote it, "
+            f'e.g. {option} {key}="{quoted}"'
+        )
     return ""
 
 
@@ -767,27 +816,53 @@ def _check_env_config_keys(env_id: str, env_config: dict[str, Any]) -> None:
         raise JobError(f"unknown env_config key(s) {unknown} for {env_id}; it takes: {', '.join(parameters)}")
 
 
-def _warm_start(model: Any, tokenizer: Any, env: Any, prompt_settings: PromptSettings, run: RunSettings, *, seed: int) -> None:
+def _warm_start(
+    model: Any, tokenizer: Any, env: Any, prompt_settings: PromptSettings, run: RunSettings, *, seed: int
+) -> None:
     encoder = GenerationRunner(env, tokenizer, None, prompt_settings)
-    settings = WarmStartSettings(steps=run.warmstart_steps, batch_size=run.warmstart_batch_size, lr=run.warmstart_lr,
-                                 noise=run.warmstart_noise, seed=seed)
+    settings = WarmStartSettings(
+        steps=run.warmstart_steps,
+        batch_size=run.warmstart_batch_size,
+        lr=run.warmstart_lr,
+        noise=run.warmstart_noise,
+        seed=seed,
+    )
     with tqdm(total=settings.steps, desc="warm-start", unit="step", file=sys.stderr) as bar:
         supervised_warmstart(
-            model, tokenizer, env, encoder.encode_prompt, settings, encode_environment_turn=encoder.encode_environment_turn,
+            model,
+            tokenizer,
+            env,
+            encoder.encode_prompt,
+            settings,
+            encode_environment_turn=encoder.encode_environment_turn,
             on_step=lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")),
         )
 
 
-def _held_out_accuracy(model: Any, tokenizer: Any, env: Any, problems: list[Any], prompt_settings: PromptSettings,
-                       config: DAPOConfig, samples: int) -> EvalResult:
+def _held_out_accuracy(
+    model: Any,
+    tokenizer: Any,
+    env: Any,
+    problems: list[Any],
+    prompt_settings: PromptSettings,
+    config: DAPOConfig,
+    samples: int,
+) -> EvalResult:
     """avg@``samples`` of an in-memory model, sampling as the config trains (temperature, top_p, top_k)."""
     # On the GPU when there is one, and back to the CPU after: training needs that memory.
     model.to(generation_device())
     try:
-        backend = HFGenerationBackend(model, pad_token_id=tokenizer.pad_token_id, eos_token_ids=[tokenizer.eos_token_id])
+        backend = HFGenerationBackend(
+            model, pad_token_id=tokenizer.pad_token_id, eos_token_ids=[tokenizer.eos_token_id]
+        )
         runner = GenerationRunner(env, tokenizer, backend, prompt_settings)
-        sampling = SamplingSettings(n=samples, max_new_tokens=config.max_response_length, temperature=config.temperature,
-                                    top_p=config.top_p, top_k=config.top_k)
+        sampling = SamplingSettings(
+            n=samples,
+            max_new_tokens=config.max_response_length,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            top_k=config.top_k,
+        )
         return evaluate_runner(runner, problems, sampling, seed=int(config.seed or 0))
     finally:
         model.to("cpu")

@@ -70,8 +70,10 @@ def shared_prompt_unsupported(model: torch.nn.Module) -> str | None:
     if layer_types - SHARED_PROMPT_LAYER_TYPES:
         return f"its layer types {sorted(layer_types - SHARED_PROMPT_LAYER_TYPES)} are not plain attention"
     if model_type not in SHARED_PROMPT_ARCHITECTURES:
-        return (f"architecture {model_type!r} has not been verified with a shared prompt cache (verified: "
-                f"{', '.join(sorted(SHARED_PROMPT_ARCHITECTURES))})")
+        return (
+            f"architecture {model_type!r} has not been verified with a shared prompt cache (verified: "
+            f"{', '.join(sorted(SHARED_PROMPT_ARCHITECTURES))})"
+        )
     return None
 
 
@@ -84,6 +86,9 @@ def can_share_prompt(model: torch.nn.Module) -> bool:
     key = f"{getattr(getattr(model, 'config', None), 'model_type', None)}: {reason}"
     if key not in _reported:
         _reported.add(key)
-        warnings.warn(f"share_prompt_forward: {reason}; running one forward per response instead "
-                      "(same results, more prompt work)", stacklevel=3)
+        warnings.warn(
+            f"share_prompt_forward: {reason}; running one forward per response instead "
+            "(same results, more prompt work)",
+            stacklevel=3,
+        )
     return False

@@ -276,7 +276,10 @@ class DAPOTorchLearner(TorchLearner):
             for index in range(num_passes):
                 start = index * chunk_rows
                 source = shard if start < len(shard["input_ids"]) else {key: value[:1] for key, value in batch.items()}
-                chunk = {key: value[start : start + chunk_rows] if source is shard else value for key, value in source.items()}
+                chunk = {
+                    key: value[start : start + chunk_rows] if source is shard else value
+                    for key, value in source.items()
+                }
                 logprobs = module.forward_inference({key: value.to(device) for key, value in chunk.items()})["logprobs"]
                 if source is shard:
                     pieces.append(logprobs.cpu())
@@ -290,7 +293,9 @@ class DAPOTorchLearner(TorchLearner):
         if self.sharded:
             # One learner holds only its shards; see save_sharded_state / gather_weights.
             excluded = [COMPONENT_RL_MODULE, COMPONENT_OPTIMIZER]
-            not_components = excluded + ([not_components] if isinstance(not_components, str) else list(not_components or []))
+            not_components = excluded + (
+                [not_components] if isinstance(not_components, str) else list(not_components or [])
+            )
         return super().get_state(components, not_components=not_components, **kwargs)
 
     def get_checkpointable_components(self) -> list:

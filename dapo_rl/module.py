@@ -53,7 +53,9 @@ class CausalLMModule(TorchRLModule):
     def setup(self) -> None:
         config: dict[str, Any] = dict(self.model_config or {})
         if not config.get("model"):
-            raise ValueError("CausalLMModule needs model_config['model']: a local Hugging Face model folder or a preset name")
+            raise ValueError(
+                "CausalLMModule needs model_config['model']: a local Hugging Face model folder or a preset name"
+            )
         self.causal_lm, self.tokenizer = load_policy(
             config["model"],
             seed=int(config.get("init_seed", 0)),

@@ -87,7 +87,11 @@ def response_logprobs(
             # through them to the float32 parameters.
             hidden, weight = hidden.to(torch.bfloat16), weight.to(torch.bfloat16)
         result = token_logprobs(
-            hidden, weight, response_tokens, temperature=temperature, chunk_size=chunk_size,
+            hidden,
+            weight,
+            response_tokens,
+            temperature=temperature,
+            chunk_size=chunk_size,
             return_entropy=return_entropy,
         )
         flat_logprobs, flat_entropy = result if return_entropy else (result, None)

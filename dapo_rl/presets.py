@@ -232,7 +232,7 @@ def require_gguf_support() -> None:
     if missing:
         raise GGUFSupportNotInstalledError(
             f"reading a GGUF model needs the packages {', '.join(GGUF_CONVERSION_PACKAGES)} "
-            f"(missing: {', '.join(missing)}); run: pip install \"dapo-rl[{GGUF_EXTRA}]\""
+            f'(missing: {", ".join(missing)}); run: pip install "dapo-rl[{GGUF_EXTRA}]"'
         )
 
 

@@ -38,6 +38,7 @@ GRAD_CLIP_BY_CHOICES: tuple[str, ...] = ("value", "norm", "global_norm")
 #: ``generation_batch_prompts`` is set (the paper generates 3 x 512 prompts per round).
 GENERATION_ROUND_FACTOR = 3
 
+
 @dataclass(frozen=True)
 class Setting:
     """One setting of ``DAPOConfig.training()``.
@@ -165,99 +166,271 @@ def _setting_table(settings: Iterable[Setting]) -> dict[str, Setting]:
 
 
 #: Every setting of ``DAPOConfig.training()`` that DAPO declares or whose RLlib default it changes.
-SETTINGS: dict[str, Setting] = _setting_table([
-    # -- the batch ---------------------------------------------------------------------------------
-    Setting("group_size", 16, "G responses per prompt", "int", minimum=2, hint="advantages need a group"),
-    Setting("prompts_per_step", 512, "prompts trained on per rollout step", "int", minimum=1),
-    Setting("minibatch_prompts", 32, "prompts per gradient update (512 / 32 = 16 updates per step)", "int", minimum=1),
-    Setting("num_epochs", 1, "passes over each rollout step's mini-batches", "int", minimum=1, rllib=True),
-    # -- the optimizer -----------------------------------------------------------------------------
-    Setting("lr", 1e-6, "AdamW learning rate after the warm-up", "number", minimum=0, above=True,
-            hint="warm-up comes from lr_warmup_steps", rllib=True),
-    Setting("lr_warmup_steps", 320, "linear warm-up, in optimizer steps (the paper's 20 rollout steps x 16)", "int",
-            minimum=0),
-    Setting("weight_decay", 0.1, "AdamW weight decay", "number", minimum=0),
-    Setting("grad_clip", 1.0, "gradient clipping threshold; None: no clipping", "number", minimum=0, above=True,
-            nullable=True, rllib=True),
-    Setting("grad_clip_by", "global_norm", "what grad_clip bounds", "choice", choices=GRAD_CLIP_BY_CHOICES, rllib=True),
-    # -- the loss ----------------------------------------------------------------------------------
-    Setting("clip_low", 0.2, "epsilon_low: the ratio may fall to 1 - clip_low", "number", check=_clip_problem("clip_low")),
-    Setting("clip_high", 0.28, "epsilon_high (Clip-Higher): the ratio may rise to 1 + clip_high; math.inf: no bound",
-            "number", check=_clip_problem("clip_high")),
-    Setting("dual_clip", None, "dual-clip constant c > 1 (reference scripts: 10.0); None: off", "number", nullable=True,
-            check=_clip_problem("dual_clip")),
-    Setting("loss_agg", "token-mean", "token-level loss; 'seq-mean-token-mean' is GRPO's per-sample normaliser",
-            "choice", choices=LOSS_AGGREGATIONS.keys()),
-    Setting("advantage_scale", "std", "(R - mean) / std per group; 'none': R - mean (Dr. GRPO)", "choice",
-            choices=ADVANTAGE_SCALES),
-    # -- dynamic sampling --------------------------------------------------------------------------
-    Setting("dynamic_sampling", True, "train only on groups with both right and wrong answers", "bool"),
-    Setting("max_sampling_rounds", 10, "generation rounds per step before the limit", "int", hint="<= 0 for unlimited"),
-    Setting("on_sampling_limit", "error", "at the round limit: 'error' stops, 'train' trains on what was kept",
-            "choice", choices=ON_LIMIT_CHOICES),
-    Setting("generation_batch_prompts", None,
+SETTINGS: dict[str, Setting] = _setting_table(
+    [
+        # -- the batch ---------------------------------------------------------------------------------
+        Setting("group_size", 16, "G responses per prompt", "int", minimum=2, hint="advantages need a group"),
+        Setting("prompts_per_step", 512, "prompts trained on per rollout step", "int", minimum=1),
+        Setting(
+            "minibatch_prompts", 32, "prompts per gradient update (512 / 32 = 16 updates per step)", "int", minimum=1
+        ),
+        Setting("num_epochs", 1, "passes over each rollout step's mini-batches", "int", minimum=1, rllib=True),
+        # -- the optimizer -----------------------------------------------------------------------------
+        Setting(
+            "lr",
+            1e-6,
+            "AdamW learning rate after the warm-up",
+            "number",
+            minimum=0,
+            above=True,
+            hint="warm-up comes from lr_warmup_steps",
+            rllib=True,
+        ),
+        Setting(
+            "lr_warmup_steps",
+            320,
+            "linear warm-up, in optimizer steps (the paper's 20 rollout steps x 16)",
+            "int",
+            minimum=0,
+        ),
+        Setting("weight_decay", 0.1, "AdamW weight decay", "number", minimum=0),
+        Setting(
+            "grad_clip",
+            1.0,
+            "gradient clipping threshold; None: no clipping",
+            "number",
+            minimum=0,
+            above=True,
+            nullable=True,
+            rllib=True,
+        ),
+        Setting(
+            "grad_clip_by", "global_norm", "what grad_clip bounds", "choice", choices=GRAD_CLIP_BY_CHOICES, rllib=True
+        ),
+        # -- the loss ----------------------------------------------------------------------------------
+        Setting(
+            "clip_low",
+            0.2,
+            "epsilon_low: the ratio may fall to 1 - clip_low",
+            "number",
+            check=_clip_problem("clip_low"),
+        ),
+        Setting(
+            "clip_high",
+            0.28,
+            "epsilon_high (Clip-Higher): the ratio may rise to 1 + clip_high; math.inf: no bound",
+            "number",
+            check=_clip_problem("clip_high"),
+        ),
+        Setting(
+            "dual_clip",
+            None,
+            "dual-clip constant c > 1 (reference scripts: 10.0); None: off",
+            "number",
+            nullable=True,
+            check=_clip_problem("dual_clip"),
+        ),
+        Setting(
+            "loss_agg",
+            "token-mean",
+            "token-level loss; 'seq-mean-token-mean' is GRPO's per-sample normaliser",
+            "choice",
+            choices=LOSS_AGGREGATIONS.keys(),
+        ),
+        Setting(
+            "advantage_scale",
+            "std",
+            "(R - mean) / std per group; 'none': R - mean (Dr. GRPO)",
+            "choice",
+            choices=ADVANTAGE_SCALES,
+        ),
+        # -- dynamic sampling --------------------------------------------------------------------------
+        Setting("dynamic_sampling", True, "train only on groups with both right and wrong answers", "bool"),
+        Setting(
+            "max_sampling_rounds", 10, "generation rounds per step before the limit", "int", hint="<= 0 for unlimited"
+        ),
+        Setting(
+            "on_sampling_limit",
+            "error",
+            "at the round limit: 'error' stops, 'train' trains on what was kept",
+            "choice",
+            choices=ON_LIMIT_CHOICES,
+        ),
+        Setting(
+            "generation_batch_prompts",
+            None,
             f"prompts per generation round; None: {GENERATION_ROUND_FACTOR} x prompts_per_step, the paper's ratio",
-            "int", minimum=1, nullable=True),
-    # -- lengths and overlong shaping ----------------------------------------------------------------
-    Setting("max_prompt_length", 2048, "prompt tokens; a longer prompt: see prompt_truncation", "int", minimum=1),
-    Setting("max_response_length", 20480, "response tokens: 16,384 expected + the 4,096-token overlong cache", "int",
-            minimum=1),
-    Setting("overlong_cache_len", 4096, "L_cache of the soft overlong punishment", "int", minimum=0),
-    Setting("overlong_penalty_factor", 1.0, "scale of the soft overlong punishment; 0 switches it off", "number",
-            minimum=0),
-    Setting("overlong_filter", True, "truncated responses carry no loss", "bool"),
-    Setting("prompt_truncation", "error", "a prompt over max_prompt_length: 'error' names it and stops (a silently "
-            "cut question is a data bug), 'left' keeps its last tokens", "choice", choices=PROMPT_TRUNCATION_CHOICES),
-    # -- sampling ----------------------------------------------------------------------------------
-    Setting("temperature", 1.0, "sampling temperature (log-probs are of softmax(logits / T))", "number", minimum=0,
-            above=True),
-    Setting("top_p", 1.0, "nucleus sampling", "number", minimum=0, maximum=1, above=True),
-    Setting("top_k", -1, "top-k sampling", "int", hint="<= 0 for off"),
-    Setting("apply_chat_template", None, "wrap prompts in the tokenizer's chat template; None: when it has one",
-            "bool", nullable=True),
-    # -- generation --------------------------------------------------------------------------------
-    Setting("generation_backend", "hf", "'hf': transformers generate; 'vllm': a vLLM engine per env runner", "choice",
-            choices=GENERATION_BACKENDS),
-    Setting("generation_device", "auto", "hf backend: 'auto' (the GPU when the runner sees one), 'cpu', 'cuda[:N]'",
-            "str", check=_generation_device_problem),
-    Setting("generation_prompts_per_call", 64, "prompts per batched generate() call on a runner", "int", minimum=1),
-    Setting("share_prompt_forward", True, "run each prompt once per group and share its KV cache with the G responses "
-            "(hf generation and the log-prob passes; same values, less work)", "bool"),
-    Setting("vllm_tensor_parallel_size", 1, "GPUs per vLLM engine (= num_gpus_per_env_runner)", "int", minimum=1),
-    Setting("vllm_dtype", "bfloat16", "vLLM engine weights; the sync casts the learner's weights to it", "choice",
-            choices=VLLM_DTYPES),
-    Setting("vllm_gpu_memory_utilization", 0.6, "share of each GPU a vLLM engine may take (weights + KV cache)",
-            "number", minimum=0, maximum=1, above=True),
-    Setting("vllm_enforce_eager", False, "no CUDA graphs in vLLM (faster start, slower decode)", "bool"),
-    Setting("vllm_sleep", False, "release the vLLM engine's GPU memory between rounds (engines sharing GPUs)", "bool"),
-    # -- asynchronous rollouts -----------------------------------------------------------------------
-    Setting("max_staleness", 0, "remote env runners keep generating while the learners update; a response may come "
-            "from weights up to this many rollout steps old", "int", minimum=0, hint="0: synchronous"),
-    Setting("importance_weight_cap", 2.0, "C of the behaviour importance weight min(pi_prox / pi_behav, C) on stale "
-            "responses; None: no correction", "number", nullable=True, check=importance_weight_cap_problem),
-    Setting("recompute_old_logprobs", True, "recompute the old log-probs under the weights the update starts from; "
-            "False: take the generator's", "bool"),
-    # -- the learner's passes --------------------------------------------------------------------------
-    Setting("logprob_chunk_size", 1024, "tokens per chunk of the log-prob kernel", "int", minimum=1),
-    Setting("logprob_batch_rows", 64, "rows per forward pass when recomputing old log-probs", "int", minimum=1),
-    Setting("compute_entropy", True, "log the policy's token entropy (one extra pass per chunk)", "bool"),
-    Setting("mixed_precision", None, "'bf16': bf16 compute, float32 master weights; None: the weights' dtype",
-            "choice", choices=MIXED_PRECISION_CHOICES),
-    Setting("gradient_checkpointing", False, "recompute layer activations in backward (long responses)", "bool"),
-    Setting("micro_batch_tokens", 0, "split each learner's update into micro-batches of at most this many padded "
-            "tokens, accumulating gradients (the token mean stays exact)", "int", minimum=0, hint="0: one pass"),
-    # -- several learners ------------------------------------------------------------------------------
-    Setting("data_parallel", "ddp", "with num_learners > 1: 'ddp' replicates the weights, 'fsdp2' shards them",
-            "choice", choices=DATA_PARALLEL_CHOICES),
-    Setting("sharded_checkpoint_dir", None, "fsdp2 across nodes: shared storage for the checkpoint shards; None: "
-            "inside the checkpoint folder (persisted from the driver's node only)", "str", nullable=True),
-    Setting("sharded_checkpoints_kept", 2, "shard folders kept there, newest first (the previous checkpoint's is "
-            "always kept too)", "int", minimum=1),
-    # -- reporting and safety --------------------------------------------------------------------------
-    Setting("log_samples", 4, "responses reported per iteration in result['samples']", "int", minimum=0),
-    Setting("max_consecutive_nonfinite_updates", 8, "NaN/inf updates are skipped; this many in a row stop the run",
-            "int", minimum=1),
-])
+            "int",
+            minimum=1,
+            nullable=True,
+        ),
+        # -- lengths and overlong shaping ----------------------------------------------------------------
+        Setting("max_prompt_length", 2048, "prompt tokens; a longer prompt: see prompt_truncation", "int", minimum=1),
+        Setting(
+            "max_response_length",
+            20480,
+            "response tokens: 16,384 expected + the 4,096-token overlong cache",
+            "int",
+            minimum=1,
+        ),
+        Setting("overlong_cache_len", 4096, "L_cache of the soft overlong punishment", "int", minimum=0),
+        Setting(
+            "overlong_penalty_factor",
+            1.0,
+            "scale of the soft overlong punishment; 0 switches it off",
+            "number",
+            minimum=0,
+        ),
+        Setting("overlong_filter", True, "truncated responses carry no loss", "bool"),
+        Setting(
+            "prompt_truncation",
+            "error",
+            "a prompt over max_prompt_length: 'error' names it and stops (a silently "
+            "cut question is a data bug), 'left' keeps its last tokens",
+            "choice",
+            choices=PROMPT_TRUNCATION_CHOICES,
+        ),
+        # -- sampling ----------------------------------------------------------------------------------
+        Setting(
+            "temperature",
+            1.0,
+            "sampling temperature (log-probs are of softmax(logits / T))",
+            "number",
+            minimum=0,
+            above=True,
+        ),
+        Setting("top_p", 1.0, "nucleus sampling", "number", minimum=0, maximum=1, above=True),
+        Setting("top_k", -1, "top-k sampling", "int", hint="<= 0 for off"),
+        Setting(
+            "apply_chat_template",
+            None,
+            "wrap prompts in the tokenizer's chat template; None: when it has one",
+            "bool",
+            nullable=True,
+        ),
+        # -- generation --------------------------------------------------------------------------------
+        Setting(
+            "generation_backend",
+            "hf",
+            "'hf': transformers generate; 'vllm': a vLLM engine per env runner",
+            "choice",
+            choices=GENERATION_BACKENDS,
+        ),
+        Setting(
+            "generation_device",
+            "auto",
+            "hf backend: 'auto' (the GPU when the runner sees one), 'cpu', 'cuda[:N]'",
+            "str",
+            check=_generation_device_problem,
+        ),
+        Setting("generation_prompts_per_call", 64, "prompts per batched generate() call on a runner", "int", minimum=1),
+        Setting(
+            "share_prompt_forward",
+            True,
+            "run each prompt once per group and share its KV cache with the G responses "
+            "(hf generation and the log-prob passes; same values, less work)",
+            "bool",
+        ),
+        Setting("vllm_tensor_parallel_size", 1, "GPUs per vLLM engine (= num_gpus_per_env_runner)", "int", minimum=1),
+        Setting(
+            "vllm_dtype",
+            "bfloat16",
+            "vLLM engine weights; the sync casts the learner's weights to it",
+            "choice",
+            choices=VLLM_DTYPES,
+        ),
+        Setting(
+            "vllm_gpu_memory_utilization",
+            0.6,
+            "share of each GPU a vLLM engine may take (weights + KV cache)",
+            "number",
+            minimum=0,
+            maximum=1,
+            above=True,
+        ),
+        Setting("vllm_enforce_eager", False, "no CUDA graphs in vLLM (faster start, slower decode)", "bool"),
+        Setting(
+            "vllm_sleep", False, "release the vLLM engine's GPU memory between rounds (engines sharing GPUs)", "bool"
+        ),
+        # -- asynchronous rollouts -----------------------------------------------------------------------
+        Setting(
+            "max_staleness",
+            0,
+            "remote env runners keep generating while the learners update; a response may come "
+            "from weights up to this many rollout steps old",
+            "int",
+            minimum=0,
+            hint="0: synchronous",
+        ),
+        Setting(
+            "importance_weight_cap",
+            2.0,
+            "C of the behaviour importance weight min(pi_prox / pi_behav, C) on stale responses; None: no correction",
+            "number",
+            nullable=True,
+            check=importance_weight_cap_problem,
+        ),
+        Setting(
+            "recompute_old_logprobs",
+            True,
+            "recompute the old log-probs under the weights the update starts from; False: take the generator's",
+            "bool",
+        ),
+        # -- the learner's passes --------------------------------------------------------------------------
+        Setting("logprob_chunk_size", 1024, "tokens per chunk of the log-prob kernel", "int", minimum=1),
+        Setting("logprob_batch_rows", 64, "rows per forward pass when recomputing old log-probs", "int", minimum=1),
+        Setting("compute_entropy", True, "log the policy's token entropy (one extra pass per chunk)", "bool"),
+        Setting(
+            "mixed_precision",
+            None,
+            "'bf16': bf16 compute, float32 master weights; None: the weights' dtype",
+            "choice",
+            choices=MIXED_PRECISION_CHOICES,
+        ),
+        Setting("gradient_checkpointing", False, "recompute layer activations in backward (long responses)", "bool"),
+        Setting(
+            "micro_batch_tokens",
+            0,
+            "split each learner's update into micro-batches of at most this many padded "
+            "tokens, accumulating gradients (the token mean stays exact)",
+            "int",
+            minimum=0,
+            hint="0: one pass",
+        ),
+        # -- several learners ------------------------------------------------------------------------------
+        Setting(
+            "data_parallel",
+            "ddp",
+            "with num_learners > 1: 'ddp' replicates the weights, 'fsdp2' shards them",
+            "choice",
+            choices=DATA_PARALLEL_CHOICES,
+        ),
+        Setting(
+            "sharded_checkpoint_dir",
+            None,
+            "fsdp2 across nodes: shared storage for the checkpoint shards; None: "
+            "inside the checkpoint folder (persisted from the driver's node only)",
+            "str",
+            nullable=True,
+        ),
+        Setting(
+            "sharded_checkpoints_kept",
+            2,
+            "shard folders kept there, newest first (the previous checkpoint's is always kept too)",
+            "int",
+            minimum=1,
+        ),
+        # -- reporting and safety --------------------------------------------------------------------------
+        Setting("log_samples", 4, "responses reported per iteration in result['samples']", "int", minimum=0),
+        Setting(
+            "max_consecutive_nonfinite_updates",
+            8,
+            "NaN/inf updates are skipped; this many in a row stop the run",
+            "int",
+            minimum=1,
+        ),
+    ]
+)
 
 #: DAPO's own settings and their defaults (the table's, less RLlib's own).
 DAPO_SETTINGS: dict[str, Any] = {name: s.default for name, s in SETTINGS.items() if not s.rllib}

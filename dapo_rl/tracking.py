@@ -44,10 +44,14 @@ def logger_callbacks(names: Sequence[str], output: Path) -> list[tune.Callback]:
         # later). Tune's callback reads WANDB_MODE in this process; its logging actor gets the mode
         # and the folder as wandb.init arguments, since a running Ray's workers keep their old env.
         os.environ.setdefault("WANDB_MODE", "offline")
-        callbacks.append(WandbLoggerCallback(
-            project="dapo-rl", mode=os.environ["WANDB_MODE"], dir=str(output),
-            excludes=["samples"],  # the responses go to samples.jsonl; W&B's history wants numbers
-        ))
+        callbacks.append(
+            WandbLoggerCallback(
+                project="dapo-rl",
+                mode=os.environ["WANDB_MODE"],
+                dir=str(output),
+                excludes=["samples"],  # the responses go to samples.jsonl; W&B's history wants numbers
+            )
+        )
     if "mlflow" in names:
         from ray.air.integrations.mlflow import MLflowLoggerCallback
 
@@ -60,8 +64,18 @@ def logger_callbacks(names: Sequence[str], output: Path) -> list[tune.Callback]:
 
 
 #: Sections of a Tune result that ``results.jsonl`` keeps (the rest is config and bookkeeping).
-RESULT_SECTIONS = ("training_iteration", "time_total_s", "time_this_iter_s", "timestamp", "dapo", "learners", "env_runners", "timers",
-                   "num_env_steps_sampled_lifetime", "num_training_step_calls_per_iteration")
+RESULT_SECTIONS = (
+    "training_iteration",
+    "time_total_s",
+    "time_this_iter_s",
+    "timestamp",
+    "dapo",
+    "learners",
+    "env_runners",
+    "timers",
+    "num_env_steps_sampled_lifetime",
+    "num_training_step_calls_per_iteration",
+)
 
 
 class ProgressCallback(tune.Callback):
@@ -87,8 +101,13 @@ class ProgressCallback(tune.Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if self.bar is None:  # a resumed run's first result is past iteration 1
-            self.bar = tqdm(total=self.iterations, initial=result["training_iteration"] - 1, desc="DAPO", unit="iter",
-                            file=sys.stderr)
+            self.bar = tqdm(
+                total=self.iterations,
+                initial=result["training_iteration"] - 1,
+                desc="DAPO",
+                unit="iter",
+                file=sys.stderr,
+            )
         self.bar.update(1)
         self.bar.write(summary_line(result))
         if self.samples_file is not None and result.get("samples"):

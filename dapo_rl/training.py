@@ -77,7 +77,9 @@ def collect_groups(
         kept_groups = prompts_per_step
         limit_reached = False
     else:
-        accumulator = DynamicSamplingAccumulator(prompts_per_step, max_sampling_rounds, on_sampling_limit=on_sampling_limit)
+        accumulator = DynamicSamplingAccumulator(
+            prompts_per_step, max_sampling_rounds, on_sampling_limit=on_sampling_limit
+        )
         while not accumulator.done:
             rollout = generate_round(generation_batch_prompts)
             rounds.append(rollout)

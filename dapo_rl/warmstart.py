@@ -55,8 +55,10 @@ def demonstration_turns(env: Any, problem: Any) -> list[str]:
     and last (an odd number of strings)."""
     turns = env.demonstration(problem)
     if not (isinstance(turns, list) and len(turns) % 2 == 1 and all(isinstance(turn, str) for turn in turns)):
-        raise ValueError(f"{type(env).__name__}.demonstration must return a list of an odd number of strings "
-                         f"(model turn, environment turn, ..., model turn), got {turns!r:.200}")
+        raise ValueError(
+            f"{type(env).__name__}.demonstration must return a list of an odd number of strings "
+            f"(model turn, environment turn, ..., model turn), got {turns!r:.200}"
+        )
     return list(turns)
 
 

@@ -108,7 +108,13 @@ for _env_id, (_entry_point, _kwargs) in _BUILTIN_ENVS.items():
         gymnasium.register(id=_env_id, entry_point=_entry_point, kwargs=dict(_kwargs))
 
 
-_REGISTER_OPTIONS = ("max_episode_steps", "reward_threshold", "nondeterministic", "order_enforce", "disable_env_checker")
+_REGISTER_OPTIONS = (
+    "max_episode_steps",
+    "reward_threshold",
+    "nondeterministic",
+    "order_enforce",
+    "disable_env_checker",
+)
 
 
 def register_reasoning_env(
@@ -153,8 +159,11 @@ def register_reasoning_env(
     if env_id in gymnasium.registry:
         raise ValueError(f"an environment with id '{env_id}' is already registered; choose another id or version")
     register_options = {key: kwargs.pop(key) for key in _REGISTER_OPTIONS if key in kwargs}
-    given = {name: value for name, value in
-             (("dataset", dataset), ("verifier", verifier), ("prompt_template", prompt_template)) if value is not None}
+    given = {
+        name: value
+        for name, value in (("dataset", dataset), ("verifier", verifier), ("prompt_template", prompt_template))
+        if value is not None
+    }
     if env_class is not None:
         if not (isinstance(env_class, type) and issubclass(env_class, ReasoningEnv)):
             raise TypeError(f"env_class must be a subclass of dapo_envs.ReasoningEnv, got {env_class!r}")
@@ -170,8 +179,10 @@ def register_reasoning_env(
         return
     missing = [name for name in ("dataset", "verifier", "prompt_template") if name not in given]
     if missing:
-        raise TypeError(f"register_reasoning_env without env_class needs dataset, verifier and prompt_template; "
-                        f"missing: {', '.join(missing)}")
+        raise TypeError(
+            f"register_reasoning_env without env_class needs dataset, verifier and prompt_template; "
+            f"missing: {', '.join(missing)}"
+        )
     assert verifier is not None and prompt_template is not None  # none is missing (above)
     # Fail here, at registration, rather than at the first make().
     resolve_verifier(verifier)

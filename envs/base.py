@@ -58,7 +58,15 @@ from gymnasium import spaces
 
 from dapo_envs.verifiers import Verifier, VerifierResult, as_text, resolve_verifier
 
-__all__ = ["Problem", "ReasoningEnv", "ResponseText", "DEFAULT_MAX_RESPONSE_CHARS", "is_integer", "is_number", "printable"]
+__all__ = [
+    "Problem",
+    "ReasoningEnv",
+    "ResponseText",
+    "DEFAULT_MAX_RESPONSE_CHARS",
+    "is_integer",
+    "is_number",
+    "printable",
+]
 
 #: Default ``max_length`` of the action space: DAPO's 20,480-token responses at a few characters each.
 DEFAULT_MAX_RESPONSE_CHARS = 200_000
@@ -169,7 +177,9 @@ class ReasoningEnv(gym.Env[str, str]):
     action_space: ResponseText
 
     def __init__(self, *, render_mode: str | None = None) -> None:
-        if render_mode is not None and (not isinstance(render_mode, str) or render_mode not in self.metadata["render_modes"]):
+        if render_mode is not None and (
+            not isinstance(render_mode, str) or render_mode not in self.metadata["render_modes"]
+        ):
             raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
         self.render_mode = render_mode
         self._current: Problem | None = None

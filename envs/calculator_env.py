@@ -33,7 +33,9 @@ def _calculator_limits(limits: CalculatorLimits | dict[str, Any] | None) -> Calc
         raise TypeError(f"limits must be a CalculatorLimits or a mapping of its fields, got {limits!r}")
     unknown = sorted(set(limits) - set(CalculatorLimits.__dataclass_fields__), key=str)
     if unknown:
-        raise ValueError(f"limits has unknown field(s) {unknown}; fields: {', '.join(CalculatorLimits.__dataclass_fields__)}")
+        raise ValueError(
+            f"limits has unknown field(s) {unknown}; fields: {', '.join(CalculatorLimits.__dataclass_fields__)}"
+        )
     try:
         return CalculatorLimits(**limits)
     except (TypeError, ValueError) as error:
@@ -106,13 +108,23 @@ class CalculatorEnv(ToolEnv):
         render_mode: str | None = None,
     ) -> None:
         problems = ArithmeticEnv(
-            operands=operands, digits=digits, operators=operators, allow_negative=allow_negative, split=split,
-            num_problems=num_problems, prompt_template=prompt_template, verifier=verifier,
-            verifier_timeout=verifier_timeout, max_response_chars=max_response_chars,
+            operands=operands,
+            digits=digits,
+            operators=operators,
+            allow_negative=allow_negative,
+            split=split,
+            num_problems=num_problems,
+            prompt_template=prompt_template,
+            verifier=verifier,
+            verifier_timeout=verifier_timeout,
+            max_response_chars=max_response_chars,
         )
         super().__init__(problems, max_calls=max_calls, call_reward=call_reward, render_mode=render_mode)
-        if isinstance(demonstration_tool_share, bool) or not isinstance(demonstration_tool_share, (int, float)) or not (
-                0 <= demonstration_tool_share <= 1):
+        if (
+            isinstance(demonstration_tool_share, bool)
+            or not isinstance(demonstration_tool_share, (int, float))
+            or not (0 <= demonstration_tool_share <= 1)
+        ):
             raise ValueError(f"demonstration_tool_share must be a number in [0, 1], got {demonstration_tool_share!r}")
         self.split = split
         self.demonstration_tool_share = float(demonstration_tool_share)
@@ -123,8 +135,14 @@ class CalculatorEnv(ToolEnv):
 
     def problem(self, index: int) -> Problem:
         problem = super().problem(index)  # the posed ArithmeticEnv's
-        return Problem(index=problem.index, problem_id=problem.problem_id, data_source="calculator",
-                       question=problem.question, prompt=problem.prompt, answer=problem.answer)
+        return Problem(
+            index=problem.index,
+            problem_id=problem.problem_id,
+            data_source="calculator",
+            question=problem.question,
+            prompt=problem.prompt,
+            answer=problem.answer,
+        )
 
     def demonstration(self, problem: Problem) -> list[str]:
         """Call the calculator on the expression, then answer with its result; or, for the problems

@@ -93,7 +93,9 @@ def load(name_or_path: str | os.PathLike[str] | pa.Table | Sequence[Mapping[str,
         table = _load_file_cached(str(path), *_file_stamp(path), default_data_source=name_or_path)
         expected = BUNDLED[name_or_path][1]
         if table.num_rows != expected:
-            raise DatasetError(f"{path}: bundled data set '{name_or_path}' has {table.num_rows} rows, expected {expected}")
+            raise DatasetError(
+                f"{path}: bundled data set '{name_or_path}' has {table.num_rows} rows, expected {expected}"
+            )
         return table
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(
@@ -188,7 +190,9 @@ def _diagnose_jsonl(path: Path) -> None:
         except json.JSONDecodeError as error:
             raise DatasetError(f"{path}: row {row} (line {line_number}) is not valid JSON: {error.msg}") from None
         if not isinstance(value, dict):
-            raise DatasetError(f"{path}: row {row} (line {line_number}) is a JSON {type(value).__name__}, not an object")
+            raise DatasetError(
+                f"{path}: row {row} (line {line_number}) is a JSON {type(value).__name__}, not an object"
+            )
         for column, item in value.items():
             kind = type(item).__name__ if item is not None else None
             if kind is None:
@@ -273,7 +277,9 @@ def _answers(table: pa.Table, source: str) -> list[str]:
 def _answer_cell(value: Any, source: str, row: int, column: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         kind = "null" if value is None else type(value).__name__
-        raise DatasetError(f"{source}: row {row}, column '{column}': the answer must be a string or integer, got {kind}")
+        raise DatasetError(
+            f"{source}: row {row}, column '{column}': the answer must be a string or integer, got {kind}"
+        )
     text = str(value)
     if not text.strip():
         raise DatasetError(f"{source}: row {row}, column '{column}': the answer is empty")
@@ -299,7 +305,9 @@ def _ids(table: pa.Table, source: str) -> list[str]:
             for row, value in enumerate(values):
                 if value is None or isinstance(value, (bool, float)) or not isinstance(value, (str, int)):
                     kind = "null" if value is None else type(value).__name__
-                    raise DatasetError(f"{source}: row {row}, column '{column}': the id must be a string or integer, got {kind}")
+                    raise DatasetError(
+                        f"{source}: row {row}, column '{column}': the id must be a string or integer, got {kind}"
+                    )
             return [str(v) for v in values]
     if "extra_info" in names:
         arrow_type = table.schema.field("extra_info").type

@@ -68,12 +68,17 @@ class MathRetryEnv(MultiTurnReasoningEnv):
         super().__init__(render_mode=render_mode)
         if isinstance(max_tries, bool) or not isinstance(max_tries, int) or max_tries < 1:
             raise ValueError(f"max_tries must be an integer >= 1, got {max_tries!r}")
-        if isinstance(retry_discount, bool) or not isinstance(retry_discount, (int, float)) or not 0 <= retry_discount <= 1:
+        if (
+            isinstance(retry_discount, bool)
+            or not isinstance(retry_discount, (int, float))
+            or not 0 <= retry_discount <= 1
+        ):
             raise ValueError(f"retry_discount must be a number in [0, 1], got {retry_discount!r}")
         if not isinstance(retry_message, str) or not retry_message:
             raise ValueError(f"retry_message must be a non-empty string, got {retry_message!r}")
-        problems = MathEnv(dataset, verifier, prompt_template, verifier_timeout=verifier_timeout,
-                           max_response_chars=max_response_chars)
+        problems = MathEnv(
+            dataset, verifier, prompt_template, verifier_timeout=verifier_timeout, max_response_chars=max_response_chars
+        )
         self._pose(problems, max_response_chars)
         self.dataset_name = problems.dataset_name
         self.max_tries = self.max_turns = max_tries
@@ -95,5 +100,6 @@ class MathRetryEnv(MultiTurnReasoningEnv):
         if not result.acc:
             return result
         discount = self.retry_discount ** (episode.turns - 1)
-        return VerifierResult(score=result.score * discount, acc=True, pred=result.pred, reason=result.reason,
-                              failed=result.failed)
+        return VerifierResult(
+            score=result.score * discount, acc=True, pred=result.pred, reason=result.reason, failed=result.failed
+        )

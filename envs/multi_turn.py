@@ -135,7 +135,9 @@ class MultiTurnReasoningEnv(ReasoningEnv):
     @property
     def num_problems(self) -> int:
         if self.problems is None:
-            raise NotImplementedError(f"{type(self).__name__} poses no other environment's problems: define num_problems")
+            raise NotImplementedError(
+                f"{type(self).__name__} poses no other environment's problems: define num_problems"
+            )
         return self.problems.num_problems
 
     def problem(self, index: int) -> Problem:
@@ -170,7 +172,9 @@ class MultiTurnReasoningEnv(ReasoningEnv):
     def begin_episode(self, problem: Problem) -> Episode:
         turns = getattr(self, "max_turns", None)
         if isinstance(turns, bool) or not isinstance(turns, int) or turns < 1:
-            raise ValueError(f"{type(self).__name__}.max_turns must be an integer >= 1 (set it in __init__), got {turns!r}")
+            raise ValueError(
+                f"{type(self).__name__}.max_turns must be an integer >= 1 (set it in __init__), got {turns!r}"
+            )
         return Episode(problem=problem)
 
     def take_turn(self, episode: Episode, response: str, *, cut: bool = False) -> Turn:
@@ -226,8 +230,13 @@ class MultiTurnReasoningEnv(ReasoningEnv):
             assert turn.observation is not None  # a Turn holds exactly one of the two
             return turn.observation, float(turn.reward), False, False, info
         self._last_response, self._last_result = self._episode.responses[-1], result
-        info.update(acc=result.acc, score=result.score, pred=result.pred, ground_truth=self._current.answer,
-                    reason=result.reason)
+        info.update(
+            acc=result.acc,
+            score=result.score,
+            pred=result.pred,
+            ground_truth=self._current.answer,
+            reason=result.reason,
+        )
         reward = float(turn.reward) + float(result.score)
         return self._current.prompt, reward, not turn.turn_limit, turn.turn_limit, info
 
@@ -260,8 +269,9 @@ class ToolEnv(MultiTurnReasoningEnv):
 
     tag: ClassVar[str] = "tool"
 
-    def __init__(self, problems: ReasoningEnv, *, max_calls: int = 3, call_reward: float = 0.0,
-                 render_mode: str | None = None) -> None:
+    def __init__(
+        self, problems: ReasoningEnv, *, max_calls: int = 3, call_reward: float = 0.0, render_mode: str | None = None
+    ) -> None:
         super().__init__(render_mode=render_mode)
         if not isinstance(problems, ReasoningEnv):
             raise TypeError(f"problems must be a ReasoningEnv (the problems to pose), got {type(problems).__name__}")
@@ -294,8 +304,10 @@ class ToolEnv(MultiTurnReasoningEnv):
         try:
             output = self.tool(call)
         except Exception as error:  # a bug in the tool, not the model's: stop with what was called
-            raise RuntimeError(f"{type(self).__name__}.tool raised {type(error).__name__} on the call "
-                               f"<{self.tag}>{call[:200]}</{self.tag}>: {error}") from error
+            raise RuntimeError(
+                f"{type(self).__name__}.tool raised {type(error).__name__} on the call "
+                f"<{self.tag}>{call[:200]}</{self.tag}>: {error}"
+            ) from error
         if not isinstance(output, str):
             raise TypeError(f"{type(self).__name__}.tool must return a string, got {type(output).__name__}")
         return Turn(observation=f"<result>{output}</result>", reward=self.call_reward)

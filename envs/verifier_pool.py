@@ -129,8 +129,17 @@ def _worker_main(conn: multiprocessing.connection.Connection) -> None:
             name, fn = functions[token]
             result = run_verifier_fn(fn, name, response, reference)
             pred = result.pred if len(result.pred) <= _MAX_PRED_CHARS else result.pred[:_MAX_PRED_CHARS] + "..."
-            conn.send(("result", index, float(result.score), bool(result.acc), str(pred), str(result.reason),
-                       bool(result.failed)))
+            conn.send(
+                (
+                    "result",
+                    index,
+                    float(result.score),
+                    bool(result.acc),
+                    str(pred),
+                    str(result.reason),
+                    bool(result.failed),
+                )
+            )
         elif kind == "stop":
             return
 
@@ -199,9 +208,7 @@ class VerifierPool:
         self._lock = threading.Lock()
         self._closed = False
 
-    def map(
-        self, verifier: PooledVerifier, pairs: Sequence[tuple[str, str]], timeout: float
-    ) -> list[VerifierResult]:
+    def map(self, verifier: PooledVerifier, pairs: Sequence[tuple[str, str]], timeout: float) -> list[VerifierResult]:
         """Score ``(response, reference)`` pairs with ``verifier``, each under ``timeout`` seconds.
 
         Returns one result per pair, in input order. An item over ``timeout`` or whose worker died is
@@ -299,9 +306,13 @@ class VerifierPool:
                         # Dying at start-up or while loading the verifier would repeat on every worker.
                         what = "starting" if worker.state == _STARTING else f"loading verifier '{name}'"
                         self._replace(worker)
-                        raise RuntimeError(f"a verifier worker process died while {what} (exit code {exitcode})") from None
+                        raise RuntimeError(
+                            f"a verifier worker process died while {what} (exit code {exitcode})"
+                        ) from None
                     assert worker.item is not None  # a busy worker holds its item
-                    results[worker.item] = verifier_failure(f"verifier '{name}' worker process died (exit code {exitcode})")
+                    results[worker.item] = verifier_failure(
+                        f"verifier '{name}' worker process died (exit code {exitcode})"
+                    )
                     self._replace(worker)
                     continue
                 kind = message[0]
@@ -327,7 +338,9 @@ class VerifierPool:
                     continue
                 if worker.state == _BUSY:
                     assert worker.item is not None
-                    results[worker.item] = verifier_failure(f"timeout: verifier '{name}' took longer than {timeout:g} s")
+                    results[worker.item] = verifier_failure(
+                        f"timeout: verifier '{name}' took longer than {timeout:g} s"
+                    )
                     self._replace(worker)
                 else:
                     what = "start" if worker.state == _STARTING else f"load verifier '{name}'"

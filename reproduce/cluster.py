@@ -65,16 +65,21 @@ def run_row_on_cluster(
     config = config.copy(copy_frozen=False).training(sharded_checkpoint_dir=str(folder / "sharded_checkpoints"))
     progress = ProgressCallback(iterations, folder / "samples.jsonl", folder / RESULTS_FILE)
     try:
-        result = fit(config, folder, iterations=iterations, callbacks=[progress], checkpoint_every=checkpoint_every,
-                     resume=True)
+        result = fit(
+            config, folder, iterations=iterations, callbacks=[progress], checkpoint_every=checkpoint_every, resume=True
+        )
     finally:
         progress.close()
     model_folder = export_final_policy(result, folder)
     # Evaluations run as Ray tasks holding one engine's GPUs (free again once training has ended).
     evaluate_remote = ray.remote(num_gpus=config.vllm_tensor_parallel_size)(evaluate_model)
     evaluation_kwargs = dict(
-        samples=evaluation.samples, max_new_tokens=evaluation.max_new_tokens, temperature=evaluation.temperature,
-        top_p=evaluation.top_p, max_prompt_length=config.max_prompt_length, backend="vllm",
+        samples=evaluation.samples,
+        max_new_tokens=evaluation.max_new_tokens,
+        temperature=evaluation.temperature,
+        top_p=evaluation.top_p,
+        max_prompt_length=config.max_prompt_length,
+        backend="vllm",
         tensor_parallel_size=config.vllm_tensor_parallel_size,
     )
     before_file = folder / "eval_before.json"

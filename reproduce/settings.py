@@ -144,9 +144,7 @@ class EvalSettings:
 
 def aime_eval_32b() -> EvalSettings:
     """The paper's evaluation: AIME 2024, 32 samples per problem, temperature 1.0, top_p 0.7, avg@32."""
-    return EvalSettings(
-        env=EVAL_ENV, samples=32, temperature=1.0, top_p=0.7, max_new_tokens=20480, metric="avg@32"
-    )
+    return EvalSettings(env=EVAL_ENV, samples=32, temperature=1.0, top_p=0.7, max_new_tokens=20480, metric="avg@32")
 
 
 # -- Table 1 -------------------------------------------------------------------------------------
@@ -154,14 +152,16 @@ def aime_eval_32b() -> EvalSettings:
 TABLE1_SOURCE = "DAPO paper (arXiv 2503.14476), Table 1: Qwen2.5-32B base, AIME 2024 avg@32, in percent"
 
 #: The paper's Table 1 (cumulative rows), AIME 2024 avg@32 in percent.
-PAPER_TABLE1: MappingProxyType[str, int] = MappingProxyType({
-    "Naive GRPO": 30,
-    "+ Overlong Filtering": 36,
-    "+ Clip-Higher": 38,
-    "+ Soft Overlong Punishment": 41,
-    "+ Token-level Loss": 42,
-    "+ Dynamic Sampling (DAPO)": 50,
-})
+PAPER_TABLE1: MappingProxyType[str, int] = MappingProxyType(
+    {
+        "Naive GRPO": 30,
+        "+ Overlong Filtering": 36,
+        "+ Clip-Higher": 38,
+        "+ Soft Overlong Punishment": 41,
+        "+ Token-level Loss": 42,
+        "+ Dynamic Sampling (DAPO)": 50,
+    }
+)
 
 #: The same table's baseline, not a DAPO row.
 PAPER_BASELINE: MappingProxyType[str, int] = MappingProxyType({"DeepSeek-R1-Zero-Qwen-32B": 47})
@@ -174,11 +174,13 @@ REFERENCE_REPRODUCTIONS_SOURCE = (
 #: Reproductions with the reference scripts, AIME 2024 avg@32 in percent. Closest Table-1 rows:
 #: full DAPO ~ "+ Dynamic Sampling (DAPO)", without dynamic sampling ~ "+ Token-level Loss",
 #: early ~ "+ Soft Overlong Punishment".
-REFERENCE_REPRODUCTIONS: MappingProxyType[str, int] = MappingProxyType({
-    "DAPO (full)": 52,
-    "DAPO without dynamic sampling": 50,
-    "DAPO early (no token-level loss, no dynamic sampling)": 44,
-})
+REFERENCE_REPRODUCTIONS: MappingProxyType[str, int] = MappingProxyType(
+    {
+        "DAPO (full)": 52,
+        "DAPO without dynamic sampling": 50,
+        "DAPO early (no token-level loss, no dynamic sampling)": 44,
+    }
+)
 
 
 def table1_rows(base: DAPOConfig | None = None) -> dict[str, DAPOConfig]:

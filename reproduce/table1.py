@@ -64,7 +64,11 @@ QUICK_JOB: dict[str, Any] = {"iterations": 3, "warmstart_steps": 150, "eval_prob
 # Evaluated on MATH-500 (the training problems have no held-out split; AIME is likely near 0 for a
 # small model after a few hours).
 GPU_JOB: dict[str, Any] = {
-    "iterations": 30, "warmstart_steps": 0, "eval_env": "dapo/MATH500-v0", "eval_problems": 100, "eval_samples": 4,
+    "iterations": 30,
+    "warmstart_steps": 0,
+    "eval_env": "dapo/MATH500-v0",
+    "eval_problems": 100,
+    "eval_samples": 4,
 }
 
 #: The curves plotted: (file stem, title, (section, key) path in Tune's result.json, y label).
@@ -105,8 +109,9 @@ def select_rows(all_rows: list[str], wanted: list[str] | None, quick: bool) -> l
     return [all_rows[0], all_rows[-1]] if quick else list(all_rows)
 
 
-def row_run(config: DAPOConfig, seed: int, *, scale: str, quick: bool,
-            iterations: int | None = None) -> tuple[DAPOConfig, RunSettings]:
+def row_run(
+    config: DAPOConfig, seed: int, *, scale: str, quick: bool, iterations: int | None = None
+) -> tuple[DAPOConfig, RunSettings]:
     """What trains one row and seed: the scaled row config itself (seeded; a new config) and the run
     settings (the main job's, with the gpu scale's, --quick's and --iterations' changes)."""
     changes = {**(GPU_JOB if scale == "gpu" else {}), **(QUICK_JOB if quick else {})}
@@ -135,8 +140,9 @@ def run_paper_row(config: DAPOConfig, seed: int, folder: Path, iterations: int |
     done = finished_summary(folder)
     if done is not None:
         return done, True
-    summary = run_row_on_cluster(seeded(config, seed), folder, iterations=iterations or PAPER_ITERATIONS,
-                                 evaluation=aime_eval_32b())
+    summary = run_row_on_cluster(
+        seeded(config, seed), folder, iterations=iterations or PAPER_ITERATIONS, evaluation=aime_eval_32b()
+    )
     return summary, False
 
 
@@ -170,9 +176,7 @@ def mean_curve(runs: list[list[dict[str, Any]]], path: tuple[str, ...]) -> tuple
     optimizer steps, over the seeds that have both at that iteration."""
     xs, ys = [], []
     for index in range(max((len(r) for r in runs), default=0)):
-        pairs = [
-            (_get(r[index], STEP_KEY), _get(r[index], path)) for r in runs if index < len(r)
-        ]
+        pairs = [(_get(r[index], STEP_KEY), _get(r[index], path)) for r in runs if index < len(r)]
         pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
         if pairs:
             xs.append(statistics.fmean(x for x, _ in pairs))
@@ -210,7 +214,9 @@ def plot_curves(curves: dict[str, list[list[dict[str, Any]]]], output: Path, cap
     return written
 
 
-def write_table(results: list[dict[str, Any]], rows: list[str], output: Path, *, scale: str, command: str, metric: str) -> Path:
+def write_table(
+    results: list[dict[str, Any]], rows: list[str], output: Path, *, scale: str, command: str, metric: str
+) -> Path:
     lines = [
         f"# DAPO Table 1, re-run at the `{scale}` scale",
         "",
@@ -222,7 +228,8 @@ def write_table(results: list[dict[str, Any]], rows: list[str], output: Path, *,
         lines.append(
             "- The tiny scale is a CPU toy (tiny model, integer addition, a few minutes per run): its numbers are"
             " NOT comparable in value with AIME 2024; compare the rows' order and the gaps between them only."
-            if scale == "tiny" else "- The gpu scale has the training data of the paper but a 1.5B model and far fewer steps."
+            if scale == "tiny"
+            else "- The gpu scale has the training data of the paper but a 1.5B model and far fewer steps."
         )
     lines += [
         f"- Command: `{command}`",
@@ -306,19 +313,34 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", choices=SCALES, default="tiny", help="paper | gpu (never run) | tiny (default)")
     p.add_argument("--seeds", type=int, help="seeds 0..N-1 per row (default 3; 1 with --quick)")
     p.add_argument("--output", help="output folder (default runs/table1-<scale>)")
-    p.add_argument("--quick", action="store_true",
-                   help="CI size (~1 minute per seed on 2 cores): 3 iterations, 150 warm-start steps, 10 eval problems x 2 "
-                        "samples, first and last rows only unless --rows, 1 seed unless --seeds")
-    p.add_argument("--rows", nargs="+", metavar="ROW", help="rows to run, by name or slug (e.g. naive-grpo clip-higher)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="CI size (~1 minute per seed on 2 cores): 3 iterations, 150 warm-start steps, 10 eval problems x 2 "
+        "samples, first and last rows only unless --rows, 1 seed unless --seeds",
+    )
+    p.add_argument(
+        "--rows", nargs="+", metavar="ROW", help="rows to run, by name or slug (e.g. naive-grpo clip-higher)"
+    )
     p.add_argument("--model", help="model folder (required for --scale gpu; default: the scale's model)")
-    p.add_argument("--variant", choices=sorted(VARIANTS), default="paper",
-                   help="which 32B settings the rows start from (default paper)")
+    p.add_argument(
+        "--variant",
+        choices=sorted(VARIANTS),
+        default="paper",
+        help="which 32B settings the rows start from (default paper)",
+    )
     p.add_argument("--iterations", type=int, help="override the number of DAPO iterations per run")
-    p.add_argument("--threads", type=int,
-                   help="torch threads in this process (default: 1 at the tiny scale - the models are tiny and extra "
-                        "threads only contend with Ray's workers on a small machine; torch's default otherwise)")
-    p.add_argument("--run", action="store_true",
-                   help="with --scale paper: train on the Ray cluster at RAY_ADDRESS (never run); needs --model")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads in this process (default: 1 at the tiny scale - the models are tiny and extra "
+        "threads only contend with Ray's workers on a small machine; torch's default otherwise)",
+    )
+    p.add_argument(
+        "--run",
+        action="store_true",
+        help="with --scale paper: train on the Ray cluster at RAY_ADDRESS (never run); needs --model",
+    )
     return p
 
 
@@ -338,7 +360,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.run:
             return paper_plan(rows, selected, args)
         if not args.model:
-            raise SystemExit("table1: --scale paper --run needs --model PATH (a Qwen2.5-32B folder every node can read)")
+            raise SystemExit(
+                "table1: --scale paper --run needs --model PATH (a Qwen2.5-32B folder every node can read)"
+            )
 
     threads = args.threads if args.threads is not None else (1 if args.scale == "tiny" else None)
     if threads is None:
@@ -353,11 +377,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(old_threads)
 
 
-def _run_table(args: argparse.Namespace, rows: dict[str, DAPOConfig], selected: list[str], argv: list[str] | None) -> int:
+def _run_table(
+    args: argparse.Namespace, rows: dict[str, DAPOConfig], selected: list[str], argv: list[str] | None
+) -> int:
     """Train (or resume) every selected row and seed; write results.json, table1.md and the plots."""
     output = Path(args.output or f"runs/table1-{args.scale}").resolve()
     output.mkdir(parents=True, exist_ok=True)
-    command = "python -m reproduce.table1 " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python -m reproduce.table1 " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
     results: list[dict[str, Any]] = []
     curves: dict[str, list[list[dict[str, Any]]]] = {row: [] for row in selected}
     trained = skipped = 0
@@ -393,15 +421,21 @@ def _run_table(args: argparse.Namespace, rows: dict[str, DAPOConfig], selected: 
             print(
                 f"[{len(results)}/{total}] {row} seed {seed}: accuracy {entry['eval_accuracy_before']:.3f} -> "
                 f"{entry['eval_accuracy_after']:.3f} ({entry['iterations']} iterations, "
-                + (f"resumed from {folder / 'summary.json'})" if was_skipped else f"{time.perf_counter() - started:.0f}s)"),
+                + (
+                    f"resumed from {folder / 'summary.json'})"
+                    if was_skipped
+                    else f"{time.perf_counter() - started:.0f}s)"
+                ),
                 flush=True,
             )
     (output / "results.json").write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
     metric_text = (metric or "avg@k") + (" - held-out arithmetic, not AIME" if args.scale == "tiny" else "")
     table = write_table(results, selected, output, scale=args.scale, command=command, metric=metric_text)
     plots = plot_curves(curves, output, f"{args.scale} scale, mean over {args.seeds} seed(s)")
-    print(f"{trained} run(s) trained, {skipped} skipped (already done); table at {table}; plots: "
-          + ", ".join(p.name for p in plots))
+    print(
+        f"{trained} run(s) trained, {skipped} skipped (already done); table at {table}; plots: "
+        + ", ".join(p.name for p in plots)
+    )
     print(table.read_text(encoding="utf-8"))
     return 0
 

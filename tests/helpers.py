@@ -62,7 +62,9 @@ def built_algo(config: DAPOConfig) -> Iterator[Any]:
 
 def learner_weights(algo: Any) -> dict[str, np.ndarray]:
     """A copy of the (local or first remote) learner's weights, by parameter name."""
-    return {key: np.array(value, copy=True) for key, value in algo.learner_group.get_weights()[DEFAULT_MODULE_ID].items()}
+    return {
+        key: np.array(value, copy=True) for key, value in algo.learner_group.get_weights()[DEFAULT_MODULE_ID].items()
+    }
 
 
 def max_abs_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
@@ -104,17 +106,23 @@ class ScriptedPolicy:
     Each response is the text's tokens, plus EOS when finished. Records every call's contexts.
     """
 
-    def __init__(self, tokenizer: Any, turn: Callable[[str], tuple[str, bool]], *, logprobs_value: float = -0.5) -> None:
+    def __init__(
+        self, tokenizer: Any, turn: Callable[[str], tuple[str, bool]], *, logprobs_value: float = -0.5
+    ) -> None:
         self.tokenizer, self.turn, self.logprobs_value = tokenizer, turn, logprobs_value
         self.calls: list[tuple[list[list[int]], SamplingSettings]] = []
 
-    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingSettings, *, seed: int) -> GeneratedResponses:
+    def generate(
+        self, prompt_token_ids: list[list[int]], sampling: SamplingSettings, *, seed: int
+    ) -> GeneratedResponses:
         self.calls.append(([list(ids) for ids in prompt_token_ids], sampling))
         token_ids, finished = [], []
         for ids in prompt_token_ids:
             for _ in range(sampling.n):
                 text, done = self.turn(self.tokenizer.decode(ids, skip_special_tokens=False))
-                response = self.tokenizer(text, add_special_tokens=False).input_ids + ([self.tokenizer.eos_token_id] if done else [])
+                response = self.tokenizer(text, add_special_tokens=False).input_ids + (
+                    [self.tokenizer.eos_token_id] if done else []
+                )
                 token_ids.append(response[: sampling.max_new_tokens])
                 finished.append(done and len(response) <= sampling.max_new_tokens)
         logprobs = [[self.logprobs_value] * len(t) for t in token_ids] if sampling.logprobs else None
@@ -202,7 +210,9 @@ def unequal_minibatch(algo) -> dict[str, torch.Tensor]:
     noise = 0.4 * torch.randn(current.shape, generator=generator)
     batch["old_logprobs"] = (current + noise) * batch["response_mask"]
     config = algo.config
-    return minibatch_with_loss_normalizer(batch, torch.arange(8), loss_agg=config.loss_agg, max_response_length=config.max_response_length)
+    return minibatch_with_loss_normalizer(
+        batch, torch.arange(8), loss_agg=config.loss_agg, max_response_length=config.max_response_length
+    )
 
 
 def record_step_lrs(algo) -> list[float]:

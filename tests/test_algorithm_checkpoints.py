@@ -69,11 +69,14 @@ def test_checkpoint_restored_in_new_process_continues_identically(ray_session, t
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(
         [sys.executable, str(script), ray_session["address"], checkpoint, ray_session["results"], str(weights_file)],
-        capture_output=True, text=True, timeout=240, env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
     )
     lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
     assert completed.returncode == 0 and lines, completed.stdout[-3000:] + completed.stderr[-5000:]
-    restored = json.loads(lines[-1][len("RESULT "):])
+    restored = json.loads(lines[-1][len("RESULT ") :])
 
     assert restored["type"] == "DAPO"
     assert restored["training_iteration"] == 2

@@ -45,7 +45,10 @@ def test_validate_rejects_inconsistent_settings(settings, expected):
 
 
 def test_validate_accepts_consistent_settings():
-    for config in (make_config(), make_config(group_size=3, minibatch_prompts=2).learners(num_learners=2)):  # 6 rows / 2
+    for config in (
+        make_config(),
+        make_config(group_size=3, minibatch_prompts=2).learners(num_learners=2),
+    ):  # 6 rows / 2
         assert config._dapo_problems() == []
         config.validate()  # RLlib's own checks pass too
 
@@ -69,8 +72,6 @@ def test_validate_rejects_unknown_data_parallel():
         config.validate()
 
 
-
-
 def test_validate_without_a_model_names_model_config():
     config = DAPOConfig().environment(ENV, env_config=ENV_CONFIG).training(**TINY)
     with pytest.raises(ValueError) as info:
@@ -90,8 +91,9 @@ def test_validate_names_lengths_beyond_the_tiny_context():
 
 def test_generation_rounds_default_to_three_times_the_prompts_per_step(ray_session):
     assert DAPOConfig().generation_round_prompts == 3 * 512  # the paper's 1,536
-    config = make_config(dynamic_sampling=True, generation_batch_prompts=None, max_sampling_rounds=1,
-                         on_sampling_limit="train")
+    config = make_config(
+        dynamic_sampling=True, generation_batch_prompts=None, max_sampling_rounds=1, on_sampling_limit="train"
+    )
     assert config.generation_round_prompts == 3 * TINY["prompts_per_step"]
     with built_algo(config) as algo:
         calls = []

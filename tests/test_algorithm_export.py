@@ -58,8 +58,26 @@ def test_eval_command_reads_a_training_checkpoint(trained_algo, tmp_path, capsys
     checkpoint = tmp_path / "checkpoint"
     algo, _ = trained_algo
     algo.save_to_path(str(checkpoint))
-    assert main(["eval", "--model", str(checkpoint), "--env", "dapo/Arithmetic-v0", "--samples", "2",
-                 "--problems", "3", "--max-new-tokens", "4", "--env-config", "split=test"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(checkpoint),
+                "--env",
+                "dapo/Arithmetic-v0",
+                "--samples",
+                "2",
+                "--problems",
+                "3",
+                "--max-new-tokens",
+                "4",
+                "--env-config",
+                "split=test",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     result = json.loads(out[out.index("{\n") :])
     assert result["num_problems"] == 3 and result["samples"] == 2

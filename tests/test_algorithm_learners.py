@@ -29,9 +29,15 @@ def _minibatch_losses(algo, batch: dict[str, torch.Tensor]) -> tuple[float, floa
 
     def loss(rows: slice, normalizer: float) -> float:
         value, _ = policy_loss(
-            logprobs[rows], batch["old_logprobs"][rows], batch["advantages"][rows], batch["token_mask"][rows],
-            clip_low=config.clip_low, clip_high=config.clip_high, dual_clip=config.dual_clip,
-            agg=config.loss_agg, normalizer=normalizer,
+            logprobs[rows],
+            batch["old_logprobs"][rows],
+            batch["advantages"][rows],
+            batch["token_mask"][rows],
+            clip_low=config.clip_low,
+            clip_high=config.clip_high,
+            dual_clip=config.dual_clip,
+            agg=config.loss_agg,
+            normalizer=normalizer,
         )
         return float(value)
 
@@ -48,8 +54,12 @@ def test_two_learners_match_one_learner(ray_session):
     algo_local = make_config(**settings).build_algo()
     algo_ddp = make_config(**settings).learners(num_learners=2).build_algo()
     try:
-        backends = [r.get() for r in algo_ddp.learner_group.foreach_learner(
-            lambda learner: (type(learner.module[DEFAULT_MODULE_ID]).__name__, torch.distributed.get_world_size()))]
+        backends = [
+            r.get()
+            for r in algo_ddp.learner_group.foreach_learner(
+                lambda learner: (type(learner.module[DEFAULT_MODULE_ID]).__name__, torch.distributed.get_world_size())
+            )
+        ]
         assert backends == [("TorchDDPRLModule", 2)] * 2
         initial = learner_weights(algo_local)
         assert max_abs_diff(initial, learner_weights(algo_ddp)) == 0.0
@@ -62,8 +72,16 @@ def test_two_learners_match_one_learner(ray_session):
         assert result_local["dapo"]["response_length_min"] < TINY["max_response_length"]  # unequal lengths
         local, ddp = result_local["learners"][DEFAULT_MODULE_ID], result_ddp["learners"][DEFAULT_MODULE_ID]
         # Metrics too: RLlib averages them over learners, the learner scales them for that.
-        for key in ("policy_loss", "total_loss", "entropy", "approx_kl", "approx_kl_k1", "ratio_mean",
-                    "clip_frac_high", "clip_frac_low"):
+        for key in (
+            "policy_loss",
+            "total_loss",
+            "entropy",
+            "approx_kl",
+            "approx_kl_k1",
+            "ratio_mean",
+            "clip_frac_high",
+            "clip_frac_low",
+        ):
             assert ddp[key] == pytest.approx(local[key], rel=1e-5, abs=1e-6), key
         assert ddp["num_tokens"] == local["num_tokens"]  # summed over shards
         grad_key = "gradients_default_optimizer_global_norm"
@@ -83,14 +101,26 @@ def test_two_learners_match_one_learner(ray_session):
         assert float(stats[0]["policy_loss"]) == pytest.approx(global_loss, rel=1e-5, abs=1e-6)
         assert float(stats[1]["policy_loss"]) == pytest.approx(global_loss, rel=1e-5, abs=1e-6)
         assert float(stats[0]["clip_frac_high"]) > 0 and float(stats[0]["clip_frac_low"]) > 0  # both clips hit
-        for key in ("entropy", "approx_kl", "ratio_mean", "clip_frac_high", "clip_frac_low",
-                    "gradients_default_optimizer_global_norm"):
+        for key in (
+            "entropy",
+            "approx_kl",
+            "ratio_mean",
+            "clip_frac_high",
+            "clip_frac_low",
+            "gradients_default_optimizer_global_norm",
+        ):
             assert float(stats[1][key]) == pytest.approx(float(stats[0][key]), rel=1e-5, abs=1e-6), key
         assert max_abs_diff(learner_weights(algo_local), learner_weights(algo_ddp)) < 1e-5
         # Both DDP ranks hold the same weights.
-        rank_weights = [r.get() for r in algo_ddp.learner_group.foreach_learner(
-            lambda learner: {k: v.detach().numpy().copy() for k, v in
-                             learner.module[DEFAULT_MODULE_ID].unwrapped().state_dict().items()})]
+        rank_weights = [
+            r.get()
+            for r in algo_ddp.learner_group.foreach_learner(
+                lambda learner: {
+                    k: v.detach().numpy().copy()
+                    for k, v in learner.module[DEFAULT_MODULE_ID].unwrapped().state_dict().items()
+                }
+            )
+        ]
         assert max_abs_diff(rank_weights[0], rank_weights[1]) == 0.0
     finally:
         algo_local.stop()
@@ -152,8 +182,6 @@ def test_two_learners_with_micro_batches_match_one_learner(ray_session):
         algo_ddp.stop()
 
 
-
-
 def gathered_weights(algo) -> dict[str, np.ndarray]:
     state = algo._gathered_learner_state()["rl_module"][DEFAULT_MODULE_ID]
     return {key: value.numpy().copy() for key, value in state.items()}
@@ -169,14 +197,21 @@ def test_sharded_learners_match_one_learner_and_restore_from_sharded_checkpoint(
     settings = dict(overlong_filter=False, lr=1e-3)
     algo_local = make_config(**settings).build_algo()
     shared = tmp_path / "shared_shards"  # where learners on several nodes would write their shards
-    sharded_config = make_config(**settings, data_parallel="fsdp2", micro_batch_tokens=40,
-                                 sharded_checkpoint_dir=str(shared)).learners(num_learners=2)
+    sharded_config = make_config(
+        **settings, data_parallel="fsdp2", micro_batch_tokens=40, sharded_checkpoint_dir=str(shared)
+    ).learners(num_learners=2)
     algo_sharded = sharded_config.build_algo()
     restored = None
     try:
-        modules = [r.get() for r in algo_sharded.learner_group.foreach_learner(
-            lambda learner: (type(learner.module[DEFAULT_MODULE_ID]).__name__,
-                             type(next(learner.module[DEFAULT_MODULE_ID].parameters())).__name__))]
+        modules = [
+            r.get()
+            for r in algo_sharded.learner_group.foreach_learner(
+                lambda learner: (
+                    type(learner.module[DEFAULT_MODULE_ID]).__name__,
+                    type(next(learner.module[DEFAULT_MODULE_ID].parameters())).__name__,
+                )
+            )
+        ]
         assert modules == [("CausalLMModule", "DTensor")] * 2  # sharded, not DDP-wrapped
         initial = learner_weights(algo_local)
         assert max_abs_diff(initial, gathered_weights(algo_sharded)) == 0.0
@@ -218,7 +253,8 @@ def test_sharded_learners_match_one_learner_and_restore_from_sharded_checkpoint(
         result = restored.train()
         for key in ("policy_loss", grad_key):
             assert result["learners"][DEFAULT_MODULE_ID][key] == pytest.approx(
-                float(expected["learners"][DEFAULT_MODULE_ID][key]), rel=1e-6, abs=1e-7), key
+                float(expected["learners"][DEFAULT_MODULE_ID][key]), rel=1e-6, abs=1e-7
+            ), key
         assert max_abs_diff(gathered_weights(restored), expected_weights) <= 1e-6
     finally:
         for algo in (algo_local, algo_sharded, restored):

@@ -91,8 +91,13 @@ def test_dynamic_sampling_keeps_only_mixed_groups(ray_session, monkeypatch):
 
     monkeypatch.setattr(dapo_module, "build_train_batch", spy)
     algo = make_config(
-        env=HASH_ENV, env_config={}, dynamic_sampling=True, generation_batch_prompts=4,
-        max_sampling_rounds=8, on_sampling_limit="error", overlong_filter=False,
+        env=HASH_ENV,
+        env_config={},
+        dynamic_sampling=True,
+        generation_batch_prompts=4,
+        max_sampling_rounds=8,
+        on_sampling_limit="error",
+        overlong_filter=False,
     ).build_algo()
     try:
         result = algo.train()

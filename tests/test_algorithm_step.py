@@ -75,8 +75,14 @@ def scripted_step(ray_session):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(dapo_module, "collect_groups", spy)
-        algo = make_config(**SCRIPTED, dynamic_sampling=True, generation_batch_prompts=len(ROUND_KINDS),
-                           max_sampling_rounds=2, on_sampling_limit="error", log_samples=6).build_algo()
+        algo = make_config(
+            **SCRIPTED,
+            dynamic_sampling=True,
+            generation_batch_prompts=len(ROUND_KINDS),
+            max_sampling_rounds=2,
+            on_sampling_limit="error",
+            log_samples=6,
+        ).build_algo()
         try:
             script = ScriptedGeneration(algo, ROUND_KINDS)
             result = algo.train()
@@ -92,19 +98,32 @@ def test_step_metrics_follow_from_the_scripted_responses(scripted_step):
     generated = [row for group in call for row in group["rows"]]
     trained = [row for group in call if group["kind"] == MIXED for row in group["rows"]]
     rewards = [shaped_reward(row) for row in trained]
-    advantages = [a for group in call if group["kind"] == MIXED
-                  for a in hand_group_advantages([shaped_reward(row) for row in group["rows"]])]
+    advantages = [
+        a
+        for group in call
+        if group["kind"] == MIXED
+        for a in hand_group_advantages([shaped_reward(row) for row in group["rows"]])
+    ]
     lengths = [row["length"] for row in generated]
     expected = {
-        "reward_mean": np.mean(rewards), "reward_max": max(rewards), "reward_min": min(rewards),
+        "reward_mean": np.mean(rewards),
+        "reward_max": max(rewards),
+        "reward_min": min(rewards),
         "train_accuracy": np.mean([row["correct"] for row in trained]),  # 1/2
         "generated_accuracy": np.mean([row["correct"] for row in generated]),  # 16/28
-        "advantage_mean": np.mean(advantages), "advantage_max": max(advantages), "advantage_min": min(advantages),
-        "response_length_mean": np.mean(lengths), "response_length_max": max(lengths),
+        "advantage_mean": np.mean(advantages),
+        "advantage_max": max(advantages),
+        "advantage_min": min(advantages),
+        "response_length_mean": np.mean(lengths),
+        "response_length_max": max(lengths),
         "response_length_min": min(lengths),
         "response_clip_ratio": np.mean([row["truncated"] for row in generated]),
-        "sampling_rounds": 1, "prompts_generated": 7, "prompts_trained": 4,
-        "kept_group_ratio": 4 / 7, "all_correct_group_ratio": 2 / 7, "all_wrong_group_ratio": 1 / 7,
+        "sampling_rounds": 1,
+        "prompts_generated": 7,
+        "prompts_trained": 4,
+        "kept_group_ratio": 4 / 7,
+        "all_correct_group_ratio": 2 / 7,
+        "all_wrong_group_ratio": 1 / 7,
         "sampling_limit_reached": 0.0,
         "optimizer_steps": 2,  # 4 prompts / 2 per mini-batch
     }
@@ -141,7 +160,11 @@ def test_log_samples_are_first_responses_of_the_round_rescored(scripted_step, ra
         reference = sum(int(x) for x in ARITHMETIC_PROMPT.search(sample["prompt"]).groups())
         (verdict,) = env.score([sample["response"]], [str(reference)])
         assert (sample["acc"], sample["pred"], sample["score"], sample["reason"]) == (
-            verdict.acc, verdict.pred, verdict.score, verdict.reason)
+            verdict.acc,
+            verdict.pred,
+            verdict.score,
+            verdict.reason,
+        )
         length = len(tokenizer.encode(sample["response"], add_special_tokens=False)) + (0 if sample["truncated"] else 1)
         assert sample["reward"] == pytest.approx(verdict.score + overlong_penalty(length))
         assert sample["truncated"] == group["rows"][0]["truncated"]
@@ -158,8 +181,9 @@ def test_advantages_come_from_the_shaped_rewards(ray_session, monkeypatch):
     verifier's scores are constant per group (advantage 0), the shaped rewards are not."""
     batches, minibatches = [], []
     real_build = dapo_module.build_train_batch
-    monkeypatch.setattr(dapo_module, "build_train_batch",
-                        lambda *a, **k: batches.append(real_build(*a, **k)) or batches[-1])
+    monkeypatch.setattr(
+        dapo_module, "build_train_batch", lambda *a, **k: batches.append(real_build(*a, **k)) or batches[-1]
+    )
     with built_algo(make_config(**SCRIPTED, dynamic_sampling=False, overlong_filter=False)) as algo:
         script = ScriptedGeneration(algo, [ALL_RIGHT, ALL_WRONG_GROUP])
         real_update = algo._update
@@ -172,10 +196,10 @@ def test_advantages_come_from_the_shaped_rewards(ray_session, monkeypatch):
     assert all(abs(a) > 0.3 for a in expected)
     torch.testing.assert_close(batch["advantages"], torch.tensor(expected, dtype=torch.float32), rtol=1e-5, atol=1e-6)
     # ... and these are the advantages the learner trained on, and the step reports.
-    torch.testing.assert_close(torch.sort(torch.cat(minibatches)).values, torch.sort(torch.tensor(expected, dtype=torch.float32)).values)
+    torch.testing.assert_close(
+        torch.sort(torch.cat(minibatches)).values, torch.sort(torch.tensor(expected, dtype=torch.float32)).values
+    )
     assert result["dapo"]["advantage_max"] == pytest.approx(max(expected), rel=1e-5)
-
-
 
 
 def hand_loss(algo, batch: dict[str, torch.Tensor], rows=slice(None), *, dual_clip=None, agg="token-mean"):
@@ -187,8 +211,14 @@ def hand_loss(algo, batch: dict[str, torch.Tensor], rows=slice(None), *, dual_cl
     logprobs = module.forward_train(piece)["logprobs"]
     config = algo.config
     loss, metrics = policy_loss(
-        logprobs, piece["old_logprobs"], piece["advantages"], piece["token_mask"],
-        clip_low=config.clip_low, clip_high=config.clip_high, dual_clip=dual_clip, agg=agg,
+        logprobs,
+        piece["old_logprobs"],
+        piece["advantages"],
+        piece["token_mask"],
+        clip_low=config.clip_low,
+        clip_high=config.clip_high,
+        dual_clip=dual_clip,
+        agg=agg,
     )
     gradients = torch.autograd.grad(loss, parameters, allow_unused=True)
     norm = math.sqrt(sum(float(g.square().sum()) for g in gradients if g is not None))
@@ -244,8 +274,9 @@ def test_token_mean_legacy_weights_each_micro_batch_token_mean_by_its_rows(ray_s
 
     splits = []
     original = dapo_rl.learner.token_budget_micro_batches
-    monkeypatch.setattr(dapo_rl.learner, "token_budget_micro_batches",
-                        lambda *a, **k: splits.append(original(*a, **k)) or splits[-1])
+    monkeypatch.setattr(
+        dapo_rl.learner, "token_budget_micro_batches", lambda *a, **k: splits.append(original(*a, **k)) or splits[-1]
+    )
     budget = 40  # padded tokens: _unequal_minibatch's 8 rows split into 3 / 4 / 1 rows
     logged, one_pass, legacy = {}, {}, {}
     for agg in ("token-mean-legacy", "token-mean"):
@@ -255,8 +286,9 @@ def test_token_mean_legacy_weights_each_micro_batch_token_mean_by_its_rows(ray_s
             tokens = [int(batch["token_mask"][rows].sum()) for rows in micro_batches]
             assert len(micro_batches) == 3 and len(set(tokens)) == 3, tokens
             one_pass[agg] = hand_loss(algo, batch)[0]
-            legacy[agg] = sum(hand_loss(algo, batch, rows)[0] * len(rows) / len(batch["token_mask"])
-                              for rows in micro_batches)
+            legacy[agg] = sum(
+                hand_loss(algo, batch, rows)[0] * len(rows) / len(batch["token_mask"]) for rows in micro_batches
+            )
             splits.clear()
             algo._update(batch)
             assert [rows.tolist() for rows in splits[0]] == [rows.tolist() for rows in micro_batches]

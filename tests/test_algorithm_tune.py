@@ -40,7 +40,8 @@ def test_tune_runs_two_iterations_with_metrics(ray_session, tmp_path):
     assert dapo["train_accuracy"] == dapo["generated_accuracy"]
     responses = TINY["prompts_per_step"] * TINY["group_size"]
     assert dapo["generated_tokens_per_second"] == pytest.approx(
-        dapo["response_length_mean"] * responses / dapo["generate_seconds"], rel=1e-6)
+        dapo["response_length_mean"] * responses / dapo["generate_seconds"], rel=1e-6
+    )
     learner = metrics["learners"][DEFAULT_MODULE_ID]
     for key in ("policy_loss", "clip_frac_high", "clip_frac_low", "entropy", "approx_kl"):
         assert math.isfinite(learner[key]), key

@@ -182,11 +182,18 @@ def test_max_staleness_0_is_the_plain_synchronous_algorithm(ray_session):
     Ray-free pieces called by hand (benchmarks/step.py's plain loop)."""
     if HASH_ENV not in gym.registry:
         register_reasoning_env(
-            HASH_ENV, dataset=[{"prompt": f"question {i}", "answer": str(i)} for i in range(32)],
-            verifier=Verifier(name="hash_coin_async", fn=_hash_coin, isolate=False), prompt_template="plain",
+            HASH_ENV,
+            dataset=[{"prompt": f"question {i}", "answer": str(i)} for i in range(32)],
+            verifier=Verifier(name="hash_coin_async", fn=_hash_coin, isolate=False),
+            prompt_template="plain",
         )
-    config = (DAPOConfig().rl_module(model_config={"model": "tiny-qwen2"}).environment(HASH_ENV)
-              .training(**{**TINY, **ASYNC, "max_staleness": 0, "importance_weight_cap": 1.1}).debugging(seed=0))
+    config = (
+        DAPOConfig()
+        .rl_module(model_config={"model": "tiny-qwen2"})
+        .environment(HASH_ENV)
+        .training(**{**TINY, **ASYNC, "max_staleness": 0, "importance_weight_cap": 1.1})
+        .debugging(seed=0)
+    )
     with built_algo(config) as algo:
         initial = learner_weights(algo)
         plain = make_plain_state(config, "tiny-qwen2", seed=0)
@@ -196,7 +203,9 @@ def test_max_staleness_0_is_the_plain_synchronous_algorithm(ray_session):
             assert "staleness_mean" not in result["dapo"]
             assert "importance_weight_mean" not in result["learners"][DEFAULT_MODULE_ID]
         weights = learner_weights(algo)
-    plain_weights = {f"causal_lm.{name}": value.detach().numpy() for name, value in plain["learner_model"].state_dict().items()}
+    plain_weights = {
+        f"causal_lm.{name}": value.detach().numpy() for name, value in plain["learner_model"].state_dict().items()
+    }
     assert set(plain_weights) == set(weights)
     moved = max(float(np.max(np.abs(weights[name] - plain_weights[name]))) for name in weights)
     assert moved <= 1e-5, moved
@@ -211,10 +220,18 @@ def test_max_staleness_0_is_the_plain_synchronous_algorithm(ray_session):
     [(1, 1, False), (2, 2, False), (2, 2, True)],
 )
 def test_the_staleness_bound_holds_with_remote_runners_and_stale_rounds_are_dropped(
-        ray_session, num_env_runners, max_staleness, dynamic_sampling):
-    algo = (make_config(max_staleness=max_staleness, dynamic_sampling=dynamic_sampling, max_sampling_rounds=2,
-                        on_sampling_limit="train")
-            .env_runners(num_env_runners=num_env_runners).build_algo())
+    ray_session, num_env_runners, max_staleness, dynamic_sampling
+):
+    algo = (
+        make_config(
+            max_staleness=max_staleness,
+            dynamic_sampling=dynamic_sampling,
+            max_sampling_rounds=2,
+            on_sampling_limit="train",
+        )
+        .env_runners(num_env_runners=num_env_runners)
+        .build_algo()
+    )
     try:
         results = [algo.train() for _ in range(4)]
         staleness = [r["dapo"]["staleness_max"] for r in results]
@@ -246,7 +263,8 @@ def test_the_staleness_bound_holds_with_remote_runners_and_stale_rounds_are_drop
         assert runner_versions(algo) == [algo._policy_version] * num_env_runners
         learner = learner_weights(algo)
         for weights in algo.env_runner_group.foreach_env_runner(
-                lambda runner: {k: np.asarray(v) for k, v in runner.module.get_state().items()}, local_env_runner=False):
+            lambda runner: {k: np.asarray(v) for k, v in runner.module.get_state().items()}, local_env_runner=False
+        ):
             assert weights.keys() == learner.keys()
             assert all(np.array_equal(weights[key], learner[key]) for key in learner)
     finally:
@@ -279,7 +297,8 @@ def test_generator_logprobs_stand_in_for_the_recomputed_ones(ray_session):
         assert got["dapo"]["reward_mean"] == expected["dapo"]["reward_mean"]
         for name in ("policy_loss", "approx_kl", "clip_frac_high"):
             assert got["learners"][DEFAULT_MODULE_ID][name] == pytest.approx(
-                expected["learners"][DEFAULT_MODULE_ID][name], rel=1e-3, abs=1e-6), name
+                expected["learners"][DEFAULT_MODULE_ID][name], rel=1e-3, abs=1e-6
+            ), name
     assert max(float(np.max(np.abs(recomputed_weights[k] - generated_weights[k]))) for k in recomputed_weights) < 1e-4
 
 

@@ -58,14 +58,19 @@ def test_chat_templated_prompt_to_finite_loss_with_gradient():
     problems = [env.problem(index) for index in range(2)]
     backend = HFGenerationBackend(model, pad_token_id=tokenizer.pad_token_id, eos_token_ids=[tokenizer.eos_token_id])
     runner = GenerationRunner(
-        env, tokenizer, OneRightAnswerPerGroup(backend, tokenizer, [p.answer for p in problems]),
+        env,
+        tokenizer,
+        OneRightAnswerPerGroup(backend, tokenizer, [p.answer for p in problems]),
         PromptSettings(max_prompt_length=256),  # apply_chat_template=None: used because the tokenizer has one
     )
     sampling = SamplingSettings(n=RESPONSES_PER_PROMPT, max_new_tokens=MAX_NEW_TOKENS)
     collected, _, rounds = collect_groups(
         lambda num_prompts: runner.sample(problems[:num_prompts], sampling, seed=0),
-        prompts_per_step=len(problems), generation_batch_prompts=len(problems), dynamic_sampling=False,
-        max_sampling_rounds=1, on_sampling_limit="error",
+        prompts_per_step=len(problems),
+        generation_batch_prompts=len(problems),
+        dynamic_sampling=False,
+        max_sampling_rounds=1,
+        on_sampling_limit="error",
     )
     rollout = rounds[0]
 
@@ -89,15 +94,20 @@ def test_chat_templated_prompt_to_finite_loss_with_gradient():
     assert rollout["response_text"][RESPONSES_PER_PROMPT - 1] == f"Answer: {problems[0].answer}"
 
     batch = build_train_batch(
-        collected, pad_token_id=tokenizer.pad_token_id, max_response_length=MAX_NEW_TOKENS, overlong_cache_len=0,
-        overlong_penalty_factor=0.0, overlong_filter=False, advantage_scale="std",
+        collected,
+        pad_token_id=tokenizer.pad_token_id,
+        max_response_length=MAX_NEW_TOKENS,
+        overlong_cache_len=0,
+        overlong_penalty_factor=0.0,
+        overlong_filter=False,
+        advantage_scale="std",
     )
     # Packing puts each prompt (left-padded) before its response: the response columns hold only the response.
     response_width = batch["response_mask"].shape[1]
     prompt_columns, response_columns = batch["input_ids"][:, :-response_width], batch["input_ids"][:, -response_width:]
     rows = zip(rollout["prompt_token_ids"], rollout["response_token_ids"], strict=True)
     for row, (prompt_ids, response_ids) in enumerate(rows):
-        assert prompt_columns[row, -len(prompt_ids):].tolist() == prompt_ids
+        assert prompt_columns[row, -len(prompt_ids) :].tolist() == prompt_ids
         assert response_columns[row][batch["response_mask"][row].bool()].tolist() == response_ids
     assert bool((batch["advantages"] != 0).all())
 

@@ -58,7 +58,9 @@ def test_the_manifest_names_what_makes_a_checkpoint_incomplete(tmp_path):
     checkpoint = fake_checkpoint(tmp_path / "c", {"state.pkl": b"x" * 100, "learner/module.pkl": b"y" * 10})
     assert checkpoint_problem(checkpoint) is None
     (checkpoint / "learner" / "module.pkl").write_bytes(b"y" * 4)  # a copy cut short
-    assert checkpoint_problem(checkpoint) == f"{checkpoint / 'learner' / 'module.pkl'} has 4 bytes, its manifest says 10"
+    assert (
+        checkpoint_problem(checkpoint) == f"{checkpoint / 'learner' / 'module.pkl'} has 4 bytes, its manifest says 10"
+    )
     (checkpoint / "learner" / "module.pkl").unlink()  # a copy that had not reached it
     assert checkpoint_problem(checkpoint) == f"{checkpoint / 'learner' / 'module.pkl'} is missing"
     (checkpoint / CHECKPOINT_MANIFEST).write_text('{"iteration": 1, "files": {"sta')  # a manifest cut short
@@ -118,7 +120,8 @@ while True:
 def same_files(a: Path, b: Path) -> bool:
     names = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     return names == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file()) and all(
-        filecmp.cmp(a / name, b / name, shallow=False) for name in names)
+        filecmp.cmp(a / name, b / name, shallow=False) for name in names
+    )
 
 
 def test_sigkill_during_checkpoint_writes_and_deletes_leaves_a_complete_one(ray_session, trained_checkpoint, tmp_path):
@@ -127,7 +130,9 @@ def test_sigkill_during_checkpoint_writes_and_deletes_leaves_a_complete_one(ray_
     root.mkdir()
     fs = pyarrow.fs.LocalFileSystem()
     # The first checkpoint is written whole; then one cycle (a copy and a delete) is timed.
-    _pyarrow_fs_copy_files(str(source), str(root / "checkpoint_000000"), source_filesystem=fs, destination_filesystem=fs)
+    _pyarrow_fs_copy_files(
+        str(source), str(root / "checkpoint_000000"), source_filesystem=fs, destination_filesystem=fs
+    )
     started = time.perf_counter()
     _pyarrow_fs_copy_files(str(source), str(tmp_path / "timing"), source_filesystem=fs, destination_filesystem=fs)
     _delete_fs_path(fs, str(tmp_path / "timing"))
@@ -135,8 +140,9 @@ def test_sigkill_during_checkpoint_writes_and_deletes_leaves_a_complete_one(ray_
     kills, cut_short, incomplete_before = 8, 0, set()
     for kill in range(kills):
         next_index = 1 + max(int(p.name.split("_")[1]) for p in root.iterdir())
-        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(source), str(root), str(next_index)],
-                                  stdout=subprocess.PIPE, text=True)
+        writer = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(source), str(root), str(next_index)], stdout=subprocess.PIPE, text=True
+        )
         assert writer.stdout.readline().strip() == "ready"
         time.sleep(cycle * (1 + kill / kills))  # kills spread over a cycle, one cycle in
         writer.send_signal(signal.SIGKILL)

@@ -43,7 +43,10 @@ def test_yaml_and_set_override_in_order(tmp_path):
     ("assignment", "message"),
     [
         ("foo=1", "unknown setting 'foo'"),
-        ("group_size=abc", "--set group_size=abc: group_size must be an integer >= 2 (advantages need a group), got 'abc'"),
+        (
+            "group_size=abc",
+            "--set group_size=abc: group_size must be an integer >= 2 (advantages need a group), got 'abc'",
+        ),
         ("dynamic_sampling=3", "--set dynamic_sampling=3: dynamic_sampling must be True or False, got 3"),
         ("iterations", "--set takes key=value"),
     ],
@@ -58,12 +61,16 @@ def test_text_values_keep_their_whitespace_and_quoted_ones_their_escapes():
     assert load_job(None, [f"env_config.prompt_template={template}"])["env_config"]["prompt_template"] == template
     quoted = load_job(None, ['env_config.prompt_template="Q: {problem}\\n"'])["env_config"]["prompt_template"]
     assert quoted == "Q: {problem}\n"
-    assert load_job(None, ["env_config.operators=+-", "env_config.digits=3"])["env_config"] == {"operators": "+-", "digits": 3}
+    assert load_job(None, ["env_config.operators=+-", "env_config.digits=3"])["env_config"] == {
+        "operators": "+-",
+        "digits": 3,
+    }
 
 
 def test_asynchronous_settings_from_the_command_line():
-    job = load_job(None, ["num_env_runners=1", "max_staleness=1", "importance_weight_cap=null",
-                          "recompute_old_logprobs=false"])
+    job = load_job(
+        None, ["num_env_runners=1", "max_staleness=1", "importance_weight_cap=null", "recompute_old_logprobs=false"]
+    )
     config = build_config(job, job["model"])
     assert (config.max_staleness, config.importance_weight_cap, config.recompute_old_logprobs) == (1, None, False)
     with pytest.raises(JobError, match=r"max_staleness must be an integer >= 0 \(0: synchronous\), got None"):
@@ -91,7 +98,10 @@ def test_inconsistent_settings_fail_validation_with_values_on_one_line():
         (["train", "--set", "loggers=[wandb, tensorboardx]"], r"unknown logger\(s\) \['tensorboardx'\]"),
         (["eval", "--model", "/no/such/model", "--env", "dapo/AIME24-v0"], "'/no/such/model' is neither"),
         (["eval", "--model", "tiny-qwen2", "--env", "dapo/Nope-v0"], "unknown environment id"),
-        (["eval", "--model", "tiny-qwen2", "--env", "dapo/AIME24-v0", "--env-config", "split"], "--env-config takes key=value"),
+        (
+            ["eval", "--model", "tiny-qwen2", "--env", "dapo/AIME24-v0", "--env-config", "split"],
+            "--env-config takes key=value",
+        ),
     ],
 )
 def test_user_errors_exit_2_with_one_line_and_no_traceback(argv, message, capsys, tmp_path):
@@ -109,17 +119,32 @@ def test_a_logger_without_its_package_names_the_pip_command(monkeypatch, capsys,
     assert main(["train", "--logger", "wandb", "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.splitlines()[-1] == (
-        "dapo-rl: error: logger 'wandb' needs the wandb package: pip install wandb (or pip install 'dapo-rl[tracking]')")
+        "dapo-rl: error: logger 'wandb' needs the wandb package: pip install wandb (or pip install 'dapo-rl[tracking]')"
+    )
     assert not (tmp_path / "out").exists()  # nothing ran
 
 
 def test_eval_command_is_evaluate_model_with_the_given_options(capsys):
-    argv = ["eval", "--model", "tiny-qwen2", "--env", "dapo/Arithmetic-v0", "--samples", "2", "--problems", "3",
-            "--max-new-tokens", "4", "--env-config", "split=test"]
+    argv = [
+        "eval",
+        "--model",
+        "tiny-qwen2",
+        "--env",
+        "dapo/Arithmetic-v0",
+        "--samples",
+        "2",
+        "--problems",
+        "3",
+        "--max-new-tokens",
+        "4",
+        "--env-config",
+        "split=test",
+    ]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
-    expected = evaluate_model("tiny-qwen2", "dapo/Arithmetic-v0", env_config={"split": "test"}, samples=2, num_problems=3,
-                              max_new_tokens=4)
+    expected = evaluate_model(
+        "tiny-qwen2", "dapo/Arithmetic-v0", env_config={"split": "test"}, samples=2, num_problems=3, max_new_tokens=4
+    )
     assert result == expected.as_dict()
     assert (result["num_problems"], result["samples"]) == (3, 2)
     # The dapo verifier needs "Answer: N": no 4-token response holds it, whatever the weights.
@@ -129,13 +154,37 @@ def test_eval_command_is_evaluate_model_with_the_given_options(capsys):
 
 def test_eval_command_scores_the_held_out_split_unless_told_and_takes_the_chat_template_switch(monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(cli, "evaluate_policy", lambda model, env, **kwargs: calls.append((model, env, kwargs)) or
-                        evaluate_model(model, env, **kwargs))
-    argv = ["eval", "--model", "tiny-qwen2", "--env", "dapo/Arithmetic-v0", "--samples", "1", "--problems", "2",
-            "--max-new-tokens", "2", "--chat-template", "off", "--max-prompt-length", "8"]
+    monkeypatch.setattr(
+        cli,
+        "evaluate_policy",
+        lambda model, env, **kwargs: calls.append((model, env, kwargs)) or evaluate_model(model, env, **kwargs),
+    )
+    argv = [
+        "eval",
+        "--model",
+        "tiny-qwen2",
+        "--env",
+        "dapo/Arithmetic-v0",
+        "--samples",
+        "1",
+        "--problems",
+        "2",
+        "--max-new-tokens",
+        "2",
+        "--chat-template",
+        "off",
+        "--max-prompt-length",
+        "8",
+    ]
     assert main(argv) == 0 and main([*argv, "--env-config", "split=train"]) == 0
     capsys.readouterr()
-    settings = {"samples": 1, "num_problems": 2, "max_new_tokens": 2, "apply_chat_template": False, "max_prompt_length": 8}
+    settings = {
+        "samples": 1,
+        "num_problems": 2,
+        "max_new_tokens": 2,
+        "apply_chat_template": False,
+        "max_prompt_length": 8,
+    }
     assert calls == [
         ("tiny-qwen2", "dapo/Arithmetic-v0", {"env_config": {"split": "test"}, **settings}),
         ("tiny-qwen2", "dapo/Arithmetic-v0", {"env_config": {"split": "train"}, **settings}),
@@ -152,8 +201,17 @@ def test_dtype_reaches_the_module_config():
 # -- a one-iteration run with trackers --------------------------------------------------------------
 
 #: The smallest run: no warm-start, one DAPO iteration of 4 prompts x 2 responses, 2 held-out problems.
-ONE_ITERATION = ["iterations=1", "warmstart_steps=0", "eval_problems=2", "eval_samples=1", "prompts_per_step=4",
-                 "minibatch_prompts=2", "group_size=2", "generation_batch_prompts=4", "dynamic_sampling=false"]
+ONE_ITERATION = [
+    "iterations=1",
+    "warmstart_steps=0",
+    "eval_problems=2",
+    "eval_samples=1",
+    "prompts_per_step=4",
+    "minibatch_prompts=2",
+    "group_size=2",
+    "generation_batch_prompts=4",
+    "dynamic_sampling=false",
+]
 
 
 def wandb_history(path) -> list[dict]:
@@ -173,7 +231,9 @@ def wandb_history(path) -> list[dict]:
             record = wandb_internal_pb2.Record()
             record.ParseFromString(pending)
             if record.WhichOneof("record_type") == "history":
-                rows.append({"/".join(item.nested_key) or item.key: json.loads(item.value_json) for item in record.history.item})
+                rows.append(
+                    {"/".join(item.nested_key) or item.key: json.loads(item.value_json) for item in record.history.item}
+                )
     return rows
 
 
@@ -216,8 +276,9 @@ def _bad_inputs(folder):
     (folder / "broken.yaml").write_text("training: {lr: 1e-4\n")
     (folder / "list.yaml").write_text("- lr\n- 1e-4\n")
     pq.write_table(pa.table({"prompt": ["What is 1 + 1?", None], "answer": ["2", "3"]}), folder / "bad_row.parquet")
-    pq.write_table(pa.table({"prompt": pa.array([], pa.string()), "answer": pa.array([], pa.string())}),
-                   folder / "empty.parquet")
+    pq.write_table(
+        pa.table({"prompt": pa.array([], pa.string()), "answer": pa.array([], pa.string())}), folder / "empty.parquet"
+    )
     from dapo_rl.models import load_policy, save_policy
 
     save_policy(*load_policy("tiny-qwen2"), folder / "no_weights")
@@ -227,17 +288,25 @@ def _bad_inputs(folder):
         (folder / "no_tokenizer" / name).unlink()
     math_env = ["--set", "env=dapo/Math-v0", "--set", "env_config={}"]
     return [
-        (["--config", str(folder / "broken.yaml")],
-         f"config file {folder / 'broken.yaml'} is not valid YAML: line 2, column 1: expected ',' or '}}'"),
+        (
+            ["--config", str(folder / "broken.yaml")],
+            f"config file {folder / 'broken.yaml'} is not valid YAML: line 2, column 1: expected ',' or '}}'",
+        ),
         (["--config", str(folder / "list.yaml")], "must hold a mapping of settings, got list"),
-        (["--set", "env_config.digitz=3"],
-         r"unknown env_config key\(s\) \['digitz'\] for dapo/Arithmetic-v0; it takes: operands, operators, digits"),
-        ([*math_env, "--set", f"env_config.dataset={folder / 'bad_row.parquet'}"],
-         rf"{folder / 'bad_row.parquet'}: row 1, column 'prompt': expected a string, got null"),
+        (
+            ["--set", "env_config.digitz=3"],
+            r"unknown env_config key\(s\) \['digitz'\] for dapo/Arithmetic-v0; it takes: operands, operators, digits",
+        ),
+        (
+            [*math_env, "--set", f"env_config.dataset={folder / 'bad_row.parquet'}"],
+            rf"{folder / 'bad_row.parquet'}: row 1, column 'prompt': expected a string, got null",
+        ),
         ([*math_env, "--set", f"env_config.dataset={folder / 'empty.parquet'}"], "the data set has no rows"),
-        (["--set", "max_prompt_length=12"],
-         r"prompts checked are over max_prompt_length; the first: the prompt of problem 0 \(id .*\) has \d+ tokens, "
-         r"over max_prompt_length 12: raise max_prompt_length, or set prompt_truncation='left'"),
+        (
+            ["--set", "max_prompt_length=12"],
+            r"prompts checked are over max_prompt_length; the first: the prompt of problem 0 \(id .*\) has \d+ tokens, "
+            r"over max_prompt_length 12: raise max_prompt_length, or set prompt_truncation='left'",
+        ),
         (["--set", f"model={folder / 'no_weights'}"], rf"model folder {folder / 'no_weights'} has no weights"),
         (["--set", f"model={folder / 'no_tokenizer'}"], rf"model folder {folder / 'no_tokenizer'} has no tokenizer"),
     ]

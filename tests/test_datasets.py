@@ -65,12 +65,16 @@ def _write_jsonl(path, rows):
 def test_plain_schema_jsonl_and_parquet(tmp_path):
     rows = [{"question": "1+1?", "answer": 2}, {"question": "2+2?", "answer": "4"}]
     # Integer answers become strings (a jsonl column has one type, so these are all integers).
-    table = load(_write_jsonl(tmp_path / "ints.jsonl", [{"problem": "1+1?", "answer": 2}, {"problem": "3?", "answer": 3}]))
+    table = load(
+        _write_jsonl(tmp_path / "ints.jsonl", [{"problem": "1+1?", "answer": 2}, {"problem": "3?", "answer": 3}])
+    )
     assert table.column("answer").to_pylist() == ["2", "3"]
     assert table.column("data_source").to_pylist() == ["ints", "ints"]
     assert table.column("id").to_pylist() == ["0", "1"]
     pq.write_table(pa.Table.from_pylist([{"problem": "p", "answer": "a", "id": 7}]), tmp_path / "plain.parquet")
-    assert load(tmp_path / "plain.parquet").to_pylist() == [{"id": "7", "prompt": "p", "answer": "a", "data_source": "plain"}]
+    assert load(tmp_path / "plain.parquet").to_pylist() == [
+        {"id": "7", "prompt": "p", "answer": "a", "data_source": "plain"}
+    ]
     assert load(rows).column("prompt").to_pylist() == ["1+1?", "2+2?"]
     assert load(pa.table({"problem": ["p", "q"], "answer": [2, 4]})).column("answer").to_pylist() == ["2", "4"]
 
@@ -121,7 +125,9 @@ def test_missing_answer_in_one_row(tmp_path):
 
 
 def test_empty_answer(tmp_path):
-    path = _write_jsonl(tmp_path / "empty.jsonl", [{"problem": "p", "answer": "1"}] * 2 + [{"problem": "q", "answer": "  "}])
+    path = _write_jsonl(
+        tmp_path / "empty.jsonl", [{"problem": "p", "answer": "1"}] * 2 + [{"problem": "q", "answer": "  "}]
+    )
     _expect_error(path, str(path), "row 2", "column 'answer'", "empty")
 
 

@@ -52,8 +52,9 @@ def _learner_loss(logprobs: torch.Tensor, batch: dict[str, torch.Tensor], normal
     from dapo_rl.learner import DAPOTorchLearner  # imports RLlib's Learner classes; starts no Ray
 
     rows, width = batch["response_mask"].shape
-    config = SimpleNamespace(loss_agg="token-mean", max_response_length=width, clip_low=0.2, clip_high=0.28,
-                             dual_clip=None)
+    config = SimpleNamespace(
+        loss_agg="token-mean", max_response_length=width, clip_low=0.2, clip_high=0.28, dual_clip=None
+    )
     learner_batch = {
         "token_mask": batch["response_mask"],
         "loss_normalizer": torch.full((rows,), normalizer),  # the global count, on every row

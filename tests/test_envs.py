@@ -324,7 +324,9 @@ def test_register_reasoning_env_with_rows_and_a_function():
     with pytest.raises(ValueError, match="already registered"):
         register_reasoning_env("dapo/AIME24-v0", dataset="aime24", verifier="dapo", prompt_template="dapo")
     with pytest.raises(KeyError, match="no verifier named"):
-        register_reasoning_env(f"test/Bad-{uuid.uuid4().hex[:6]}-v0", dataset="aime24", verifier="x", prompt_template="dapo")
+        register_reasoning_env(
+            f"test/Bad-{uuid.uuid4().hex[:6]}-v0", dataset="aime24", verifier="x", prompt_template="dapo"
+        )
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])

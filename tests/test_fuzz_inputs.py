@@ -28,31 +28,115 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*render_mode.*:UserWarning")
 
 ENV_IDS = sorted(env_id for env_id in gym.registry if env_id.startswith("dapo/"))
 
-FUZZ = settings(max_examples=25, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 #: What YAML can hand a constructor: scalars of every type (huge, negative, NaN, infinite, empty) and
 #: small lists and mappings of them.
-SCALARS = (st.none() | st.booleans() | st.integers(min_value=-(10**30), max_value=10**30)
-           | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12))
-ANY_VALUE = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
-                         max_size=3), max_leaves=6)
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**30), max_value=10**30)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12)
+)
+ANY_VALUE = st.recursive(
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
 #: Values near the settings' own domains, so that examples also reach the checks past the type test
 #: (and build working environments).
-NEAR_DOMAIN = st.sampled_from([
-    0, 1, 2, 3, 6, 7, -1, 0.0, 0.5, 1.0, 1.5, "+", "-", "*", "+-*", "/", "train", "test", "dapo", "boxed",
-    "math_verify", "gsm8k", "nope", "{problem}?", "aime24", "math500", "ansi", "human", ["+"], ["+", "x"], [None],
-    {"max_chars": 8}, {"max_chars": -1}, {"nope": 1}, {"decimals": True},
-])
+NEAR_DOMAIN = st.sampled_from(
+    [
+        0,
+        1,
+        2,
+        3,
+        6,
+        7,
+        -1,
+        0.0,
+        0.5,
+        1.0,
+        1.5,
+        "+",
+        "-",
+        "*",
+        "+-*",
+        "/",
+        "train",
+        "test",
+        "dapo",
+        "boxed",
+        "math_verify",
+        "gsm8k",
+        "nope",
+        "{problem}?",
+        "aime24",
+        "math500",
+        "ansi",
+        "human",
+        ["+"],
+        ["+", "x"],
+        [None],
+        {"max_chars": 8},
+        {"max_chars": -1},
+        {"nope": 1},
+        {"decimals": True},
+    ]
+)
 VALUES = ANY_VALUE | NEAR_DOMAIN
 
 #: --set / --env-config text: YAML's special forms (null, sequences, mappings, quoted, odd numbers)
 #: and arbitrary text.
-YAML_TEXT = st.sampled_from([
-    "-", "- x", "[1, 2]", "[]", "{}", "{a: 1}", "null", "~", "yes", "no", "true", "1e400", ".nan", "-.inf", "0x1F",
-    "'-'", '"+-"', "'", '"', ":", "a: b", "[", "{", "&a", "*a", "!!python/object:os.system", "3", "-3", "0.5", "",
-    " ", "+-", "train", "test", "dapo", "tiny-qwen2", "a\nb", ":\n",
-]) | st.text(max_size=16)
+YAML_TEXT = st.sampled_from(
+    [
+        "-",
+        "- x",
+        "[1, 2]",
+        "[]",
+        "{}",
+        "{a: 1}",
+        "null",
+        "~",
+        "yes",
+        "no",
+        "true",
+        "1e400",
+        ".nan",
+        "-.inf",
+        "0x1F",
+        "'-'",
+        '"+-"',
+        "'",
+        '"',
+        ":",
+        "a: b",
+        "[",
+        "{",
+        "&a",
+        "*a",
+        "!!python/object:os.system",
+        "3",
+        "-3",
+        "0.5",
+        "",
+        " ",
+        "+-",
+        "train",
+        "test",
+        "dapo",
+        "tiny-qwen2",
+        "a\nb",
+        ":\n",
+    ]
+) | st.text(max_size=16)
 
 
 def _env_parameters(env_id: str) -> tuple[type, dict, list[str]]:
@@ -138,8 +222,10 @@ def test_an_unknown_verifier_is_a_key_error_and_a_value_error_in_one_line():
 def test_env_config_from_the_command_line_gives_an_env_or_a_one_line_job_error(env_id, data):
     _, _, names = _env_parameters(env_id)
     keys = st.sampled_from([*names, "nope"])
-    assignments = data.draw(st.lists(st.builds(lambda key, text: f"{key}={text}", keys, YAML_TEXT), min_size=1,
-                                      max_size=3), label="assignments")
+    assignments = data.draw(
+        st.lists(st.builds(lambda key, text: f"{key}={text}", keys, YAML_TEXT), min_size=1, max_size=3),
+        label="assignments",
+    )
     try:
         env_config = dict(parse_assignment(assignment, "--env-config") for assignment in assignments)
         env = make_env(env_id, env_config)
@@ -159,10 +245,26 @@ TRAINING_KEYS = sorted(set(DAPO_SETTINGS) | set(OPTIMIZER_DEFAULTS))
 
 
 @FUZZ
-@given(assignments=st.lists(st.builds(lambda key, text: f"{key}={text}",
-                                      st.sampled_from([*sorted(JOB_KEYS), *TRAINING_KEYS, "env_config.operators",
-                                                       "env_config.digits", "env_config.nope", "nope"]),
-                                      YAML_TEXT), min_size=1, max_size=3))
+@given(
+    assignments=st.lists(
+        st.builds(
+            lambda key, text: f"{key}={text}",
+            st.sampled_from(
+                [
+                    *sorted(JOB_KEYS),
+                    *TRAINING_KEYS,
+                    "env_config.operators",
+                    "env_config.digits",
+                    "env_config.nope",
+                    "nope",
+                ]
+            ),
+            YAML_TEXT,
+        ),
+        min_size=1,
+        max_size=3,
+    )
+)
 def test_set_assignments_give_a_job_or_a_one_line_job_error(assignments):
     """What ``dapo-rl train --set ...`` does before any work: parse, type-check, validate, make the env."""
     try:
@@ -195,8 +297,16 @@ def test_the_same_value_in_train_set_gets_the_same_hint(capsys, tmp_path):
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("--problems", "0"), ("--max-new-tokens", "0"), ("--max-prompt-length", "-1"), ("--tensor-parallel-size", "0"),
-     ("--seed", "-1"), ("--temperature", "nan"), ("--temperature", "0"), ("--top-p", "1.5")],
+    [
+        ("--problems", "0"),
+        ("--max-new-tokens", "0"),
+        ("--max-prompt-length", "-1"),
+        ("--tensor-parallel-size", "0"),
+        ("--seed", "-1"),
+        ("--temperature", "nan"),
+        ("--temperature", "0"),
+        ("--top-p", "1.5"),
+    ],
 )
 def test_eval_options_out_of_range_exit_2_in_one_line(option, value, capsys):
     argv = ["eval", "--model", "tiny-qwen2", "--env", "dapo/Arithmetic-v0", option, value]

@@ -30,8 +30,16 @@ def test_bf16_step_at_8k_tokens_on_a_half_billion_parameter_model():
     def gradient(mixed_precision):
         model.zero_grad(set_to_none=True)
         logprobs, _ = response_logprobs(model, batch, mixed_precision=mixed_precision, chunk_size=1024)
-        loss, _ = policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], mask,
-                              clip_low=0.2, clip_high=0.28, agg="token-mean", normalizer=float(mask.sum()))
+        loss, _ = policy_loss(
+            logprobs,
+            batch["old_logprobs"],
+            batch["advantages"],
+            mask,
+            clip_low=0.2,
+            clip_high=0.28,
+            agg="token-mean",
+            normalizer=float(mask.sum()),
+        )
         loss.backward()
         assert torch.isfinite(loss)
         return torch.cat([p.grad.flatten() for p in model.parameters()]).clone()

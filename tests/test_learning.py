@@ -28,7 +28,7 @@ def test_dapo_raises_held_out_accuracy(ray_session, tmp_path, monkeypatch):
 
 
 LEARNING_RUN = [
-        "iterations=40",
+    "iterations=40",
     "eval_problems=100",
 ]
 MIN_GAIN = 0.08

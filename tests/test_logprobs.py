@@ -154,9 +154,7 @@ def test_max_and_zero_token_ids():
 
 def test_int32_tokens_accepted():
     hidden, weight, tokens = make((5,), seed=9)
-    torch.testing.assert_close(
-        token_logprobs(hidden, weight, tokens.int()), reference(hidden, weight, tokens)[0]
-    )
+    torch.testing.assert_close(token_logprobs(hidden, weight, tokens.int()), reference(hidden, weight, tokens)[0])
 
 
 class _OutputShapes(TorchDispatchMode):
@@ -192,8 +190,9 @@ def test_never_materialises_full_logits(dtype):
     assert any("addmm" in name or "mm" in name for name in ops)  # the matmuls were seen ...
     assert any("scatter" in name for name in ops)  # ... backward's too
     # (rows, V) blocks; (H, V) is the transposed weight fed to the matmuls.
-    logits_blocks = [shape for _, shape in recorder.shapes if len(shape) == 2 and shape[1] == vocab
-                     and shape != (hsize, vocab)]
+    logits_blocks = [
+        shape for _, shape in recorder.shapes if len(shape) == 2 and shape[1] == vocab and shape != (hsize, vocab)
+    ]
     assert logits_blocks and max(rows for rows, _ in logits_blocks) == chunk
     # The (V, H) weight gradient is the largest thing allowed: far below rows x V.
     largest = max(math.prod(shape) for _, shape in recorder.shapes)
@@ -203,9 +202,7 @@ def test_never_materialises_full_logits(dtype):
 def test_bfloat16_upcast_cpu():
     """bf16 inputs: results are float32 and close to the float32 computation."""
     hidden, weight, tokens = make((2, 10), hsize=32, vocab=300, dtype=torch.float32, seed=11)
-    lp, ent = token_logprobs(
-        hidden.bfloat16(), weight.bfloat16(), tokens, chunk_size=7, return_entropy=True
-    )
+    lp, ent = token_logprobs(hidden.bfloat16(), weight.bfloat16(), tokens, chunk_size=7, return_entropy=True)
     assert lp.dtype == torch.float32 and ent.dtype == torch.float32
     ref_lp, ref_ent = reference(hidden.bfloat16().float(), weight.bfloat16().float(), tokens)
     # Logits are rounded to bf16 (8 bits of mantissa) before the float32 reductions.

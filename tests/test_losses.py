@@ -99,8 +99,15 @@ def ref_metrics(lp, old, adv, mask, cl, ch, c):
             kl1 += old[b][t] - lp[b][t]
             rsum += r
     d = max(n, 1)
-    return {"clip_frac_high": hi / d, "clip_frac_low": lo / d, "dual_clip_frac": dual / d,
-            "approx_kl": kl / d, "approx_kl_k1": kl1 / d, "ratio_mean": rsum / d, "num_tokens": float(n)}
+    return {
+        "clip_frac_high": hi / d,
+        "clip_frac_low": lo / d,
+        "dual_clip_frac": dual / d,
+        "approx_kl": kl / d,
+        "approx_kl_k1": kl1 / d,
+        "ratio_mean": rsum / d,
+        "num_tokens": float(n),
+    }
 
 
 def run(lp, old, adv, mask, **kwargs):
@@ -337,8 +344,13 @@ def test_micro_batches_with_global_normalizer_sum_to_full_batch(agg):
     for rows in ([0, 1, 2], [3, 4], [5], [6, 7]):
         cols = _trim(mask[rows])  # each micro-batch padded only to its own length
         loss, _ = policy_loss(
-            lp_leaf[rows, :cols], old[rows, :cols], adv[rows], mask[rows, :cols],
-            agg=agg, dual_clip=3.0, normalizer=full_norm,
+            lp_leaf[rows, :cols],
+            old[rows, :cols],
+            adv[rows],
+            mask[rows, :cols],
+            agg=agg,
+            dual_clip=3.0,
+            normalizer=full_norm,
         )
         loss.backward()  # gradient accumulation
         total += loss.item()
@@ -377,13 +389,15 @@ def test_per_micro_batch_token_mean_averaged_is_not_dapo():
     averaged = (run(lp[:1], lp[:1], adv[:1], mask[:1])[0] + run(lp[1:], lp[1:], adv[1:], mask[1:])[0]) / 2
     assert averaged == pytest.approx(1 / 2)
     assert averaged != pytest.approx(full)
-    with_global = sum(run(lp[i : i + 1], lp[i : i + 1], adv[i : i + 1], mask[i : i + 1],
-                          normalizer=loss_normalizer(mask))[0] for i in range(2))
+    with_global = sum(
+        run(lp[i : i + 1], lp[i : i + 1], adv[i : i + 1], mask[i : i + 1], normalizer=loss_normalizer(mask))[0]
+        for i in range(2)
+    )
     assert with_global == pytest.approx(full)
 
 
 def test_token_mean_legacy_pieces_follow_verls_micro_batch_formula():
-    """"token-mean-legacy" (verl's actor when the paper's run was made): on each of 2 data-parallel
+    """ "token-mean-legacy" (verl's actor when the paper's run was made): on each of 2 data-parallel
     learners, the sum over its micro-batches of (the micro-batch's own token mean x its rows / the
     learner's rows), then DDP's average over the learners (so no world-size scaling)."""
     agg = "token-mean-legacy"
@@ -398,12 +412,15 @@ def test_token_mean_legacy_pieces_follow_verls_micro_batch_formula():
         for rows in micro_batches:
             cols = _trim(mask[rows])  # each piece padded only to its own length
             normalizer, scale_by_world_size = piece_normalizer(
-                mask[rows, :cols], agg, minibatch_normalizer=minibatch_normalizer,
+                mask[rows, :cols],
+                agg,
+                minibatch_normalizer=minibatch_normalizer,
                 piece_row_share=len(rows) / shard_rows,
             )
             assert scale_by_world_size is False
-            loss, _ = policy_loss(lp_leaf[rows, :cols], old[rows, :cols], adv[rows], mask[rows, :cols],
-                                  agg=agg, normalizer=normalizer)
+            loss, _ = policy_loss(
+                lp_leaf[rows, :cols], old[rows, :cols], adv[rows], mask[rows, :cols], agg=agg, normalizer=normalizer
+            )
             (loss / world).backward()  # accumulate; DDP averages the learners' gradients
             total += loss.item() / world
 
@@ -413,8 +430,9 @@ def test_token_mean_legacy_pieces_follow_verls_micro_batch_formula():
     for micro_batches in shards:
         shard_rows = sum(len(rows) for rows in micro_batches)
         for rows in micro_batches:
-            value, grad = ref_policy_loss(lp[rows].tolist(), old[rows].tolist(), adv[rows].tolist(),
-                                          mask[rows].tolist(), "token-mean")
+            value, grad = ref_policy_loss(
+                lp[rows].tolist(), old[rows].tolist(), adv[rows].tolist(), mask[rows].tolist(), "token-mean"
+            )
             weight = len(rows) / shard_rows / world
             reference += weight * value
             reference_grad[rows] += weight * torch.tensor(grad, dtype=DTYPE)
@@ -426,8 +444,10 @@ def test_token_mean_legacy_pieces_follow_verls_micro_batch_formula():
     # DAPO's token-mean weighs every token alike, whatever the split: a different loss here.
     token_mean = run(lp, old, adv, mask, agg="token-mean")[0]
     assert abs(total - token_mean) > 1e-3
-    assert piece_normalizer(mask[:4], "token-mean", minibatch_normalizer=minibatch_normalizer,
-                            piece_row_share=0.5) == (minibatch_normalizer, True)
+    assert piece_normalizer(mask[:4], "token-mean", minibatch_normalizer=minibatch_normalizer, piece_row_share=0.5) == (
+        minibatch_normalizer,
+        True,
+    )
     # One learner, one piece: the legacy loss is the token mean.
     normalizer, _ = piece_normalizer(mask, agg, minibatch_normalizer=minibatch_normalizer)
     assert run(lp, old, adv, mask, agg=agg, normalizer=normalizer)[0] == pytest.approx(token_mean, rel=1e-12)

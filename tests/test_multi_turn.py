@@ -38,7 +38,11 @@ def tokenizer():
 def sample(env, tokenizer, policy, *, n=2, budget=64, logprobs=False, problems=2):
     runner = GenerationRunner(env, tokenizer, policy, PromptSettings(64))
     chosen = [env.problem(index) for index in range(problems)]
-    return runner, chosen, runner.sample(chosen, SamplingSettings(n=n, max_new_tokens=budget, logprobs=logprobs), seed=0)
+    return (
+        runner,
+        chosen,
+        runner.sample(chosen, SamplingSettings(n=n, max_new_tokens=budget, logprobs=logprobs), seed=0),
+    )
 
 
 def test_a_tool_episode_interleaves_model_and_environment_tokens(tokenizer):
@@ -93,7 +97,8 @@ def test_episodes_of_a_batch_end_at_different_turns(tokenizer):
     assert [len(contexts) for contexts, _ in policy.calls] == [2, 2, 2]  # later turns: only episodes going
     for row in range(4):
         assert rollout["response_loss_mask"][row].sum() == sum(
-            len(tokenizer(t, add_special_tokens=False).input_ids) + 1 for t in env_free_turns(rollout, row, tokenizer))
+            len(tokenizer(t, add_special_tokens=False).input_ids) + 1 for t in env_free_turns(rollout, row, tokenizer)
+        )
 
 
 def env_free_turns(rollout, row, tokenizer):
@@ -178,11 +183,20 @@ def test_environment_tokens_carry_no_loss_and_do_not_count(tokenizer):
         return text, done
 
     _, _, rollout = sample(env, tokenizer, ScriptedPolicy(tokenizer, half_right), n=4, problems=4)
-    collected = {key: torch.as_tensor(value) if isinstance(value, np.ndarray) else value
-                 for key, value in rollout.items() if isinstance(value, (list, np.ndarray))}
-    batch = build_train_batch(collected, pad_token_id=tokenizer.pad_token_id, max_response_length=64,
-                              overlong_cache_len=0, overlong_penalty_factor=0.0, overlong_filter=True,
-                              advantage_scale="std")
+    collected = {
+        key: torch.as_tensor(value) if isinstance(value, np.ndarray) else value
+        for key, value in rollout.items()
+        if isinstance(value, (list, np.ndarray))
+    }
+    batch = build_train_batch(
+        collected,
+        pad_token_id=tokenizer.pad_token_id,
+        max_response_length=64,
+        overlong_cache_len=0,
+        overlong_penalty_factor=0.0,
+        overlong_filter=True,
+        advantage_scale="std",
+    )
     for row, mask in enumerate(rollout["response_loss_mask"]):
         assert batch["token_mask"][row, : len(mask)].tolist() == mask.tolist()
         assert batch["token_mask"][row, len(mask) :].sum() == 0
@@ -207,18 +221,30 @@ def test_a_one_turn_episode_gives_exactly_todays_loss():
     losses, gradients, rollouts = [], [], []
     for env_id, extra in (("dapo/Math-v0", {}), ("dapo/MathRetry-v0", {"max_tries": 1})):
         env = gym.make(env_id, dataset=rows, prompt_template="plain", **extra).unwrapped
-        backend = HFGenerationBackend(model, pad_token_id=tokenizer.pad_token_id, eos_token_ids=[tokenizer.eos_token_id])
+        backend = HFGenerationBackend(
+            model, pad_token_id=tokenizer.pad_token_id, eos_token_ids=[tokenizer.eos_token_id]
+        )
         runner = GenerationRunner(env, tokenizer, backend, PromptSettings(32))
         sampling = SamplingSettings(n=4, max_new_tokens=12, logprobs=True)
         collected, _, [rollout] = collect_groups(
             lambda count: runner.sample([env.problem(i) for i in range(count)], sampling, seed=3),  # noqa: B023 (called in this iteration)
-            prompts_per_step=3, generation_batch_prompts=3, dynamic_sampling=False, max_sampling_rounds=1,
-            on_sampling_limit="error")
+            prompts_per_step=3,
+            generation_batch_prompts=3,
+            dynamic_sampling=False,
+            max_sampling_rounds=1,
+            on_sampling_limit="error",
+        )
         # A random model: score by length instead, for non-zero advantages (the same in both runs).
         collected["score"] = torch.as_tensor([(len(r) % 3) - 1.0 for r in rollout["response_token_ids"]])
-        batch = build_train_batch(collected, pad_token_id=tokenizer.pad_token_id, max_response_length=12,
-                                  overlong_cache_len=4, overlong_penalty_factor=1.0, overlong_filter=True,
-                                  advantage_scale="std")
+        batch = build_train_batch(
+            collected,
+            pad_token_id=tokenizer.pad_token_id,
+            max_response_length=12,
+            overlong_cache_len=4,
+            overlong_penalty_factor=1.0,
+            overlong_filter=True,
+            advantage_scale="std",
+        )
         model.zero_grad(set_to_none=True)
         logprobs, _ = response_logprobs(model, batch)
         loss, _ = policy_loss(logprobs, logprobs.detach() + 0.01, batch["advantages"], batch["token_mask"])
@@ -243,9 +269,12 @@ def test_chat_template_episodes_are_the_templated_conversation():
     runner, problems, rollout = sample(env, tokenizer, ScriptedPolicy(tokenizer, tool_user), budget=100)
     problem = problems[0]
     expression = problem.question.replace(" ", "")
-    conversation = [*problem.messages, {"role": "assistant", "content": f"<calc>{expression}</calc>"},
-                    {"role": "user", "content": f"<result>{problem.answer}</result>"},
-                    {"role": "assistant", "content": f"Answer: {problem.answer}"}]
+    conversation = [
+        *problem.messages,
+        {"role": "assistant", "content": f"<calc>{expression}</calc>"},
+        {"role": "user", "content": f"<result>{problem.answer}</result>"},
+        {"role": "assistant", "content": f"Answer: {problem.answer}"},
+    ]
     expected = tokenizer.apply_chat_template(conversation, tokenize=False)
     episode = tokenizer.decode(rollout["prompt_token_ids"][0] + rollout["response_token_ids"][0])
     # The template closes the last turn with "<|im_end|>\n"; generation stops at the EOS.
@@ -253,9 +282,12 @@ def test_chat_template_episodes_are_the_templated_conversation():
     assert rollout["acc"].all()
     environment = np.asarray(rollout["response_token_ids"][0])[rollout["response_loss_mask"][0] == 0]
     assert tokenizer.decode(environment.tolist()) == (
-        f"\n<|im_start|>user\n<result>{problem.answer}</result><|im_end|>\n<|im_start|>assistant\n")
-    assert runner.encode_environment_turn("x") == tokenizer("\n<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n",
-                                                              add_special_tokens=False).input_ids
+        f"\n<|im_start|>user\n<result>{problem.answer}</result><|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert (
+        runner.encode_environment_turn("x")
+        == tokenizer("\n<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False).input_ids
+    )
 
 
 def test_a_chat_template_without_the_eos_is_refused(tokenizer):
@@ -311,8 +343,14 @@ class StandInLLM:
             completions = []
             for index, (tokens, done) in enumerate(zip(generated.token_ids, generated.finished)):
                 # vLLM leaves the stop token out of token_ids; the backend puts it back.
-                completions.append(SimpleNamespace(index=index, token_ids=tuple(tokens[:-1] if done else tokens),
-                                                   finish_reason="stop" if done else "length", stop_reason=None))
+                completions.append(
+                    SimpleNamespace(
+                        index=index,
+                        token_ids=tuple(tokens[:-1] if done else tokens),
+                        finish_reason="stop" if done else "length",
+                        stop_reason=None,
+                    )
+                )
             outputs.append(SimpleNamespace(outputs=completions))
         return outputs
 
@@ -354,4 +392,6 @@ def test_math_retry_episodes_train_on_every_try_and_not_on_the_retry_message(tok
     for row in range(4):
         tokens, mask = rollout["response_token_ids"][row], rollout["response_loss_mask"][row]
         assert tokens[: len(first) + len(retry)] == first + retry
-        assert mask.tolist() == [1.0] * len(first) + [0.0] * len(retry) + [1.0] * (len(tokens) - len(first) - len(retry))
+        assert mask.tolist() == [1.0] * len(first) + [0.0] * len(retry) + [1.0] * (
+            len(tokens) - len(first) - len(retry)
+        )

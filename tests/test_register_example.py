@@ -25,8 +25,6 @@ def test_readme_registration_example_runs(tmp_path):
     script.write_text(_example_source(), encoding="utf-8")
     # A fresh interpreter, as a user would run it: the example registers global names and ids, and its
     # verifier (defined in __main__) must reach the worker processes.
-    completed = subprocess.run(
-        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120
-    )
+    completed = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert completed.stdout.startswith("What is the capital of France?\n")

@@ -151,8 +151,13 @@ def abusive(response, reference):
     numbers = re.findall(r"-?\\d+", response)
     return bool(numbers) and numbers[-1] == reference
 """
-FAILURE_KINDS = {0: "raised RuntimeError: bug in the user's verifier", 1: "returned str, not a VerifierResult",
-                 2: "returned a non-finite score (nan)", 3: "timeout: verifier", 4: "worker process died"}
+FAILURE_KINDS = {
+    0: "raised RuntimeError: bug in the user's verifier",
+    1: "returned str, not a VerifierResult",
+    2: "returned a non-finite score (nan)",
+    3: "timeout: verifier",
+    4: "worker process died",
+}
 
 
 def abusive_verifier():
@@ -188,8 +193,9 @@ def test_a_failing_user_verifier_costs_only_its_responses_and_is_counted(ray_ses
         assert math.isfinite(result["learners"][DEFAULT_MODULE_ID]["policy_loss"])
     # Each response the verifier failed on is scored wrong, flagged, and says why.
     kinds = [zlib.crc32(text.encode()) % 16 for text in rollout["response_text"]]
-    for kind, failed, score, reason in zip(kinds, rollout["verifier_failed"], rollout["score"], rollout["reason"],
-                                           strict=True):
+    for kind, failed, score, reason in zip(
+        kinds, rollout["verifier_failed"], rollout["score"], rollout["reason"], strict=True
+    ):
         assert failed == (kind in FAILURE_KINDS)
         if failed:
             assert score == -1.0 and FAILURE_KINDS[kind] in reason
@@ -239,7 +245,8 @@ def test_a_killed_env_runner_is_restarted_and_its_share_sampled_again(ray_sessio
             results.append(algo.train())
             healthy = algo.env_runner_group.num_healthy_remote_env_runners()
             runner_weights = algo.env_runner_group.foreach_env_runner(
-                lambda runner: {k: np.asarray(v) for k, v in runner.module.get_state().items()}, local_env_runner=False)
+                lambda runner: {k: np.asarray(v) for k, v in runner.module.get_state().items()}, local_env_runner=False
+            )
             learner = learner_weights(algo)
         finally:
             algo.stop()
@@ -260,7 +267,9 @@ def test_a_killed_env_runner_is_restarted_and_its_share_sampled_again(ray_sessio
     for expected, got in zip(reference, killed, strict=True):
         for name in ("reward_mean", "generated_accuracy", "response_length_mean", "prompts_trained", "optimizer_steps"):
             assert got["dapo"][name] == expected["dapo"][name], name
-        assert got["learners"][DEFAULT_MODULE_ID]["policy_loss"] == expected["learners"][DEFAULT_MODULE_ID]["policy_loss"]
+        assert (
+            got["learners"][DEFAULT_MODULE_ID]["policy_loss"] == expected["learners"][DEFAULT_MODULE_ID]["policy_loss"]
+        )
 
 
 def test_a_killed_learner_stops_the_run_naming_it_and_how_to_resume(ray_session):
@@ -299,8 +308,9 @@ def test_a_killed_env_runner_in_the_asynchronous_stream_costs_only_its_share(ray
             algo.restore_env_runners(algo.env_runner_group)
         results += [algo.train() for _ in range(2)]
         algo._stream.next_round()  # let the runners work through what they were sent
-        versions = algo.env_runner_group.foreach_env_runner(lambda runner: runner._policy_version,
-                                                            local_env_runner=False)
+        versions = algo.env_runner_group.foreach_env_runner(
+            lambda runner: runner._policy_version, local_env_runner=False
+        )
         healthy = algo.env_runner_group.num_healthy_remote_env_runners()
         version = algo._policy_version
     finally:

@@ -129,8 +129,14 @@ def test_unknown_variant_names_the_variants():
 
 def test_aime_eval():
     evaluation = aime_eval_32b()
-    assert (evaluation.env, evaluation.samples, evaluation.temperature, evaluation.top_p,
-            evaluation.max_new_tokens, evaluation.metric) == ("dapo/AIME24-v0", 32, 1.0, 0.7, 20480, "avg@32")
+    assert (
+        evaluation.env,
+        evaluation.samples,
+        evaluation.temperature,
+        evaluation.top_p,
+        evaluation.max_new_tokens,
+        evaluation.metric,
+    ) == ("dapo/AIME24-v0", 32, 1.0, 0.7, 20480, "avg@32")
     assert evaluation.env in gym.registry
     with pytest.raises(AttributeError):
         evaluation.samples = 4  # frozen
@@ -160,8 +166,14 @@ def test_each_row_adds_exactly_its_technique(rows_by_variant, variant):
 
 def test_naive_grpo_row():
     naive = table1_rows()["Naive GRPO"]
-    assert (naive.loss_agg, naive.clip_low, naive.clip_high, naive.dynamic_sampling, naive.overlong_filter,
-            naive.overlong_penalty_factor) == ("seq-mean-token-mean", 0.2, 0.2, False, False, 0.0)
+    assert (
+        naive.loss_agg,
+        naive.clip_low,
+        naive.clip_high,
+        naive.dynamic_sampling,
+        naive.overlong_filter,
+        naive.overlong_penalty_factor,
+    ) == ("seq-mean-token-mean", 0.2, 0.2, False, False, 0.0)
     assert changed(dapo_32b(), naive) == TECHNIQUE_KEYS
 
 
@@ -206,7 +218,8 @@ def test_paper_scale_changes_only_the_placement():
     scaled = apply_scale(config, "paper")
     placement = scales.PAPER_PLACEMENT["training"]
     assert {k: v for k, v in settings_of(scaled).items() if k not in placement} == {
-        k: v for k, v in settings_of(config).items() if k not in placement}
+        k: v for k, v in settings_of(config).items() if k not in placement
+    }
     assert {k: getattr(scaled, k) for k in placement} == placement
     assert (scaled.env, scaled.model_config) == (config.env, config.model_config)
     moved = apply_scale(config, "paper", model_path="/elsewhere")
@@ -218,8 +231,15 @@ def test_gpu_scale():
         config = apply_scale(dapo_32b(variant), "gpu", model_path="/models/qwen1.5b")
         assert config.env == "dapo/DAPOMath17k-v0"
         assert config.model_config == {"model": "/models/qwen1.5b", "dtype": "float32"}
-        assert (config.prompts_per_step, config.group_size, config.minibatch_prompts, config.generation_batch_prompts,
-                config.max_response_length, config.overlong_cache_len, config.lr) == (64, 8, 16, 192, 2048, 512, 1e-6)
+        assert (
+            config.prompts_per_step,
+            config.group_size,
+            config.minibatch_prompts,
+            config.generation_batch_prompts,
+            config.max_response_length,
+            config.overlong_cache_len,
+            config.lr,
+        ) == (64, 8, 16, 192, 2048, 512, 1e-6)
         # The warm-up keeps its length in rollout steps: 4 updates per rollout step here.
         assert settings.updates_per_rollout_step(config) == 4 and config.lr_warmup_steps == warmup
     assert apply_scale(dapo_32b(), "gpu").policy_model == scales.GPU_MODEL
@@ -228,13 +248,19 @@ def test_gpu_scale():
 def test_tiny_scale_is_the_cpu_job():
     config = apply_scale(dapo_32b(), "tiny")
     assert (config.env, config.env_config, config.model_config) == (
-        DEFAULT_JOB["env"], DEFAULT_JOB["env_config"], {"model": TINY_PRESET})
+        DEFAULT_JOB["env"],
+        DEFAULT_JOB["env_config"],
+        {"model": TINY_PRESET},
+    )
     expected = {**DEFAULT_JOB["training"], **scales.TINY_RESPONSE_BUDGET}
     for key, value in expected.items():
         if key not in TECHNIQUE_KEYS:
             assert getattr(config, key) == value, key
     assert (config.seed, config.num_learners, config.num_env_runners) == (
-        DEFAULT_JOB["seed"], DEFAULT_JOB["num_learners"], DEFAULT_JOB["num_env_runners"])
+        DEFAULT_JOB["seed"],
+        DEFAULT_JOB["num_learners"],
+        DEFAULT_JOB["num_env_runners"],
+    )
     assert apply_scale(dapo_32b(), "tiny", model_path="/runs/warmstart").model_config == {"model": "/runs/warmstart"}
 
 
@@ -264,8 +290,13 @@ def test_resource_plan_of_the_paper_run():
     assert "never run" in plan["status"]
     assert plan["gpus"] == 128
     assert plan["generation"] == {
-        "backend": "vllm", "gpus": 64, "engines": 16, "tensor_parallel": 4, "responses_per_round": 1536 * 16,
-        "responses_per_engine_per_round": 1536.0, "max_generated_tokens_per_round": 1536 * 16 * 20480,
+        "backend": "vllm",
+        "gpus": 64,
+        "engines": 16,
+        "tensor_parallel": 4,
+        "responses_per_round": 1536 * 16,
+        "responses_per_engine_per_round": 1536.0,
+        "max_generated_tokens_per_round": 1536 * 16 * 20480,
     }
     assert plan["learners"]["gpus"] == 64 and plan["learners"]["data_parallel"] == "fsdp2"
     assert plan["learners"]["responses_per_learner_per_update"] == 8
@@ -289,7 +320,9 @@ def test_cluster_check_names_what_is_missing():
 
     config = apply_scale(dapo_32b(), "paper")
     check_cluster({"GPU": 128.0, "CPU": 1024.0}, config)
-    with pytest.raises(ClusterTooSmallError, match=r"needs 128 GPUs \(16 vLLM engines x 4 \+ 64 learners x 1\); .* has 8"):
+    with pytest.raises(
+        ClusterTooSmallError, match=r"needs 128 GPUs \(16 vLLM engines x 4 \+ 64 learners x 1\); .* has 8"
+    ):
         check_cluster({"GPU": 8.0}, config)
 
 

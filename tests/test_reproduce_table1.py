@@ -43,7 +43,9 @@ def test_paper_rows_skip_finished_runs_and_seed_the_rest(tmp_path, monkeypatch):
     rows = table1.scaled_rows("paper", model_path="/models/qwen32b")
     config = rows["Naive GRPO"]
     calls = []
-    monkeypatch.setattr(table1, "run_row_on_cluster", lambda cfg, folder, **kw: calls.append((cfg.seed, folder, kw)) or {"x": 1})
+    monkeypatch.setattr(
+        table1, "run_row_on_cluster", lambda cfg, folder, **kw: calls.append((cfg.seed, folder, kw)) or {"x": 1}
+    )
     assert table1.run_paper_row(config, 3, tmp_path / "a", None) == ({"x": 1}, False)
     seed, folder, kwargs = calls[0]
     assert seed == 3 and folder == tmp_path / "a" and kwargs["iterations"] == table1.PAPER_ITERATIONS
@@ -98,9 +100,12 @@ def test_quick_table1_runs_and_resumes(ray_session, tmp_path, capsys):
         # tiny scale's lengths, sampling as trained, the run's seed.
         folder = out / "runs" / table1.slug(entry["row"]) / "seed0"
         held_out = dict(
-            env_config={**DEFAULT_JOB["env_config"], "split": "test"}, samples=table1.QUICK_JOB["eval_samples"],
-            num_problems=table1.QUICK_JOB["eval_problems"], max_new_tokens=TINY_RESPONSE_BUDGET["max_response_length"],
-            max_prompt_length=DEFAULT_JOB["training"]["max_prompt_length"], seed=0,
+            env_config={**DEFAULT_JOB["env_config"], "split": "test"},
+            samples=table1.QUICK_JOB["eval_samples"],
+            num_problems=table1.QUICK_JOB["eval_problems"],
+            max_new_tokens=TINY_RESPONSE_BUDGET["max_response_length"],
+            max_prompt_length=DEFAULT_JOB["training"]["max_prompt_length"],
+            seed=0,
         )
         for when, model in (("before", "warmstart"), ("after", "model")):
             again = evaluate_model(folder / model, "dapo/Arithmetic-v0", **held_out)

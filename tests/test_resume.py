@@ -38,8 +38,15 @@ from dapo_rl.warmstart import WarmStartSettings, supervised_warmstart
 ITERATIONS = 5
 #: Every job of this module: the main job's settings, shorter, checkpointing every iteration.
 SETTINGS = [
-    f"iterations={ITERATIONS}", "checkpoint_every=1", "keep_checkpoints=2", "warmstart_steps=0", "eval_problems=2",
-    "eval_samples=1", "lr_warmup_steps=3", "prompts_per_step=8", "generation_batch_prompts=12",
+    f"iterations={ITERATIONS}",
+    "checkpoint_every=1",
+    "keep_checkpoints=2",
+    "warmstart_steps=0",
+    "eval_problems=2",
+    "eval_samples=1",
+    "lr_warmup_steps=3",
+    "prompts_per_step=8",
+    "generation_batch_prompts=12",
 ]
 #: Metrics that measure time, not training, and the count of weight broadcasts (a restore adds one).
 TIMING_WORDS = ("seconds", "per_second", "time", "throughput", "weights_seq_no")
@@ -63,16 +70,27 @@ def train_command(*arguments: str) -> list[str]:
 
 def run_to_end(arguments: list[str], log: Path) -> None:
     with open(log, "w") as output:
-        finished = subprocess.run(arguments, stdout=output, stderr=subprocess.STDOUT, timeout=600, check=False,
-                                  env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        finished = subprocess.run(
+            arguments,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            timeout=600,
+            check=False,
+            env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+        )
     assert finished.returncode == 0, log.read_text()[-3000:]
 
 
 def run_and_kill(arguments: list[str], log: Path, should_kill, timeout: float = 600) -> None:
     """Start the command in its own process group; SIGKILL the whole group once ``should_kill()``."""
     with open(log, "w") as output:
-        process = subprocess.Popen(arguments, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        process = subprocess.Popen(
+            arguments,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+        )
     deadline = time.monotonic() + timeout
     try:
         while process.poll() is None and time.monotonic() < deadline:
@@ -81,7 +99,8 @@ def run_and_kill(arguments: list[str], log: Path, should_kill, timeout: float = 
                 break
             time.sleep(0.002)
         assert process.poll() is None or process.returncode == -signal.SIGKILL, (
-            f"the run ended (exit {process.returncode}) before the moment to kill it:\n{log.read_text()[-3000:]}")
+            f"the run ended (exit {process.returncode}) before the moment to kill it:\n{log.read_text()[-3000:]}"
+        )
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
@@ -105,11 +124,16 @@ def assert_same_training(resumed_output: Path, reference_output: Path, from_iter
     for iteration in range(from_iteration + 1, ITERATIONS + 1):
         expected, got = training_metrics(reference[iteration]), training_metrics(resumed[iteration])
         assert expected.keys() == got.keys()
-        different = {name: (expected[name], got[name]) for name in expected
-                     if not (expected[name] == got[name] or (math.isnan(expected[name]) and math.isnan(got[name])))}
+        different = {
+            name: (expected[name], got[name])
+            for name in expected
+            if not (expected[name] == got[name] or (math.isnan(expected[name]) and math.isnan(got[name])))
+        }
         assert not different, f"iteration {iteration} differs after the resume: {different}"
     # The lr warm-up went on from the checkpoint's optimizer step, and training really happened.
-    rates = [resumed[i]["learners"]["default_policy"]["default_optimizer_learning_rate"] for i in range(1, ITERATIONS + 1)]
+    rates = [
+        resumed[i]["learners"]["default_policy"]["default_optimizer_learning_rate"] for i in range(1, ITERATIONS + 1)
+    ]
     assert rates[0] < rates[-1]
     assert resumed[ITERATIONS]["dapo"]["optimizer_steps"] >= ITERATIONS - 1
 
@@ -137,7 +161,8 @@ def test_resume_after_sigkill_continues_exactly_with_one_learner(warm_model, tmp
     run_to_end(train_command("--resume", str(killed)), tmp_path / "resume.log")
     assert f"resuming {killed} from iteration {resume_from.iteration}" in (tmp_path / "resume.log").read_text()
     assert [row["training_iteration"] for row in resumed_trial_rows(killed)] == list(
-        range(resume_from.iteration + 1, ITERATIONS + 1))
+        range(resume_from.iteration + 1, ITERATIONS + 1)
+    )
     assert_same_training(killed, reference, resume_from.iteration)
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["resumed"] is True and summary["iterations"] == ITERATIONS
@@ -149,19 +174,29 @@ def test_resume_after_sigkill_continues_exactly_with_one_learner(warm_model, tmp
 
 def test_resume_after_sigkill_mid_checkpoint_with_two_sharded_learners(warm_model, tmp_path):
     shards = tmp_path / "shared_shards"
-    settings = [*SETTINGS, f"model={warm_model}", "num_learners=2", "data_parallel=fsdp2",
-                f"sharded_checkpoint_dir={shards}"]
+    settings = [
+        *SETTINGS,
+        f"model={warm_model}",
+        "num_learners=2",
+        "data_parallel=fsdp2",
+        f"sharded_checkpoint_dir={shards}",
+    ]
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     reference_settings = [*settings[:-1], f"sharded_checkpoint_dir={tmp_path / 'reference_shards'}"]
-    run_to_end(train_command("--output", str(reference), *[i for s in reference_settings for i in ("--set", s)]),
-               tmp_path / "reference.log")
+    run_to_end(
+        train_command("--output", str(reference), *[i for s in reference_settings for i in ("--set", s)]),
+        tmp_path / "reference.log",
+    )
 
     def checkpoint_being_written() -> bool:
         # The third checkpoint's folder exists: Tune is copying it (or just has).
         return any(experiment_folder(killed).glob("*/checkpoint_000002"))
 
-    run_and_kill(train_command("--output", str(killed), *[i for s in settings for i in ("--set", s)]),
-                 tmp_path / "killed.log", checkpoint_being_written)
+    run_and_kill(
+        train_command("--output", str(killed), *[i for s in settings for i in ("--set", s)]),
+        tmp_path / "killed.log",
+        checkpoint_being_written,
+    )
     resume_from = newest_complete_checkpoint(killed / "tune")
     assert resume_from is not None and 2 <= resume_from.iteration < ITERATIONS
     cut = next(experiment_folder(killed).glob("*/checkpoint_000002"))

@@ -80,15 +80,31 @@ def test_generate_returns_n_responses_per_prompt_deterministically(backend):
 def test_shared_prompt_prefill_samples_exactly_what_generate_samples(backend):
     generator, tokenizer = backend
     # Prompts of different lengths (left padding inside a call) and a one-token prompt.
-    prompts = [tokenizer("1+1=").input_ids, tokenizer("12+30=").input_ids, tokenizer("7").input_ids,
-               tokenizer("What is 3 + 4?").input_ids]
+    prompts = [
+        tokenizer("1+1=").input_ids,
+        tokenizer("12+30=").input_ids,
+        tokenizer("7").input_ids,
+        tokenizer("What is 3 + 4?").input_ids,
+    ]
     sampling = SamplingSettings(n=3, max_new_tokens=8)
-    shared = HFGenerationBackend(generator.model, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_ids=[tokenizer.eos_token_id], prompts_per_call=3, share_prompt_prefill=True)
-    per_sample = HFGenerationBackend(generator.model, pad_token_id=tokenizer.pad_token_id,
-                                     eos_token_ids=[tokenizer.eos_token_id], prompts_per_call=3, share_prompt_prefill=False)
+    shared = HFGenerationBackend(
+        generator.model,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_ids=[tokenizer.eos_token_id],
+        prompts_per_call=3,
+        share_prompt_prefill=True,
+    )
+    per_sample = HFGenerationBackend(
+        generator.model,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_ids=[tokenizer.eos_token_id],
+        prompts_per_call=3,
+        share_prompt_prefill=False,
+    )
     calls = []
-    hook = generator.model.get_decoder().embed_tokens.register_forward_hook(lambda _m, inputs, _o: calls.append(inputs[0].shape))
+    hook = generator.model.get_decoder().embed_tokens.register_forward_hook(
+        lambda _m, inputs, _o: calls.append(inputs[0].shape)
+    )
     shared_responses = shared.generate(prompts, sampling, seed=5)
     hook.remove()
     expected = per_sample.generate(prompts, sampling, seed=5)
@@ -131,8 +147,13 @@ def test_generator_logprobs_equal_a_forward_pass_and_leave_sampling_unchanged(ba
     generator, tokenizer = backend
     model = generator.model
     prompts = [tokenizer("1+1=").input_ids, tokenizer("12+30=").input_ids, tokenizer("7").input_ids]
-    backend_ = HFGenerationBackend(model, pad_token_id=tokenizer.pad_token_id, eos_token_ids=[tokenizer.eos_token_id],
-                                   prompts_per_call=2, share_prompt_prefill=share_prompt_prefill)
+    backend_ = HFGenerationBackend(
+        model,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_ids=[tokenizer.eos_token_id],
+        prompts_per_call=2,
+        share_prompt_prefill=share_prompt_prefill,
+    )
     plain = SamplingSettings(n=3, max_new_tokens=7, temperature=0.7)
     with_logprobs = SamplingSettings(n=3, max_new_tokens=7, temperature=0.7, logprobs=True)
     expected = backend_.generate(prompts, plain, seed=3)
@@ -145,5 +166,7 @@ def test_generator_logprobs_equal_a_forward_pass_and_leave_sampling_unchanged(ba
         ids = torch.as_tensor([list(prompt) + response])
         with torch.no_grad():
             logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
-        reference = torch.log_softmax(logits / 0.7, dim=-1).gather(-1, torch.as_tensor(response).unsqueeze(-1)).squeeze(-1)
+        reference = (
+            torch.log_softmax(logits / 0.7, dim=-1).gather(-1, torch.as_tensor(response).unsqueeze(-1)).squeeze(-1)
+        )
         assert torch.allclose(torch.as_tensor(generated.logprobs[index]), reference, atol=1e-4), index

@@ -143,7 +143,8 @@ def test_accumulator_validation():
     st.integers(1, 4),
     st.lists(
         st.lists(st.tuples(st.integers(0, 3), st.booleans()), min_size=1, max_size=10),
-        min_size=1, max_size=5,
+        min_size=1,
+        max_size=5,
     ),
 )
 def test_property_result_holds_only_mixed_whole_groups(target, rounds):

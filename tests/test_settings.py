@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_reference_page_is_generated_from_the_table():
     page = (ROOT / "docs" / "settings.md").read_text(encoding="utf-8")
     assert page == settings_reference(), (
-        "regenerate it: python -c \"import dapo_rl.settings as s; print(s.settings_reference(), end='')\" > docs/settings.md")
+        "regenerate it: python -c \"import dapo_rl.settings as s; print(s.settings_reference(), end='')\" > docs/settings.md"
+    )
     assert all(f"| `{name}` |" in page for name in SETTINGS)
 
 
@@ -32,7 +33,10 @@ def test_dapoconfig_takes_every_default_from_the_table():
 
 #: Allowed values declared outside settings.py on purpose: the Ray-free core's function contracts
 #: (the table refers to these very objects), and the command line's words for a setting's values.
-CONTRACTS_OUTSIDE_THE_TABLE = {"dapo_rl/core/sampling.py": "ON_LIMIT_CHOICES", "dapo_rl/cli.py": "CHAT_TEMPLATE_CHOICES"}
+CONTRACTS_OUTSIDE_THE_TABLE = {
+    "dapo_rl/core/sampling.py": "ON_LIMIT_CHOICES",
+    "dapo_rl/cli.py": "CHAT_TEMPLATE_CHOICES",
+}
 
 
 def test_the_table_refers_to_the_cores_own_contracts():

@@ -38,7 +38,9 @@ def test_shape_dtype_and_non_tensor_inputs():
     lengths = torch.tensor([[15, 17], [20, 25]])
     out = soft_overlong_penalty(lengths, max_len=20, cache_len=4)
     torch.testing.assert_close(out, torch.tensor([[0.0, -0.25], [-1.0, -1.0]]))
-    assert soft_overlong_penalty(torch.tensor([18.0], dtype=torch.float64), max_len=20, cache_len=4).dtype == torch.float64
+    assert (
+        soft_overlong_penalty(torch.tensor([18.0], dtype=torch.float64), max_len=20, cache_len=4).dtype == torch.float64
+    )
     torch.testing.assert_close(soft_overlong_penalty([16, 18], max_len=20, cache_len=4), torch.tensor([0.0, -0.5]))
     assert soft_overlong_penalty(19, max_len=20, cache_len=4).item() == pytest.approx(-0.75)
 

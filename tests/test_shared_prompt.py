@@ -23,23 +23,42 @@ from dapo_rl.rollout.batch import pack_sequences
 from dapo_rl.rollout.hf import HFGenerationBackend
 
 TOKENIZER = build_char_tokenizer()
-COMMON = dict(vocab_size=len(TOKENIZER), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128, pad_token_id=TOKENIZER.pad_token_id)
+COMMON = dict(
+    vocab_size=len(TOKENIZER),
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=TOKENIZER.pad_token_id,
+)
 #: A window of 4 tokens is shorter than every prompt + response here, so the window shapes the result.
 WINDOW = 4
 ARCHITECTURES = {
     "llama, tied head": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True)),
     "mistral, sliding window": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=WINDOW)),
-    "qwen2, sliding window": ("Qwen2Config", "Qwen2ForCausalLM",
-                              dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=0)),
+    "qwen2, sliding window": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=0),
+    ),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16)),
-    "qwen3, sliding window": ("Qwen3Config", "Qwen3ForCausalLM",
-                              dict(head_dim=16, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=0)),
-    "gemma2, sliding and full layers": ("Gemma2Config", "Gemma2ForCausalLM",
-                                        dict(head_dim=16, sliding_window=WINDOW, final_logit_softcapping=None)),
-    "gemma3, sliding and full layers": ("Gemma3TextConfig", "Gemma3ForCausalLM",
-                                        dict(head_dim=16, sliding_window=WINDOW,
-                                             layer_types=["sliding_attention", "full_attention"])),
+    "qwen3, sliding window": (
+        "Qwen3Config",
+        "Qwen3ForCausalLM",
+        dict(head_dim=16, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=0),
+    ),
+    "gemma2, sliding and full layers": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        dict(head_dim=16, sliding_window=WINDOW, final_logit_softcapping=None),
+    ),
+    "gemma3, sliding and full layers": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dict(head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]),
+    ),
 }
 
 
@@ -57,8 +76,11 @@ def grouped_batch(group_size: int = 3) -> dict[str, torch.Tensor]:
     for _ in range(group_size):
         for prompt in prompts:
             rows_prompts.append(prompt)
-            rows_responses.append(torch.randint(3, 200, (int(torch.randint(1, 9, (), generator=generator)),),
-                                                generator=generator).tolist())
+            rows_responses.append(
+                torch.randint(
+                    3, 200, (int(torch.randint(1, 9, (), generator=generator)),), generator=generator
+                ).tolist()
+            )
     return pack_sequences(rows_prompts, rows_responses, pad_token_id=TOKENIZER.pad_token_id)
 
 
@@ -105,10 +127,17 @@ def test_a_shared_prefill_samples_what_generate_samples(name):
     sampling = SamplingSettings(n=3, max_new_tokens=10, temperature=1.0)
 
     def backend(share):
-        return HFGenerationBackend(model, pad_token_id=TOKENIZER.pad_token_id, eos_token_ids=[TOKENIZER.eos_token_id],
-                                   share_prompt_prefill=share)
+        return HFGenerationBackend(
+            model,
+            pad_token_id=TOKENIZER.pad_token_id,
+            eos_token_ids=[TOKENIZER.eos_token_id],
+            share_prompt_prefill=share,
+        )
 
-    shared, plain = backend(True).generate(prompts, sampling, seed=3), backend(False).generate(prompts, sampling, seed=3)
+    shared, plain = (
+        backend(True).generate(prompts, sampling, seed=3),
+        backend(False).generate(prompts, sampling, seed=3),
+    )
     assert shared.token_ids == plain.token_ids and shared.finished == plain.finished
     assert len({tuple(ids) for ids in shared.token_ids}) > 1  # sampled, not one greedy answer
 

@@ -13,9 +13,22 @@ from dapo_envs.tools import CalculatorLimits, calculate
 @pytest.mark.parametrize(
     "expression, text",
     [
-        ("1+2*3", "7"), ("(1+2)*3", "9"), ("123*45", "5535"), ("987 * 654", "645498"), ("7/2", "3.5"),
-        ("1/3", "0.333333"), ("2/3*3", "2"), ("-(2-5)", "3"), ("--4", "4"), ("+7", "7"), (" 1.5 * 2 ", "3"),
-        (".5+.5", "1"), ("10-20", "-10"), ("-1/8", "-0.125"), ("-0.0000001", "0"), ("((((1))))", "1"),
+        ("1+2*3", "7"),
+        ("(1+2)*3", "9"),
+        ("123*45", "5535"),
+        ("987 * 654", "645498"),
+        ("7/2", "3.5"),
+        ("1/3", "0.333333"),
+        ("2/3*3", "2"),
+        ("-(2-5)", "3"),
+        ("--4", "4"),
+        ("+7", "7"),
+        (" 1.5 * 2 ", "3"),
+        (".5+.5", "1"),
+        ("10-20", "-10"),
+        ("-1/8", "-0.125"),
+        ("-0.0000001", "0"),
+        ("((((1))))", "1"),
     ],
 )
 def test_values_are_exact(expression, text):
@@ -64,7 +77,9 @@ def test_nesting_up_to_the_limit_is_allowed(depth):
     assert calculate("-" * depth + "7").value == (-1) ** depth * 7  # unary signs nest too
 
 
-@pytest.mark.parametrize("expression", ["(" * 33 + "7" + ")" * 33, "-" * 33 + "7", "(" * 16 + "-" * 17 + "7" + ")" * 16])
+@pytest.mark.parametrize(
+    "expression", ["(" * 33 + "7" + ")" * 33, "-" * 33 + "7", "(" * 16 + "-" * 17 + "7" + ")" * 16]
+)
 def test_nesting_one_past_the_limit_is_refused(expression):
     assert CalculatorLimits().max_depth == 32
     assert calculate(expression).error == "nested deeper than 32 levels"

@@ -67,8 +67,12 @@ def test_dynamic_sampling_keeps_only_mixed_groups_until_the_target():
     # Groups alternate: all wrong, mixed, all right.
     generate_round, calls = _fake_round([[[False] * 4, [True, False, False, True], [True] * 4]])
     batch, stats, _ = collect_groups(
-        generate_round, prompts_per_step=5, generation_batch_prompts=6, dynamic_sampling=True,
-        max_sampling_rounds=10, on_sampling_limit="error",
+        generate_round,
+        prompts_per_step=5,
+        generation_batch_prompts=6,
+        dynamic_sampling=True,
+        max_sampling_rounds=10,
+        on_sampling_limit="error",
     )
     assert stats.rounds == 3 and calls["count"] == 3  # 2 mixed groups per round of 6
     assert stats.groups_kept == 5
@@ -82,31 +86,62 @@ def test_dynamic_sampling_keeps_only_mixed_groups_until_the_target():
 def test_dynamic_sampling_round_limit_in_both_modes():
     generate_round, _ = _fake_round([[[False] * 4]])
     with pytest.raises(SamplingRoundLimitError, match="max_sampling_rounds=2 after 2 generation rounds, having kept 0"):
-        collect_groups(generate_round, prompts_per_step=4, generation_batch_prompts=4, dynamic_sampling=True,
-                       max_sampling_rounds=2, on_sampling_limit="error")
-    _, stats, _ = collect_groups(generate_round, prompts_per_step=4, generation_batch_prompts=4,
-                                     dynamic_sampling=True, max_sampling_rounds=2, on_sampling_limit="train")
+        collect_groups(
+            generate_round,
+            prompts_per_step=4,
+            generation_batch_prompts=4,
+            dynamic_sampling=True,
+            max_sampling_rounds=2,
+            on_sampling_limit="error",
+        )
+    _, stats, _ = collect_groups(
+        generate_round,
+        prompts_per_step=4,
+        generation_batch_prompts=4,
+        dynamic_sampling=True,
+        max_sampling_rounds=2,
+        on_sampling_limit="train",
+    )
     assert stats.limit_reached and stats.rounds == 2 and stats.groups_kept == 0
 
 
 def test_without_dynamic_sampling_one_round_is_the_batch():
     generate_round, calls = _fake_round([[[False] * 2, [True, False]]])
-    batch, stats, _ = collect_groups(generate_round, prompts_per_step=3, generation_batch_prompts=99,
-                                     dynamic_sampling=False, max_sampling_rounds=1, on_sampling_limit="error")
+    batch, stats, _ = collect_groups(
+        generate_round,
+        prompts_per_step=3,
+        generation_batch_prompts=99,
+        dynamic_sampling=False,
+        max_sampling_rounds=1,
+        on_sampling_limit="error",
+    )
     assert calls["count"] == 1 and stats.groups_kept == 3 and len(batch["acc"]) == 6
 
 
 def _collected():
     generate_round, _ = _fake_round([[[True, False, False, True]]])
-    batch, _, _ = collect_groups(generate_round, prompts_per_step=4, generation_batch_prompts=4, dynamic_sampling=False,
-                                 max_sampling_rounds=1, on_sampling_limit="error")
+    batch, _, _ = collect_groups(
+        generate_round,
+        prompts_per_step=4,
+        generation_batch_prompts=4,
+        dynamic_sampling=False,
+        max_sampling_rounds=1,
+        on_sampling_limit="error",
+    )
     return batch
 
 
 def test_build_train_batch_shapes_rewards_and_masks():
     collected = _collected()
-    batch = build_train_batch(collected, pad_token_id=0, max_response_length=3, overlong_cache_len=2,
-                              overlong_penalty_factor=1.0, overlong_filter=True, advantage_scale="std")
+    batch = build_train_batch(
+        collected,
+        pad_token_id=0,
+        max_response_length=3,
+        overlong_cache_len=2,
+        overlong_penalty_factor=1.0,
+        overlong_filter=True,
+        advantage_scale="std",
+    )
     lengths = collected["response_length"]
     # Eq. 13 with L_max 3, L_cache 2: 0 up to length 1, -0.5 at 2, -1 at 3.
     expected_penalty = torch.tensor([{1: 0.0, 2: -0.5, 3: -1.0}[int(n)] for n in lengths])
@@ -130,8 +165,15 @@ def test_minibatches_are_whole_groups_covering_each_group_once():
 
 def test_minibatch_with_loss_normalizer_trims_padding_and_carries_the_global_normaliser():
     collected = _collected()
-    batch = build_train_batch(collected, pad_token_id=0, max_response_length=3, overlong_cache_len=2,
-                              overlong_penalty_factor=0.0, overlong_filter=False, advantage_scale="std")
+    batch = build_train_batch(
+        collected,
+        pad_token_id=0,
+        max_response_length=3,
+        overlong_cache_len=2,
+        overlong_penalty_factor=0.0,
+        overlong_filter=False,
+        advantage_scale="std",
+    )
     batch["old_logprobs"] = torch.randn(batch["response_mask"].shape)
     rows = torch.tensor([1, 4])  # responses of lengths 2 and 2
     mini = minibatch_with_loss_normalizer(batch, rows, loss_agg="token-mean", max_response_length=3)

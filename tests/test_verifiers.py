@@ -110,7 +110,9 @@ DAPO_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("response", "reference", "acc", "pred"), [c[1:] for c in DAPO_CASES], ids=[c[0] for c in DAPO_CASES])
+@pytest.mark.parametrize(
+    ("response", "reference", "acc", "pred"), [c[1:] for c in DAPO_CASES], ids=[c[0] for c in DAPO_CASES]
+)
 def test_dapo_rule(response, reference, acc, pred):
     result = get_verifier("dapo")(response, reference)
     assert result.acc is acc
@@ -169,7 +171,13 @@ BOXED_CASES = [
     ("frac-shorthand", "\\boxed{\\frac12}", "\\frac{1}{2}", True, "\\frac12"),
     ("slash", "\\boxed{1/2}", "\\frac{1}{2}", True, "1/2"),
     ("half-decimal", "\\boxed{0.5}", "\\frac{1}{2}", True, "0.5"),
-    ("left-right", "\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", "(3,\\frac{\\pi}{2})", True, "\\left( 3, \\frac{\\pi}{2} \\right)"),
+    (
+        "left-right",
+        "\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}",
+        "(3,\\frac{\\pi}{2})",
+        True,
+        "\\left( 3, \\frac{\\pi}{2} \\right)",
+    ),
     ("degrees", "\\boxed{90^\\circ}", "90", True, "90^\\circ"),
     ("units", "\\boxed{5 \\text{ cm}}", "5", True, "5 \\text{ cm}"),
     ("percent", "\\boxed{10\\%}", "10", True, "10\\%"),
@@ -184,7 +192,9 @@ BOXED_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("response", "reference", "acc", "pred"), [c[1:] for c in BOXED_CASES], ids=[c[0] for c in BOXED_CASES])
+@pytest.mark.parametrize(
+    ("response", "reference", "acc", "pred"), [c[1:] for c in BOXED_CASES], ids=[c[0] for c in BOXED_CASES]
+)
 def test_boxed(response, reference, acc, pred):
     result = get_verifier("boxed")(response, reference)
     assert (result.acc, result.score) == (acc, 1.0 if acc else -1.0)
@@ -214,7 +224,9 @@ GSM8K_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("response", "reference", "acc", "pred"), [c[1:] for c in GSM8K_CASES], ids=[c[0] for c in GSM8K_CASES])
+@pytest.mark.parametrize(
+    ("response", "reference", "acc", "pred"), [c[1:] for c in GSM8K_CASES], ids=[c[0] for c in GSM8K_CASES]
+)
 def test_gsm8k(response, reference, acc, pred):
     result = get_verifier("gsm8k")(response, reference)
     assert (result.acc, result.score) == (acc, 1.0 if acc else -1.0)
@@ -391,7 +403,17 @@ def test_adversarial_reference_in_process_verifiers(name):
 
 
 @pytest.mark.parametrize(
-    "key", ["empty", "1MB-of-text", "power-tower", "power-tower-latex", "frac-nested-10000-closed", "null-bytes", "lone-surrogates", "invalid-utf8-bytes"]
+    "key",
+    [
+        "empty",
+        "1MB-of-text",
+        "power-tower",
+        "power-tower-latex",
+        "frac-nested-10000-closed",
+        "null-bytes",
+        "lone-surrogates",
+        "invalid-utf8-bytes",
+    ],
 )
 def test_adversarial_response_math_verify(key):
     verifier = get_verifier("math_verify")
@@ -519,7 +541,7 @@ def test_pool_kills_hung_and_dead_workers_and_keeps_order():
 
 def test_isolated_lambda_verifier_runs_in_a_worker():
     name = _unique("lambda")
-    verifier = register_verifier(name, lambda response, reference: (response[::-1] == reference), timeout=5)
+    verifier = register_verifier(name, lambda response, reference: response[::-1] == reference, timeout=5)
     assert [r.acc for r in verifier.score(["abc", "abc"], ["cba", "abc"])] == [True, False]
 
 

@@ -41,10 +41,19 @@ def test_sampling_params_carry_dapo_settings_and_switch_top_k_off_portably():
     settings = SamplingSettings(n=16, max_new_tokens=20480, temperature=1.0, top_p=0.7, top_k=0)
     kwargs = sampling_params_kwargs(settings, eos_token_ids=[EOS, 9], seed=123)
     assert kwargs == {
-        "n": 16, "temperature": 1.0, "top_p": 0.7, "top_k": -1, "max_tokens": 20480, "seed": 123,
-        "stop_token_ids": [EOS, 9], "detokenize": False,
+        "n": 16,
+        "temperature": 1.0,
+        "top_p": 0.7,
+        "top_k": -1,
+        "max_tokens": 20480,
+        "seed": 123,
+        "stop_token_ids": [EOS, 9],
+        "detokenize": False,
     }
-    assert sampling_params_kwargs(SamplingSettings(n=2, max_new_tokens=4, top_k=20), eos_token_ids=[EOS], seed=0)["top_k"] == 20
+    assert (
+        sampling_params_kwargs(SamplingSettings(n=2, max_new_tokens=4, top_k=20), eos_token_ids=[EOS], seed=0)["top_k"]
+        == 20
+    )
 
 
 def test_each_prompt_gets_its_own_reproducible_seed():
@@ -75,7 +84,10 @@ def test_outputs_become_prompt_major_responses_with_their_stop_token():
     ("outputs", "message"),
     [
         ([SimpleNamespace(outputs=[_completion(0, [1], "stop")])], "1 responses for prompt 0, expected n=2"),
-        ([SimpleNamespace(outputs=[_completion(0, [1], "abort"), _completion(1, [1], "stop")])], "finish_reason='abort'"),
+        (
+            [SimpleNamespace(outputs=[_completion(0, [1], "abort"), _completion(1, [1], "stop")])],
+            "finish_reason='abort'",
+        ),
     ],
 )
 def test_unusable_outputs_are_refused_by_name(outputs, message):
@@ -88,7 +100,10 @@ def test_engine_kwargs_pick_the_executor_and_ignore_the_checkpoints_sampling_def
     assert single["distributed_executor_backend"] == "uni"
     assert single["generation_config"] == "vllm"
     assert single["worker_extension_cls"] == "dapo_rl.rollout.vllm_worker.WeightSyncWorkerExtension"
-    assert VLLMEngineSettings(model="/models/m", tensor_parallel_size=4).engine_kwargs()["distributed_executor_backend"] == "mp"
+    assert (
+        VLLMEngineSettings(model="/models/m", tensor_parallel_size=4).engine_kwargs()["distributed_executor_backend"]
+        == "mp"
+    )
 
 
 @pytest.mark.skipif(vllm_backend.vllm_available(), reason="vllm is installed here")
@@ -155,6 +170,7 @@ def _transfer_worker(rank: int, port: int, results: dict) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.set_num_threads(1)
     try:
+
         def broadcast(tensor, src):
             dist.broadcast(tensor, src=src)
 
@@ -168,7 +184,9 @@ def _transfer_worker(rank: int, port: int, results: dict) -> None:
         else:
             while "metadata" not in results:  # the driver hands the metadata over in DAPO
                 time.sleep(0.01)
-            received = {name: tensor.clone() for name, tensor in receive_weights(results["metadata"], broadcast, device="cpu")}
+            received = {
+                name: tensor.clone() for name, tensor in receive_weights(results["metadata"], broadcast, device="cpu")
+            }
             results["received"] = received
     finally:
         dist.destroy_process_group()
@@ -211,8 +229,12 @@ TINY_LENGTHS = dict(max_prompt_length=64, max_response_length=16, overlong_cache
 
 
 def _vllm_config(**training):
-    return (DAPOConfig().environment("dapo/Arithmetic-v0").rl_module(model_config=TINY_MODEL)
-            .training(generation_backend="vllm", **TINY_LENGTHS, **training))
+    return (
+        DAPOConfig()
+        .environment("dapo/Arithmetic-v0")
+        .rl_module(model_config=TINY_MODEL)
+        .training(generation_backend="vllm", **TINY_LENGTHS, **training)
+    )
 
 
 @pytest.mark.skipif(vllm_backend.vllm_available(), reason="vllm is installed here")
@@ -239,8 +261,12 @@ def test_validate_names_the_vllm_placement_it_needs(monkeypatch):
 
 
 def test_validate_names_a_bad_generation_device():
-    config = (DAPOConfig().environment("dapo/Arithmetic-v0").rl_module(model_config=TINY_MODEL)
-              .training(generation_device="tpu", **TINY_LENGTHS))
+    config = (
+        DAPOConfig()
+        .environment("dapo/Arithmetic-v0")
+        .rl_module(model_config=TINY_MODEL)
+        .training(generation_device="tpu", **TINY_LENGTHS)
+    )
     assert config._dapo_problems() == ["generation_device must be 'auto', 'cpu' or 'cuda[:N]', got 'tpu'"]
 
 
@@ -262,7 +288,7 @@ def _hf_greedy(model, prompts, *, eos: int, pad: int, max_new_tokens: int) -> li
         for ids in prompts:
             input_ids = torch.tensor([ids])
             generated = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
-            out.append(_until_eos(generated[0, len(ids):].tolist(), eos))
+            out.append(_until_eos(generated[0, len(ids) :].tolist(), eos))
     return out
 
 
@@ -359,9 +385,19 @@ def test_env_runner_transfer_runs_in_the_background_and_reraises_its_error():
     from dapo_rl.env_runner import DAPOEnvRunner
     from dapo_rl.rollout.hf import generation_device
 
-    config = (DAPOConfig().environment("dapo/Arithmetic-v0").rl_module(model_config=TINY_MODEL)
-              .training(group_size=2, prompts_per_step=2, minibatch_prompts=1, max_response_length=8,
-                        overlong_cache_len=2, generation_batch_prompts=2))
+    config = (
+        DAPOConfig()
+        .environment("dapo/Arithmetic-v0")
+        .rl_module(model_config=TINY_MODEL)
+        .training(
+            group_size=2,
+            prompts_per_step=2,
+            minibatch_prompts=1,
+            max_response_length=8,
+            overlong_cache_len=2,
+            generation_batch_prompts=2,
+        )
+    )
     runner = DAPOEnvRunner(config=config)
     assert generation_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     assert next(runner.module.parameters()).device.type == generation_device("auto").type
@@ -404,17 +440,27 @@ def test_sampled_token_logprobs_come_from_vllms_logprobs_and_a_dropped_stop_toke
     def entry(token, value):
         return {token: SimpleNamespace(logprob=value), token + 100: SimpleNamespace(logprob=-9.0)}
 
-    stopped = SimpleNamespace(index=0, token_ids=(1, 2), finish_reason="stop", stop_reason=None,
-                              logprobs=[entry(1, -0.5), entry(2, -1.5)])
-    cut = SimpleNamespace(index=1, token_ids=(3, 4, 5), finish_reason="length", stop_reason=None,
-                          logprobs=[entry(3, -0.1), entry(4, -0.2), entry(5, -0.3)])
-    responses = responses_from_outputs([SimpleNamespace(outputs=[cut, stopped])], n=2, eos_token_ids=[EOS], logprobs=True)
+    stopped = SimpleNamespace(
+        index=0, token_ids=(1, 2), finish_reason="stop", stop_reason=None, logprobs=[entry(1, -0.5), entry(2, -1.5)]
+    )
+    cut = SimpleNamespace(
+        index=1,
+        token_ids=(3, 4, 5),
+        finish_reason="length",
+        stop_reason=None,
+        logprobs=[entry(3, -0.1), entry(4, -0.2), entry(5, -0.3)],
+    )
+    responses = responses_from_outputs(
+        [SimpleNamespace(outputs=[cut, stopped])], n=2, eos_token_ids=[EOS], logprobs=True
+    )
     assert responses.token_ids == [[1, 2, EOS], [3, 4, 5]]
     assert responses.logprobs[0][:2] == [-0.5, -1.5] and math.isnan(responses.logprobs[0][2])
     assert responses.logprobs[1] == [-0.1, -0.2, -0.3]
     settings = SamplingSettings(n=2, max_new_tokens=4, logprobs=True)
     assert sampling_params_kwargs(settings, eos_token_ids=[EOS], seed=1)["logprobs"] == 0
-    assert "logprobs" not in sampling_params_kwargs(SamplingSettings(n=2, max_new_tokens=4), eos_token_ids=[EOS], seed=1)
+    assert "logprobs" not in sampling_params_kwargs(
+        SamplingSettings(n=2, max_new_tokens=4), eos_token_ids=[EOS], seed=1
+    )
     no_logprobs = SimpleNamespace(index=0, token_ids=(1,), finish_reason="length", stop_reason=None, logprobs=None)
     with pytest.raises(RuntimeError, match="returned no logprobs"):
         responses_from_outputs([SimpleNamespace(outputs=[no_logprobs])], n=1, eos_token_ids=[EOS], logprobs=True)

@@ -69,18 +69,26 @@ def test_the_two_workloads_differ_where_their_jobs_do():
 
 
 def test_warmup_schedule_and_unscaled_advantages_map_through():
-    training = {**resolved_training(load_workload("tiny")), "lr_warmup_steps": 10, "advantage_scale": "none", "top_k": 5}
+    training = {
+        **resolved_training(load_workload("tiny")),
+        "lr_warmup_steps": 10,
+        "advantage_scale": "none",
+        "top_k": 5,
+    }
     settings = mapped(training)
     assert (settings["lr_scheduler_type"], settings["warmup_steps"]) == ("constant_with_warmup", 10)
     assert settings["scale_rewards"] == "none" and settings["top_k"] == 5
 
 
-@pytest.mark.parametrize("change, named", [
-    ({"dual_clip": 10.0}, "dual_clip"),
-    ({"loss_agg": "seq-mean-token-mean"}, "loss_agg"),
-    ({"minibatch_prompts": 5}, "minibatch_prompts"),
-    ({"generation_backend": "vllm"}, "generation_backend"),
-])
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ({"dual_clip": 10.0}, "dual_clip"),
+        ({"loss_agg": "seq-mean-token-mean"}, "loss_agg"),
+        ({"minibatch_prompts": 5}, "minibatch_prompts"),
+        ({"generation_backend": "vllm"}, "generation_backend"),
+    ],
+)
 def test_settings_trl_cannot_express_are_refused_by_name(change, named):
     training = {**resolved_training(load_workload("tiny")), **change}
     with pytest.raises(UnmatchedSettingError, match=named):
@@ -92,13 +100,21 @@ def test_reward_is_the_verifiers_score_plus_dapo_rls_overlong_penalty():
     training = resolved_training(load_workload("tiny"))  # 16 new tokens, cache 4: penalty from 13 tokens on
     seen = []
     reward = make_reward_function(env, training, seen.append)
-    rewards = reward(prompts=["p"] * 4, completions=["Answer: 19", "Answer: 18", "Answer: 19", "Answer: 19"],
-                     completion_ids=[[0] * 11, [0] * 11, [0] * 14, [0] * 16], answer=["19"] * 4)
+    rewards = reward(
+        prompts=["p"] * 4,
+        completions=["Answer: 19", "Answer: 18", "Answer: 19", "Answer: 19"],
+        completion_ids=[[0] * 11, [0] * 11, [0] * 14, [0] * 16],
+        answer=["19"] * 4,
+    )
     assert rewards == pytest.approx([1.0, -1.0, 1.0 - 0.5, 1.0 - 1.0])  # (12 - 14) / 4 and (12 - 16) / 4
     assert seen == [[True, False, True, True]]
     # Conversational completions (chat template on) are scored on their text.
-    chat = reward(prompts=["p"], completions=[[{"role": "assistant", "content": "Answer: 7"}]],
-                  completion_ids=[[0] * 3], answer=["7"])
+    chat = reward(
+        prompts=["p"],
+        completions=[[{"role": "assistant", "content": "Answer: 7"}]],
+        completion_ids=[[0] * 3],
+        answer=["7"],
+    )
     assert chat == [1.0]
 
 

@@ -93,8 +93,15 @@ class _TokenLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, inv_temp: float,
-                chunk_size: int, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        tokens: torch.Tensor,
+        inv_temp: float,
+        chunk_size: int,
+        with_entropy: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         n, vocab = hidden.shape[0], weight.shape[0]
         acc = _acc_dtype(hidden.dtype)
         logprobs = torch.empty(n, dtype=acc, device=hidden.device)
@@ -270,24 +277,19 @@ def token_logprobs(
     if weight.dim() != 2:
         raise ValueError(f"weight must be (V, H), got shape {tuple(weight.shape)}")
     if hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"hidden size mismatch: hidden {tuple(hidden.shape)} vs weight {tuple(weight.shape)} (V, H)"
-        )
+        raise ValueError(f"hidden size mismatch: hidden {tuple(hidden.shape)} vs weight {tuple(weight.shape)} (V, H)")
     if tuple(tokens.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(
             f"tokens shape {tuple(tokens.shape)} must equal hidden's leading shape "
             f"{tuple(hidden.shape[:-1])} (hidden {tuple(hidden.shape)})"
         )
     if not hidden.is_floating_point() or hidden.dtype != weight.dtype:
-        raise ValueError(
-            f"hidden and weight must share one floating dtype, got {hidden.dtype} and {weight.dtype}"
-        )
+        raise ValueError(f"hidden and weight must share one floating dtype, got {hidden.dtype} and {weight.dtype}")
     if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
         raise ValueError(f"tokens must be an integer tensor, got {tokens.dtype}")
     if not (hidden.device == weight.device == tokens.device):
         raise ValueError(
-            f"hidden, weight and tokens must be on one device, got {hidden.device}, "
-            f"{weight.device}, {tokens.device}"
+            f"hidden, weight and tokens must be on one device, got {hidden.device}, {weight.device}, {tokens.device}"
         )
 
     lead = tokens.shape

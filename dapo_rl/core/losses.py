@@ -73,9 +73,7 @@ class LossAggregation:
     #: under any split). False: each piece divides by its own (see ``piece_normalizer``).
     global_normalizer: bool = True
 
-    def __call__(
-        self, pg_loss: torch.Tensor, mask: torch.Tensor, normalizer: float | None = None
-    ) -> torch.Tensor:
+    def __call__(self, pg_loss: torch.Tensor, mask: torch.Tensor, normalizer: float | None = None) -> torch.Tensor:
         """Aggregate (B, T) token losses into a scalar; ``normalizer`` overrides the denominator."""
         numerator = self.numerator(pg_loss, mask)
         if normalizer is None:
@@ -288,13 +286,13 @@ def policy_loss(
             f"{tuple(old_logprobs.shape)} and {tuple(mask.shape)}"
         )
     if advantages.shape not in (logprobs.shape[:1], logprobs.shape):
-        raise ValueError(
-            f"advantages must be (B,) or (B, T) = {tuple(logprobs.shape)}, got {tuple(advantages.shape)}"
-        )
+        raise ValueError(f"advantages must be (B,) or (B, T) = {tuple(logprobs.shape)}, got {tuple(advantages.shape)}")
     if not logprobs.is_floating_point():
         raise ValueError(f"logprobs must be floating point, got dtype {logprobs.dtype}")
     if importance_weights is not None and importance_weights.shape != logprobs.shape:
-        raise ValueError(f"importance_weights must be (B, T) = {tuple(logprobs.shape)}, got {tuple(importance_weights.shape)}")
+        raise ValueError(
+            f"importance_weights must be (B, T) = {tuple(logprobs.shape)}, got {tuple(importance_weights.shape)}"
+        )
     mask = _as_bool_mask(mask)
 
     # Ratios of low-precision (bf16) log-probs are too coarse for a 0.2 clip: compute in >= float32.

@@ -85,8 +85,12 @@ class SamplingRoundLimitError(RuntimeError):
     def __reduce__(self) -> tuple[Any, ...]:
         # The constructor is keyword-only, so the default (cls, self.args) would fail: copy.copy and
         # pickle (Ray/Tune copy an exception raised in train() and send it between processes) need this.
-        kwargs = {"max_sampling_rounds": self.max_sampling_rounds, "rounds": self.rounds, "num_groups": self.num_groups,
-                  "target_groups": self.target_groups}
+        kwargs = {
+            "max_sampling_rounds": self.max_sampling_rounds,
+            "rounds": self.rounds,
+            "num_groups": self.num_groups,
+            "target_groups": self.target_groups,
+        }
         return (functools.partial(type(self), **kwargs), (), self.__dict__)
 
 

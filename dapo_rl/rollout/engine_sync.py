@@ -43,12 +43,14 @@ class EngineWeightSync:
     def _form_group(self, on_learners: OnLearners, on_runners: OnRunners, num_runners: int) -> None:
         address, port = _from_rank0(on_learners(lambda learner: learner.engine_sync_address()))
         world_size = 1 + num_runners * self.tensor_parallel_size
-        on_runners([
-            lambda runner, offset=1 + k * self.tensor_parallel_size: runner.begin_weight_sync_group(
-                address, port, offset, world_size
-            )
-            for k in range(num_runners)
-        ])
+        on_runners(
+            [
+                lambda runner, offset=1 + k * self.tensor_parallel_size: runner.begin_weight_sync_group(
+                    address, port, offset, world_size
+                )
+                for k in range(num_runners)
+            ]
+        )
         on_learners(lambda learner: learner.init_engine_weight_sync(address, port, world_size))
         on_runners(lambda runner: runner.finish_weight_transfer())
         self.group_formed = True

@@ -128,13 +128,20 @@ class HFGenerationBackend:
                     input_ids, attention_mask = _left_pad(chunk, self.pad_token_id, device)
                     recorder = SampledTokenLogprobs(sampling.temperature) if sampling.logprobs else None
                     processors = LogitsProcessorList([recorder] if recorder else [])
-                    if (self.share_prompt_prefill and sampling.n > 1 and input_ids.shape[1] > 1
-                            and can_share_prompt(self.model)):
+                    if (
+                        self.share_prompt_prefill
+                        and sampling.n > 1
+                        and input_ids.shape[1] > 1
+                        and can_share_prompt(self.model)
+                    ):
                         output = self._generate_from_shared_prefill(
-                            input_ids, attention_mask, sampling.n, generation_config, processors)
+                            input_ids, attention_mask, sampling.n, generation_config, processors
+                        )
                     else:
                         output = self.model.generate(
-                            input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config,
+                            input_ids=input_ids,
+                            attention_mask=attention_mask,
+                            generation_config=generation_config,
                             logits_processor=processors,
                         )
                     chunk_logprobs = recorder.finish(output).tolist() if recorder else None
@@ -150,7 +157,11 @@ class HFGenerationBackend:
         return GeneratedResponses(token_ids=token_ids, finished=finished, logprobs=logprobs)
 
     def _generate_from_shared_prefill(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int, generation_config: GenerationConfig,
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        n: int,
+        generation_config: GenerationConfig,
         processors: LogitsProcessorList,
     ) -> torch.Tensor:
         """``generate`` for ``n`` samples per prompt, with each prompt's prefill computed once.
@@ -183,7 +194,9 @@ class HFGenerationBackend:
         )
 
 
-def _left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _left_pad(
+    prompts: Sequence[Sequence[int]], pad_token_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)

@@ -62,8 +62,10 @@ class PromptTooLongError(ValueError):
 
 def prompt_too_long_message(problem: Any, length: int, limit: int) -> str:
     where = f"problem {problem.index} (id {problem.problem_id!r}, {problem.data_source})"
-    return (f"the prompt of {where} has {length} tokens, over max_prompt_length {limit}: raise max_prompt_length, "
-            "or set prompt_truncation='left' to keep each prompt's last max_prompt_length tokens")
+    return (
+        f"the prompt of {where} has {length} tokens, over max_prompt_length {limit}: raise max_prompt_length, "
+        "or set prompt_truncation='left' to keep each prompt's last max_prompt_length tokens"
+    )
 
 
 class GenerationRunner:
@@ -111,14 +113,19 @@ class GenerationRunner:
             if eos not in before:
                 raise ValueError(
                     f"the chat template never writes the EOS token {self.tokenizer.eos_token!r} at the end of an assistant "
-                    "turn, so a generated turn cannot be continued in the template's format; set apply_chat_template=False")
+                    "turn, so a generated turn cannot be continued in the template's format; set apply_chat_template=False"
+                )
             last_eos = len(before) - 1 - before[::-1].index(eos)
             self._exchange_ids, self._turn_separator = before, before[last_eos + 1 :]
         before = self._exchange_ids
-        after = self._template_ids([*_ONE_EXCHANGE, {"role": "user", "content": observation}], add_generation_prompt=True)
+        after = self._template_ids(
+            [*_ONE_EXCHANGE, {"role": "user", "content": observation}], add_generation_prompt=True
+        )
         if after[: len(before)] != before:
-            raise ValueError("the tokenizer's chat template does not extend a conversation by appending to it, so "
-                             "environment turns cannot be placed after generated tokens; set apply_chat_template=False")
+            raise ValueError(
+                "the tokenizer's chat template does not extend a conversation by appending to it, so "
+                "environment turns cannot be placed after generated tokens; set apply_chat_template=False"
+            )
         return self._turn_separator + after[len(before) :]
 
     def _template_ids(self, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> list[int]:
@@ -155,7 +162,8 @@ class GenerationRunner:
             problem, length = over[0]
             raise PromptTooLongError(
                 f"{len(over)} of {len(problems)} prompts checked are over max_prompt_length; the first: "
-                + prompt_too_long_message(problem, length, limit))
+                + prompt_too_long_message(problem, length, limit)
+            )
 
     def sample(self, problems: Sequence[Any], sampling: SamplingSettings, *, seed: int) -> dict[str, Any]:
         """Generate ``sampling.n`` responses for each problem and score them.

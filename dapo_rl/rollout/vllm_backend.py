@@ -115,8 +115,9 @@ def sampling_params_kwargs(sampling: SamplingSettings, *, eos_token_ids: Sequenc
     }
 
 
-def responses_from_outputs(outputs: Sequence[Any], *, n: int, eos_token_ids: Sequence[int],
-                           logprobs: bool = False) -> GeneratedResponses:
+def responses_from_outputs(
+    outputs: Sequence[Any], *, n: int, eos_token_ids: Sequence[int], logprobs: bool = False
+) -> GeneratedResponses:
     """Convert ``LLM.generate``'s ``RequestOutput`` list (input order) to prompt-major responses.
 
     A response that stopped (``finish_reason == "stop"``) ends with its stop token, as with the HF
@@ -204,7 +205,9 @@ class VLLMGenerationBackend:
 
     # -- generation ----------------------------------------------------------------------------------
 
-    def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingSettings, *, seed: int) -> GeneratedResponses:
+    def generate(
+        self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingSettings, *, seed: int
+    ) -> GeneratedResponses:
         self._wake(None)
         params = [
             self._vllm.SamplingParams(
@@ -215,15 +218,15 @@ class VLLMGenerationBackend:
         prompts = [{"prompt_token_ids": list(ids)} for ids in prompt_token_ids]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         self._sleep()
-        return responses_from_outputs(outputs, n=sampling.n, eos_token_ids=self.eos_token_ids, logprobs=sampling.logprobs)
+        return responses_from_outputs(
+            outputs, n=sampling.n, eos_token_ids=self.eos_token_ids, logprobs=sampling.logprobs
+        )
 
     # -- weights -------------------------------------------------------------------------------------
 
     def init_weight_sync(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
         """Join the broadcast group of learner rank 0 (blocks until every member has joined)."""
-        self.llm.collective_rpc(
-            "init_weight_sync_group", args=(master_address, master_port, rank_offset, world_size)
-        )
+        self.llm.collective_rpc("init_weight_sync_group", args=(master_address, master_port, rank_offset, world_size))
 
     def receive_weights(self, metadata: list[WeightMetadata]) -> None:
         """Receive the tensors learner rank 0 broadcasts (blocks until all have arrived)."""

@@ -26,10 +26,12 @@ MODULE_PREFIX = "causal_lm."
 
 def engine_name(module_name: str) -> str:
     """The Hugging Face name an engine loads for an RLModule state-dict key."""
-    return module_name[len(MODULE_PREFIX):] if module_name.startswith(MODULE_PREFIX) else module_name
+    return module_name[len(MODULE_PREFIX) :] if module_name.startswith(MODULE_PREFIX) else module_name
 
 
-def weight_metadata(named_tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None) -> list[WeightMetadata]:
+def weight_metadata(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None
+) -> list[WeightMetadata]:
     """What :func:`send_weights` will send, in order; ``dtype`` overrides each tensor's own."""
     return [
         (name, str(dtype or tensor.dtype).removeprefix("torch."), tuple(int(size) for size in tensor.shape))

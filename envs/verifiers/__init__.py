@@ -167,9 +167,7 @@ def register_verifier(
     """
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"verifier name must be a non-empty string, got {name!r}")
-    verifier = Verifier(
-        name=name, fn=fn, isolate=isolate, timeout=timeout, answer_format=answer_format, warmup=warmup
-    )
+    verifier = Verifier(name=name, fn=fn, isolate=isolate, timeout=timeout, answer_format=answer_format, warmup=warmup)
     with _REGISTRY_LOCK:
         if name in _REGISTRY:
             raise ValueError(f"a verifier named '{name}' is already registered; choose another name")
