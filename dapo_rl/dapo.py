@@ -55,7 +55,7 @@ from dapo_rl.distributed import (
     sharded_state_folder,
     sharded_state_target,
 )
-from dapo_rl.env_runner import DAPOEnvRunner, env_registration, make_reasoning_env
+from dapo_rl.env_runner import DAPOEnvRunner, env_registration, make_reasoning_env, unknown_env_config_keys
 from dapo_rl.learner import NONFINITE_UPDATE_SKIPPED, DAPOTorchLearner
 from dapo_rl.models import load_tokenizer, save_policy
 from dapo_rl.module import TEXT_SPACE, CausalLMModule, model_context_length
@@ -63,7 +63,14 @@ from dapo_rl.presets import list_presets
 from dapo_rl.prompt_sampler import PromptSampler
 from dapo_rl.rollout.engine_sync import EngineWeightSync
 from dapo_rl.rollout.vllm_backend import INSTALL_HINT, vllm_available
-from dapo_rl.settings import DAPO_SETTINGS, GENERATION_ROUND_FACTOR, SETTINGS, setting_problems
+from dapo_rl.settings import (
+    DAPO_SETTINGS,
+    GENERATION_ROUND_FACTOR,
+    MODEL_CONFIG_KEYS,
+    MODULE_KEYS_FROM_SETTINGS,
+    SETTINGS,
+    setting_problems,
+)
 from dapo_rl.training import build_train_batch, collect_groups, minibatch_indices, minibatch_with_loss_normalizer
 
 #: Longest a round waits for an env runner to come back when every remote runner has failed.
@@ -228,10 +235,26 @@ class DAPOConfig(AlgorithmConfig):
     def _model_fits(self, _: bool) -> list[str]:
         return self._model_problems()
 
+    def _model_config_keys_known(self, _: bool) -> list[str]:
+        """An unknown model_config key (a typo, a feature not built) is refused, never ignored."""
+        given = set(self.model_config or {})
+        from_settings = sorted(given & set(MODULE_KEYS_FROM_SETTINGS))
+        unknown = sorted(given - set(MODEL_CONFIG_KEYS) - set(MODULE_KEYS_FROM_SETTINGS))
+        problems = []
+        if unknown:
+            problems.append(f"model_config has unknown key(s) {unknown}; its keys are {sorted(MODEL_CONFIG_KEYS)}")
+        if from_settings:
+            problems.append(
+                f"model_config key(s) {from_settings} are training settings: set them with "
+                f".training({from_settings[0]}=...) instead"
+            )
+        return problems
+
     def _environment_named(self, _: bool) -> list[str]:
-        if isinstance(self.env, str) and self.env:
-            return []
-        return [f"env must be a registered Gymnasium id such as 'dapo/Arithmetic-v0', got {self.env!r}"]
+        if not (isinstance(self.env, str) and self.env):
+            return [f"env must be a registered Gymnasium id such as 'dapo/Arithmetic-v0', got {self.env!r}"]
+        problem = unknown_env_config_keys(self.env, dict(self.env_config or {}), self.env_registration)
+        return [problem] if problem else []
 
     def _vllm_placement(self, require_installed: bool) -> list[str]:
         if self.generation_backend != "vllm":
@@ -335,6 +358,7 @@ CROSS_SETTING_RULES: tuple[tuple[Any, frozenset[str]], ...] = (
     (DAPOConfig._response_budget_exceeds_the_overlong_cache, frozenset({"max_response_length", "overlong_cache_len"})),
     (DAPOConfig._fsdp2_clips_by_global_norm, frozenset({"data_parallel", "grad_clip", "grad_clip_by"})),
     (DAPOConfig._model_fits, frozenset({"max_prompt_length", "max_response_length"})),
+    (DAPOConfig._model_config_keys_known, frozenset()),
     (DAPOConfig._environment_named, frozenset()),
     (DAPOConfig._vllm_placement, frozenset({"generation_backend", "vllm_tensor_parallel_size"})),
     (DAPOConfig._async_needs_remote_runners, frozenset({"max_staleness"})),

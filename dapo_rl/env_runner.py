@@ -18,11 +18,13 @@ Backends (``generation_backend``):
 
 from __future__ import annotations
 
+import inspect
 import threading
 from typing import Any
 
 import gymnasium as gym
 import ray
+from gymnasium.envs.registration import load_env_creator
 from ray.rllib.core import COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 from ray.rllib.env import INPUT_ENV_SPACES
 from ray.rllib.env.env_runner import EnvRunner
@@ -64,6 +66,30 @@ def env_registration(env_id: Any) -> dict[str, Any] | None:
         return None
     spec = gym.registry[env_id]
     return {"id": env_id, **{name: getattr(spec, name) for name in _REGISTRATION_FIELDS}}
+
+
+def unknown_env_config_keys(
+    env_id: str, env_config: dict[str, Any], registration: dict[str, Any] | None = None
+) -> str | None:
+    """What is wrong with ``env_config``'s keys for ``env_id`` (None when nothing, or when the
+    environment takes any keyword): a key its creator does not take, named with the ones it takes."""
+    if env_id in gym.registry:
+        entry_point = gym.spec(env_id).entry_point
+    elif registration and registration.get("id") == env_id:
+        entry_point = registration["entry_point"]
+    else:
+        return None  # an unknown id is refused elsewhere, naming it
+    creator = load_env_creator(entry_point) if isinstance(entry_point, str) else entry_point
+    try:
+        parameters = inspect.signature(creator).parameters
+    except (TypeError, ValueError):  # a creator whose signature cannot be read: gym.make will tell
+        return None
+    if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values()):
+        return None
+    unknown = sorted(set(env_config) - set(parameters))
+    if unknown:
+        return f"unknown env_config key(s) {unknown} for {env_id}; it takes: {', '.join(parameters)}"
+    return None
 
 
 def make_reasoning_env(config: Any) -> Any:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import json
 import logging
 import math
@@ -39,7 +38,6 @@ import gymnasium as gym
 import numpy as np
 import ray
 import yaml
-from gymnasium.envs.registration import load_env_creator
 from ray import tune
 from tqdm import tqdm
 
@@ -48,6 +46,7 @@ from dapo_envs.base import printable
 from dapo_rl.checkpoints import CheckpointRecord, export_checkpoint, is_rllib_checkpoint, newest_complete_checkpoint
 from dapo_rl.dapo import DAPO as DAPOAlgorithm
 from dapo_rl.dapo import DAPOConfig, InvalidConfigError
+from dapo_rl.env_runner import unknown_env_config_keys
 from dapo_rl.evaluation import EvalResult, evaluate_model, evaluate_runner
 from dapo_rl.models import TINY_PRESET, ModelNotFoundError, load_policy, load_tokenizer, save_policy
 from dapo_rl.rollout.base import SamplingSettings
@@ -803,17 +802,8 @@ def quoting_hint(message: str, option: str, assignments: Sequence[str]) -> str:
 
 def _check_env_config_keys(env_id: str, env_config: dict[str, Any]) -> None:
     """An env_config key the environment does not take fails here, named with the ones it takes."""
-    entry_point = gym.spec(env_id).entry_point
-    creator = load_env_creator(entry_point) if isinstance(entry_point, str) else entry_point
-    try:
-        parameters = inspect.signature(creator).parameters
-    except (TypeError, ValueError):  # a creator whose signature cannot be read: gym.make will tell
-        return
-    if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values()):
-        return
-    unknown = sorted(set(env_config) - set(parameters))
-    if unknown:
-        raise JobError(f"unknown env_config key(s) {unknown} for {env_id}; it takes: {', '.join(parameters)}")
+    if (problem := unknown_env_config_keys(env_id, env_config)) is not None:
+        raise JobError(problem)
 
 
 def _warm_start(

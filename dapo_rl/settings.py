@@ -432,6 +432,25 @@ SETTINGS: dict[str, Setting] = _setting_table(
     ]
 )
 
+#: Keys of ``DAPOConfig().rl_module(model_config={...})`` (and the job's ``model`` / ``dtype``): what to load.
+#: Anything else is refused by name, so that a typo or a feature not built (``"lora"``) is never ignored.
+MODEL_CONFIG_KEYS: dict[str, str] = {
+    "model": "a local Hugging Face model folder, a .gguf file or a preset name (required)",
+    "dtype": "torch dtype name of the loaded weights (None: as saved; the tiny preset: float32)",
+    "init_seed": "seed of a preset built from random weights (default: the config's seed)",
+    "tiny_spec": "the tiny preset's shape (layers, hidden size, ...), for tests and benchmarks",
+}
+#: Keys DAPO itself sets in the module's model_config from training settings (not the user's to set there).
+MODULE_KEYS_FROM_SETTINGS: tuple[str, ...] = (
+    "temperature",
+    "logprob_chunk_size",
+    "compute_entropy",
+    "mixed_precision",
+    "gradient_checkpointing",
+    "share_prompt_forward",
+)
+
+
 #: DAPO's own settings and their defaults (the table's, less RLlib's own).
 DAPO_SETTINGS: dict[str, Any] = {name: s.default for name, s in SETTINGS.items() if not s.rllib}
 #: RLlib's own training settings, with the paper's values.
@@ -474,6 +493,8 @@ __all__ = [
     "GENERATION_BACKENDS",
     "GENERATION_ROUND_FACTOR",
     "MIXED_PRECISION_CHOICES",
+    "MODEL_CONFIG_KEYS",
+    "MODULE_KEYS_FROM_SETTINGS",
     "OPTIMIZER_DEFAULTS",
     "PROMPT_TRUNCATION_CHOICES",
     "SETTINGS",

@@ -119,3 +119,34 @@ def test_derived_values_are_properties():
     assert DAPOConfig().training(max_staleness=1).needs_generator_logprobs
     assert not DAPOConfig().needs_generator_logprobs
     assert DAPOConfig().learner_shards == 1 and DAPOConfig().learners(num_learners=3).learner_shards == 3
+
+
+@pytest.mark.parametrize(
+    ("model_config", "message"),
+    [
+        (
+            {"model": "tiny-qwen2", "lora": {"r": 16}},
+            "model_config has unknown key(s) ['lora']; its keys are ['dtype', 'init_seed', 'model', 'tiny_spec']",
+        ),
+        ({"model": "tiny-qwen2", "dtyp": "bfloat16"}, "unknown key(s) ['dtyp']"),
+        (
+            {"model": "tiny-qwen2", "temperature": 0.7},
+            "model_config key(s) ['temperature'] are training settings: set them with .training(temperature=...) instead",
+        ),
+    ],
+)
+def test_an_unknown_model_config_key_is_refused_not_ignored(model_config, message):
+    config = make_config().rl_module(model_config=model_config)
+    with pytest.raises(InvalidConfigError) as raised:
+        config.validate()
+    assert message in str(raised.value)
+    make_config().rl_module(model_config={"model": "tiny-qwen2", "dtype": "float32", "init_seed": 3}).validate()
+
+
+def test_an_unknown_env_config_key_is_refused_by_validate_too():
+    """The Python API refuses it as the command line does, naming the keys the environment takes."""
+    config = make_config(env_config={"operators": "+", "digitz": 3})
+    with pytest.raises(InvalidConfigError) as raised:
+        config.validate()
+    message = str(raised.value)
+    assert "unknown env_config key(s) ['digitz'] for dapo/Arithmetic-v0; it takes:" in message and "digits" in message
