@@ -22,6 +22,7 @@ sends the weights without waiting for the runners.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -71,7 +72,15 @@ from dapo_rl.settings import (
     SETTINGS,
     setting_problems,
 )
-from dapo_rl.training import build_train_batch, collect_groups, minibatch_indices, minibatch_with_loss_normalizer
+from dapo_rl.training import (
+    build_train_batch,
+    collect_groups,
+    minibatch_indices,
+    minibatch_with_loss_normalizer,
+    training_signal_warnings,
+)
+
+logger = logging.getLogger(__name__)
 
 #: Longest a round waits for an env runner to come back when every remote runner has failed.
 ENV_RUNNER_RECOVERY_S = 300.0
@@ -387,6 +396,7 @@ class DAPO(Algorithm):
         self._engine_sync = EngineWeightSync(self.config.vllm_tensor_parallel_size, self.config.vllm_dtype)
         self._tokenizer = load_tokenizer(self.config.policy_model)
         self._latest_samples: list[dict[str, Any]] = []
+        self._latest_warnings: list[str] = []
         self._previous_shard_folder: Path | None = None  # shards of the last checkpoint saved or restored
         # Asynchronous rollouts (max_staleness >= 1): rounds requested ahead, the policy version
         # (rollout steps' worth of updates) of the learners' weights, rounds dropped as too old.
@@ -485,13 +495,24 @@ class DAPO(Algorithm):
             else:
                 self.sync_runner_weights()
 
-        self._log_step_metrics(batch, stats, rounds, time.perf_counter() - step_start)
+        values = self._log_step_metrics(batch, stats, rounds, time.perf_counter() - step_start)
         self._latest_samples = self._samples(rounds[0])
+        self._latest_warnings = training_signal_warnings(
+            values,
+            overlong_filter=config.overlong_filter,
+            max_response_length=config.max_response_length,
+            dynamic_sampling=config.dynamic_sampling,
+            on_sampling_limit=config.on_sampling_limit,
+        )
+        for warning in self._latest_warnings:
+            logger.warning("iteration %d: %s", self.iteration + 1, warning)
 
     def step(self) -> dict[str, Any]:
         """RLlib's iteration, with a few of its responses under ``result["samples"]``: researchers read samples."""
         result = super().step()
         result["samples"] = self._latest_samples
+        # Sentences on what made this step train on little or nothing (dapo_rl.training.training_signal_warnings).
+        result["warnings"] = list(self._latest_warnings)
         return result
 
     def _samples(self, rollout: dict[str, Any]) -> list[dict[str, Any]]:
@@ -724,7 +745,7 @@ class DAPO(Algorithm):
 
     def _log_step_metrics(
         self, batch: dict[str, torch.Tensor], stats: Any, rounds: list[dict[str, Any]], seconds: float
-    ) -> None:
+    ) -> dict[str, float]:
         log = self.metrics.log_value
         generated_acc = np.concatenate([r["acc"] for r in rounds]).astype(np.float64)
         generated_lengths = np.concatenate([r["response_length"] for r in rounds])
@@ -737,6 +758,10 @@ class DAPO(Algorithm):
             # NaN when no group was trained on (a step cut short by the sampling round limit).
             values = batch[column][trained].float()
             return float(getattr(values, reduce)()) if values.numel() else float("nan")
+
+        def over_trained_zero_advantage() -> float:
+            advantages = batch["advantages"][trained]
+            return float((advantages == 0).float().mean()) if advantages.numel() else float("nan")
 
         values = {
             "reward_mean": over_trained("rewards", "mean"),
@@ -751,6 +776,12 @@ class DAPO(Algorithm):
             "response_length_max": generated_lengths.max(),
             "response_length_min": generated_lengths.min(),
             "response_clip_ratio": generated_truncated.mean(),
+            # Of the trained responses: the share of their tokens that carry loss, and of them whose
+            # advantage is 0 (both NaN when none was trained).
+            "loss_token_frac": float(batch["token_mask"][trained].sum() / batch["response_mask"][trained].sum())
+            if trained.any()
+            else float("nan"),
+            "zero_advantage_frac": over_trained_zero_advantage(),
             "sampling_rounds": stats.rounds,
             "prompts_generated": stats.prompts_generated,
             "prompts_trained": int(torch.unique(batch["group_index"][trained]).numel()),
@@ -774,7 +805,7 @@ class DAPO(Algorithm):
             "step_seconds": seconds,
             "torch_threads": torch.get_num_threads(),  # of this process (the Tune trial's): its CPUs
         }
-        if self.config.max_staleness:
+        if self.config.is_async:
             values.update(self._async_metrics(rounds))
         if "environment_turns" in rounds[0]:
             values.update(_episode_metrics(rounds))
@@ -782,6 +813,7 @@ class DAPO(Algorithm):
         for name, value in values.items():
             log(("dapo", name), float(value), window=1)
         log(("dapo", "verifier_failures_lifetime"), verifier_failures, reduce="lifetime_sum")
+        return values
 
     def _async_metrics(self, rounds: list[dict[str, Any]]) -> dict[str, float]:
         """What asynchronous rollouts did this step: how old the responses it took were (trained on or

@@ -125,7 +125,8 @@ class ProgressCallback(tune.Callback):
 
 
 def summary_line(result: dict[str, Any]) -> str:
-    """One iteration in one line: training accuracy, reward, length, sampling, loss, entropy, clipping, time."""
+    """One iteration in one line: training accuracy, reward, length, sampling, loss, entropy, clipping, time;
+    then, on lines of their own, what made the step train on little or nothing (result["warnings"])."""
     dapo = result.get("dapo", {})
     learner = result.get("learners", {}).get("default_policy", {})
     nan = float("nan")
@@ -135,4 +136,5 @@ def summary_line(result: dict[str, Any]) -> str:
         f"rounds {dapo.get('sampling_rounds', 0):.0f}  kept {dapo.get('kept_group_ratio', nan):.2f}  "
         f"loss {learner.get('policy_loss', nan):+.4f}  entropy {learner.get('entropy', nan):.3f}  "
         f"clip_hi {learner.get('clip_frac_high', nan):.3f}  {dapo.get('step_seconds', nan):.1f}s"
+        + "".join(f"\n  warning: {warning}" for warning in result.get("warnings", []))
     )

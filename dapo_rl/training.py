@@ -5,6 +5,8 @@
     minibatch_indices   the rows of each gradient update (whole groups, shuffled per epoch)
     minibatch_with_loss_normalizer
                         one mini-batch, trimmed of padding, carrying its global loss normaliser
+    training_signal_warnings
+                        what made a step train on little or nothing, with the setting that explains it
 
 All tensors are on the CPU; the learner moves its mini-batch to its device.
 """
@@ -223,3 +225,54 @@ def minibatch_with_loss_normalizer(
     # The mini-batch's loss-token count, for learners to weight their shard's per-token metrics.
     picked["loss_tokens"] = torch.full((len(rows),), float(picked["token_mask"].sum()), dtype=torch.float32)
     return picked
+
+
+#: A step whose share of responses without training signal reaches this is called out (a warning
+#: and the iteration line), not only counted.
+DEGENERATE_SHARE = 0.9
+
+
+def training_signal_warnings(
+    metrics: dict[str, float],
+    *,
+    overlong_filter: bool,
+    max_response_length: int,
+    dynamic_sampling: bool,
+    on_sampling_limit: str,
+) -> list[str]:
+    """What made this step train on little or nothing, one sentence each, naming the setting that
+    explains it (empty for a healthy step).
+
+    ``metrics`` are the step's: ``prompts_trained``, ``prompts_generated``, ``all_correct_group_ratio``,
+    ``all_wrong_group_ratio``, ``response_clip_ratio`` (share of generated responses cut at the
+    budget), ``loss_token_frac`` (loss tokens over the trained responses' tokens, NaN when none was
+    trained) and ``zero_advantage_frac`` (trained responses whose advantage is 0).
+    """
+    said = []
+    if metrics["prompts_trained"] == 0:
+        why = (
+            f"all right in {metrics['all_correct_group_ratio']:.0%} of the groups, all wrong in "
+            f"{metrics['all_wrong_group_ratio']:.0%}"
+        )
+        said.append(
+            f"no group was trained on: none of the {metrics['prompts_generated']:.0f} prompts got both right and "
+            f"wrong answers ({why}); on_sampling_limit={on_sampling_limit!r} went on without them"
+        )
+        return said
+    clipped = metrics["response_clip_ratio"]
+    if overlong_filter and clipped >= DEGENERATE_SHARE:
+        said.append(
+            f"{clipped:.0%} of the responses reached max_response_length ({max_response_length}) and carry no loss "
+            "under overlong_filter=True: raise max_response_length, or set overlong_filter=False"
+        )
+    elif 1 - metrics["loss_token_frac"] >= DEGENERATE_SHARE:
+        said.append(
+            f"only {metrics['loss_token_frac']:.0%} of the trained responses' tokens carry loss (token_mask): "
+            "the update had almost nothing to learn from"
+        )
+    if not dynamic_sampling and metrics["zero_advantage_frac"] >= DEGENERATE_SHARE:
+        said.append(
+            f"{metrics['zero_advantage_frac']:.0%} of the trained responses have advantage 0 (their groups were "
+            "all right or all wrong) and teach nothing: dynamic_sampling=True trains on mixed groups only"
+        )
+    return said
