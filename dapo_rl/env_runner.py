@@ -12,8 +12,10 @@ Backends (``generation_backend``):
   process sees one (a remote runner with ``num_gpus_per_env_runner > 0``, or the driver's local
   runner on a GPU machine), else on the CPU; ``generation_device`` overrides. Weights arrive
   through RLlib's weight sync.
-- ``"vllm"``: a ``vllm.LLM`` engine and no RLModule; weights arrive over NCCL from learner rank 0
-  (``begin_*`` / ``finish_weight_transfer``, driven by ``DAPO.sync_runner_weights``).
+- ``"vllm"``: a ``vllm.LLM`` engine and no RLModule. On GPUs (``num_gpus_per_env_runner > 0``)
+  weights arrive over NCCL from learner rank 0 (``begin_*`` / ``finish_weight_transfer``, driven
+  by ``DAPO.sync_runner_weights``); on CPU (vLLM's CPU build, ``num_gpus_per_env_runner=0``) by
+  value, through RLlib's weight sync like the hf backend's (``set_state`` -> ``load_weights``).
 """
 
 from __future__ import annotations
@@ -33,12 +35,13 @@ from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME, WEIGHTS_SEQ_
 
 import dapo_envs  # registers the dapo/ environment ids in this worker process
 import dapo_envs.verifier_pool
-from dapo_rl.models import load_tokenizer, resolve_model_folder
+from dapo_rl.models import load_tokenizer
 from dapo_rl.module import TEXT_SPACE
 from dapo_rl.rollout.base import SamplingSettings
 from dapo_rl.rollout.hf import HFGenerationBackend, generation_device
 from dapo_rl.rollout.runner import GenerationRunner, PromptSettings
-from dapo_rl.rollout.vllm_backend import VLLMEngineSettings, VLLMGenerationBackend
+from dapo_rl.rollout.vllm_backend import VLLMEngineSettings, VLLMGenerationBackend, engine_model_folder
+from dapo_rl.rollout.vllm_transfer import weight_transfer_api_available
 from dapo_rl.rollout.weight_sync import WeightMetadata
 
 #: The ``gymnasium.register`` fields a registration carries to other processes.
@@ -90,6 +93,12 @@ def unknown_env_config_keys(
     if unknown:
         return f"unknown env_config key(s) {unknown} for {env_id}; it takes: {', '.join(parameters)}"
     return None
+
+
+def vllm_engine_device(config: Any) -> str:
+    """Where a vLLM env runner's engine runs: on its GPUs, or on the CPU (vLLM's CPU build) when
+    the runners are given none (``num_gpus_per_env_runner=0``)."""
+    return "cuda" if (config.num_gpus_per_env_runner or 0) > 0 else "cpu"
 
 
 def make_reasoning_env(config: Any) -> Any:
@@ -147,9 +156,16 @@ class DAPOEnvRunner(EnvRunner, Checkpointable):
 
     def _vllm_engine(self, tokenizer: Any) -> VLLMGenerationBackend:
         config = self.config
+        model_config = dict(config.model_config or {})
         return VLLMGenerationBackend(
             VLLMEngineSettings(
-                model=resolve_model_folder(config.policy_model),
+                model=engine_model_folder(
+                    config.policy_model,
+                    seed=int(model_config.get("init_seed", 0)),
+                    tiny_spec=model_config.get("tiny_spec"),
+                ),
+                device=vllm_engine_device(config),
+                weight_transfer_api=vllm_engine_device(config) == "cuda" and weight_transfer_api_available(),
                 tensor_parallel_size=config.vllm_tensor_parallel_size,
                 dtype=config.vllm_dtype,
                 gpu_memory_utilization=config.vllm_gpu_memory_utilization,
@@ -280,6 +296,8 @@ class DAPOEnvRunner(EnvRunner, Checkpointable):
     def stop(self) -> None:
         # Verifier worker processes (math_verify, user verifiers); a later score() starts new ones.
         dapo_envs.verifier_pool.shutdown()
+        if isinstance(self.backend, VLLMGenerationBackend):
+            self.backend.shutdown()  # the engine's processes, now rather than at interpreter exit
 
     # -- Checkpointable API --------------------------------------------------------------------------
 
@@ -294,6 +312,18 @@ class DAPOEnvRunner(EnvRunner, Checkpointable):
     def set_state(self, state: dict[str, Any]) -> None:
         if isinstance(state, ray.ObjectRef):
             state = ray.get(state)
+        if COMPONENT_RL_MODULE in state and self.module is None and self.backend is not None:
+            # A CPU vLLM engine takes the learners' weights by value (GPU engines get them over NCCL).
+            weights_seq_no = state.get(WEIGHTS_SEQ_NO, 0)
+            if weights_seq_no == 0 or self._weights_seq_no < weights_seq_no:
+                module_state = state[COMPONENT_RL_MODULE]
+                if isinstance(module_state, ray.ObjectRef):
+                    module_state = ray.get(module_state)
+                if isinstance(module_state, dict) and DEFAULT_MODULE_ID in module_state:
+                    module_state = module_state[DEFAULT_MODULE_ID]
+                self.backend.load_weights(module_state)
+            if weights_seq_no > 0:
+                self._weights_seq_no = weights_seq_no
         if COMPONENT_RL_MODULE in state and self.module is not None:
             # Same protocol as RLlib's SingleAgentEnvRunner: seq_no 0 forces the update.
             weights_seq_no = state.get(WEIGHTS_SEQ_NO, 0)
@@ -316,4 +346,4 @@ class DAPOEnvRunner(EnvRunner, Checkpointable):
         return []
 
 
-__all__ = ["DAPOEnvRunner", "env_registration", "make_reasoning_env"]
+__all__ = ["DAPOEnvRunner", "env_registration", "make_reasoning_env", "vllm_engine_device"]

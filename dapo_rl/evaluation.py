@@ -18,11 +18,11 @@ import gymnasium as gym
 import numpy as np
 
 import dapo_envs  # noqa: F401  (registers the dapo/ environment ids)
-from dapo_rl.models import load_policy, load_tokenizer, resolve_model_folder
+from dapo_rl.models import load_policy, load_tokenizer
 from dapo_rl.rollout.base import SamplingSettings
 from dapo_rl.rollout.hf import HFGenerationBackend, generation_device
 from dapo_rl.rollout.runner import GenerationRunner, PromptSettings
-from dapo_rl.rollout.vllm_backend import VLLMEngineSettings, VLLMGenerationBackend
+from dapo_rl.rollout.vllm_backend import VLLMEngineSettings, VLLMGenerationBackend, engine_model_folder, vllm_cpu_build
 from dapo_rl.settings import DAPO_SETTINGS
 
 
@@ -106,18 +106,21 @@ def evaluate_model(
     """Evaluate a Hugging Face model folder (or the preset) on the first ``num_problems`` of an env.
 
     ``backend="hf"`` generates with ``transformers`` on the GPU when there is one (else the CPU);
-    ``"vllm"`` with a vLLM engine over ``tensor_parallel_size`` GPUs (a model folder, not the preset).
+    ``"vllm"`` with a vLLM engine: over ``tensor_parallel_size`` GPUs, or on the CPU with vLLM's CPU
+    build (the tiny preset is written to a cached folder for it).
     """
     env = gym.make(env_id, **(env_config or {})).unwrapped
     count = env.num_problems if num_problems is None else min(num_problems, env.num_problems)
     problems = [env.problem(i) for i in range(count)]
     if backend == "vllm":
         tokenizer = load_tokenizer(model)
+        # vLLM's CPU build runs the engine on the CPU; the GPU build on tensor_parallel_size GPUs.
         engine = VLLMEngineSettings(
-            model=resolve_model_folder(model),
+            model=engine_model_folder(os.fspath(model)),
             tensor_parallel_size=tensor_parallel_size,
             seed=seed,
             max_model_len=max_prompt_length + max_new_tokens,
+            device="cpu" if vllm_cpu_build() else "cuda",
         )
         generator = VLLMGenerationBackend(engine, eos_token_ids=[tokenizer.eos_token_id])
     elif backend == "hf":

@@ -1,7 +1,7 @@
 """The vLLM backend's own logic, without vLLM: sampling settings, output conversion, sleep/wake
 bookkeeping, the weight-transfer protocol (over a gloo broadcast between two processes) and the
-config checks. The engine itself is exercised only where vllm imports and CUDA exists (skipped
-otherwise; see README "Scale-out" for what has and has not run)."""
+config checks. The engine itself runs in tests/test_vllm_engine.py (vLLM's CPU build) and, on
+GPUs, in the ``gpu``-marked test below (not run here; see docs/vllm.md)."""
 
 from __future__ import annotations
 
@@ -120,6 +120,7 @@ class _RecordingEngine:
 
     def __init__(self):
         self.calls = []
+        self.args = []  # the arguments of each collective_rpc
 
     def sleep(self, level):
         self.calls.append(("sleep", level))
@@ -132,6 +133,7 @@ class _RecordingEngine:
 
     def collective_rpc(self, method, args=()):
         self.calls.append(("collective_rpc", method))
+        self.args.append(args)
 
 
 def _backend_with(engine, sleep_mode):
@@ -153,6 +155,29 @@ def test_sleep_mode_wakes_weights_for_the_update_and_never_wakes_them_twice():
         ("collective_rpc", "receive_weights"),
         ("wake_up", ["kv_cache"]),  # waking the weights again would restore the pre-sleep copy
     ]
+
+
+def test_weight_transfer_api_rounds_are_start_update_finish_with_engine_names():
+    """vLLM >= 0.29 (GPU engines): the engine joins and receives through vLLM's own worker methods."""
+    engine = _RecordingEngine()
+    backend = _backend_with(engine, sleep_mode=False)
+    backend.settings = VLLMEngineSettings(model="/models/m", weight_transfer_api=True)
+    backend.init_weight_sync("10.0.0.1", 1234, 3, 5)
+    backend.receive_weights([("causal_lm.model.norm.weight", "bfloat16", (8,))])
+    assert engine.calls == [
+        ("collective_rpc", "init_weight_transfer_engine"),
+        ("collective_rpc", "start_weight_update"),
+        ("collective_rpc", "update_weights"),
+        ("collective_rpc", "finish_weight_update"),
+        ("reset_prefix_cache",),
+    ]
+    assert engine.args[0] == (
+        {"master_address": "10.0.0.1", "master_port": 1234, "rank_offset": 3, "world_size": 5, "packed": False},
+    )
+    assert engine.args[2] == ({"names": ["model.norm.weight"], "dtype_names": ["bfloat16"], "shapes": [[8]]},)
+    kwargs = VLLMEngineSettings(model="/models/m", weight_transfer_api=True).engine_kwargs()
+    assert kwargs["weight_transfer_config"] == {"backend": "nccl"}
+    assert "weight_transfer_config" not in VLLMEngineSettings(model="/models/m").engine_kwargs()
 
 
 def test_without_sleep_mode_an_update_resets_the_prefix_cache():
@@ -246,11 +271,22 @@ def test_validate_refuses_vllm_when_it_is_not_installed():
 
 def test_validate_names_the_vllm_placement_it_needs(monkeypatch):
     monkeypatch.setattr(dapo_module, "vllm_available", lambda: True)
+    monkeypatch.setattr(dapo_module, "vllm_cpu_build", lambda: True)
     config = _vllm_config(vllm_tensor_parallel_size=2, vllm_gpu_memory_utilization=1.5)
     problems = config._dapo_problems()
     assert any("num_env_runners=0" in p for p in problems)
-    assert any("num_gpus_per_env_runner (0) must equal vllm_tensor_parallel_size (2)" in p for p in problems)
+    # No GPUs for the runners: CPU engines, one process each.
+    assert any("vllm_tensor_parallel_size must be 1, got 2" in p for p in problems)
     assert any("vllm_gpu_memory_utilization must be in (0, 1], got 1.5" in p for p in problems)
+    on_cpu = _vllm_config(vllm_sleep=True).env_runners(num_env_runners=1)
+    assert on_cpu._dapo_problems() == [
+        "vllm_sleep=True with CPU engines (num_gpus_per_env_runner=0): vLLM's CPU build has no sleep mode "
+        "(its worker ignores sleep, releasing nothing); set vllm_sleep=False"
+    ]
+    assert _vllm_config().env_runners(num_env_runners=1)._dapo_problems() == []
+    monkeypatch.setattr(dapo_module, "vllm_cpu_build", lambda: False)
+    gpu_build = _vllm_config().env_runners(num_env_runners=1)._dapo_problems()
+    assert len(gpu_build) == 1 and "needs vLLM's CPU build (vllm-cpu" in gpu_build[0]
     placed = _vllm_config(vllm_tensor_parallel_size=2).env_runners(num_env_runners=4, num_gpus_per_env_runner=2)
     assert placed._dapo_problems() == []
     # One-GPU engines may share their GPU (e.g. half each with a learner, releasing it by sleeping).

