@@ -309,33 +309,28 @@ class DAPOEnvRunner(EnvRunner, Checkpointable):
             state[WEIGHTS_SEQ_NO] = self._weights_seq_no
         return state
 
+    def _take_weights(self, state: dict[str, Any], load: Any) -> None:
+        """Load the RLModule weights of ``state`` with ``load`` unless they are older than the ones
+        held: RLlib's SingleAgentEnvRunner protocol, where seq_no 0 forces the update."""
+        weights_seq_no = state.get(WEIGHTS_SEQ_NO, 0)
+        if weights_seq_no == 0 or self._weights_seq_no < weights_seq_no:
+            module_state = state[COMPONENT_RL_MODULE]
+            if isinstance(module_state, ray.ObjectRef):
+                module_state = ray.get(module_state)
+            if isinstance(module_state, dict) and DEFAULT_MODULE_ID in module_state:
+                module_state = module_state[DEFAULT_MODULE_ID]
+            load(module_state)
+        if weights_seq_no > 0:
+            self._weights_seq_no = weights_seq_no
+
     def set_state(self, state: dict[str, Any]) -> None:
         if isinstance(state, ray.ObjectRef):
             state = ray.get(state)
-        if COMPONENT_RL_MODULE in state and self.module is None and self.backend is not None:
-            # A CPU vLLM engine takes the learners' weights by value (GPU engines get them over NCCL).
-            weights_seq_no = state.get(WEIGHTS_SEQ_NO, 0)
-            if weights_seq_no == 0 or self._weights_seq_no < weights_seq_no:
-                module_state = state[COMPONENT_RL_MODULE]
-                if isinstance(module_state, ray.ObjectRef):
-                    module_state = ray.get(module_state)
-                if isinstance(module_state, dict) and DEFAULT_MODULE_ID in module_state:
-                    module_state = module_state[DEFAULT_MODULE_ID]
-                self.backend.load_weights(module_state)
-            if weights_seq_no > 0:
-                self._weights_seq_no = weights_seq_no
         if COMPONENT_RL_MODULE in state and self.module is not None:
-            # Same protocol as RLlib's SingleAgentEnvRunner: seq_no 0 forces the update.
-            weights_seq_no = state.get(WEIGHTS_SEQ_NO, 0)
-            if weights_seq_no == 0 or self._weights_seq_no < weights_seq_no:
-                module_state = state[COMPONENT_RL_MODULE]
-                if isinstance(module_state, ray.ObjectRef):
-                    module_state = ray.get(module_state)
-                if isinstance(module_state, dict) and DEFAULT_MODULE_ID in module_state:
-                    module_state = module_state[DEFAULT_MODULE_ID]
-                self.module.set_state(module_state)
-            if weights_seq_no > 0:
-                self._weights_seq_no = weights_seq_no
+            self._take_weights(state, self.module.set_state)
+        elif COMPONENT_RL_MODULE in state and self.backend is not None:
+            # A CPU vLLM engine takes the learners' weights by value (GPU engines get them over NCCL).
+            self._take_weights(state, self.backend.load_weights)
         if NUM_ENV_STEPS_SAMPLED_LIFETIME in state:
             self.num_env_steps_sampled_lifetime = state[NUM_ENV_STEPS_SAMPLED_LIFETIME]
 
