@@ -208,10 +208,10 @@ class DAPOConfig(AlgorithmConfig):
     def _dapo_problems(self, *, require_installed: bool = True) -> list[str]:
         """Each setting alone, by its declaration (dapo_rl.settings.SETTINGS), then the rules that tie
         settings together; a rule is skipped while one of its settings is itself invalid."""
-        problems = setting_problems({name: getattr(self, name) for name in SETTINGS})
-        invalid = {name for name in SETTINGS if SETTINGS[name].problem(getattr(self, name)) is not None}
+        invalid = setting_problems({name: getattr(self, name) for name in SETTINGS})
+        problems = list(invalid.values())
         for rule, needs in CROSS_SETTING_RULES:
-            if not needs & invalid:
+            if not needs & invalid.keys():
                 problems += rule(self, require_installed)
         return problems
 

@@ -457,9 +457,10 @@ DAPO_SETTINGS: dict[str, Any] = {name: s.default for name, s in SETTINGS.items()
 OPTIMIZER_DEFAULTS: dict[str, Any] = {name: s.default for name, s in SETTINGS.items() if s.rllib}
 
 
-def setting_problems(values: dict[str, Any]) -> list[str]:
-    """The problems of each value alone, by the table (cross-setting rules are DAPOConfig's)."""
-    return [problem for name, value in values.items() if (problem := SETTINGS[name].problem(value)) is not None]
+def setting_problems(values: dict[str, Any]) -> dict[str, str]:
+    """Setting name -> the problem of its value alone, by the table, for the values that have one
+    (cross-setting rules are DAPOConfig's)."""
+    return {name: problem for name, value in values.items() if (problem := SETTINGS[name].problem(value)) is not None}
 
 
 def paper_settings() -> SimpleNamespace:
