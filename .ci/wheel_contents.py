@@ -38,13 +38,15 @@ def expected_wheel_files(files: list[str]) -> dict[str, str]:
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
     package_dir: dict[str, str] = setuptools.get("package-dir", {})
     folders = {package_dir.get(name, name): name for name in setuptools["packages"] if "." not in name}
+    # A sub-package kept in its own top-level folder (reproduce/ installs as dapo_rl.reproduce).
+    folders.update({folder: name for name, folder in package_dir.items() if "." in name})
     expected = {}
     for name in files:
         path = PurePosixPath(name)
         if path.parts[0] in folders and not any(
             path.match(pattern) or fnmatch(name, pattern) for pattern in NOT_INSTALLED
         ):
-            expected[str(PurePosixPath(folders[path.parts[0]], *path.parts[1:]))] = name
+            expected[str(PurePosixPath(*folders[path.parts[0]].split("."), *path.parts[1:]))] = name
     return expected
 
 

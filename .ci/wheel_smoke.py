@@ -75,8 +75,8 @@ def main() -> None:
         )
 
     # Extras installed with the wheel (.ci/wheel installs smollm2 and tracking).
-    from dapo_rl.presets import GGUF_CONVERSION_PACKAGES
-    from dapo_rl.tracking import LOGGERS, missing_logger_package
+    from dapo_rl.jobs.tracking import LOGGERS, missing_logger_package
+    from dapo_rl.models.presets import GGUF_CONVERSION_PACKAGES
 
     for package in GGUF_CONVERSION_PACKAGES:
         __import__(package)

@@ -42,9 +42,9 @@ import torch  # noqa: E402
 
 import dapo_envs  # noqa: E402
 from benchmarks.resume import warm_model  # noqa: E402
-from dapo_rl.checkpoints import complete_checkpoints, export_checkpoint  # noqa: E402
-from dapo_rl.evaluation import evaluate_model  # noqa: E402
 from dapo_rl.jobs import DEFAULT_JOB, experiment_folder, iteration_results, start_ray  # noqa: E402
+from dapo_rl.jobs.evaluation import evaluate_model  # noqa: E402
+from dapo_rl.rllib.checkpoints import complete_checkpoints, export_checkpoint  # noqa: E402
 
 RUNS = {
     "sync": [],

@@ -4,7 +4,7 @@ The step is what ``DAPOTorchLearner`` runs for one mini-batch: response log-prob
 token-mean clipped loss, backward, grad clip, AdamW. Two variants, in the same run:
 
     dapo:      float32 master weights, bf16 autocast, activation checkpointing, and the chunked
-               log-prob kernel (``dapo_rl.policy.response_logprobs``, ``mixed_precision="bf16"``)
+               log-prob kernel (``dapo_rl.models.policy.response_logprobs``, ``mixed_precision="bf16"``)
     baseline:  the same weights and autocast, no checkpointing, log-probs from the model's own
                full-vocabulary logits (the usual Hugging Face path)
 
@@ -13,7 +13,7 @@ hides or inflates a peak. Peak memory is ``max_memory_allocated()`` during the m
 minus what is allocated before them (weights, AdamW state, inputs); time is the median of the
 measured steps (synchronised), after one warm-up step. A variant that runs out of memory is
 reported as such. The optimizer and loss settings are the paper's (``dapo_rl.settings``' defaults),
-read from ``dapo_rl.dapo``, which imports Ray.
+read from ``dapo_rl.rllib.dapo``, which imports Ray.
 
 Usage (from the repository root)::
 
@@ -41,9 +41,9 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, Qwen2Config  # noqa: E402
 
 from dapo_rl.core import policy_loss  # noqa: E402
-from dapo_rl.distributed import clip_gradients_by_global_norm  # noqa: E402
-from dapo_rl.models import enable_activation_checkpointing  # noqa: E402
-from dapo_rl.policy import response_logprobs  # noqa: E402
+from dapo_rl.models.distributed import clip_gradients_by_global_norm  # noqa: E402
+from dapo_rl.models.loading import enable_activation_checkpointing  # noqa: E402
+from dapo_rl.models.policy import response_logprobs  # noqa: E402
 from dapo_rl.rollout.batch import pack_sequences  # noqa: E402
 from dapo_rl.settings import paper_settings  # noqa: E402
 

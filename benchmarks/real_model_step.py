@@ -3,7 +3,7 @@
 A DAPO group is G responses to one prompt. Without sharing, generation prefills the prompt G times
 and every log-prob pass runs it G times; with ``share_prompt_forward`` (the default) each distinct
 prompt goes through the model once and its G responses attend to its key/value cache
-(:mod:`dapo_rl.kv_cache`). The arithmetic is the same; this measures what it saves.
+(:mod:`dapo_rl.models.kv_cache`). The arithmetic is the same; this measures what it saves.
 
 Both sides run the same job (default: ``configs/smollm2-arithmetic.yaml``) from the same weights
 and seeds, one iteration of each in turn so that a change in the machine's load hits both; each
@@ -39,11 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dapo_envs  # noqa: E402,F401  (registers the environments)
 from dapo_rl.core import policy_loss  # noqa: E402
-from dapo_rl.models import load_policy  # noqa: E402
-from dapo_rl.policy import response_logprobs  # noqa: E402
-from dapo_rl.prompt_sampler import PromptSampler  # noqa: E402
+from dapo_rl.models.loading import load_policy  # noqa: E402
+from dapo_rl.models.policy import response_logprobs  # noqa: E402
 from dapo_rl.rollout.base import SamplingSettings  # noqa: E402
 from dapo_rl.rollout.hf import HFGenerationBackend  # noqa: E402
+from dapo_rl.rollout.prompt_sampler import PromptSampler  # noqa: E402
 from dapo_rl.rollout.runner import GenerationRunner, PromptSettings  # noqa: E402
 from dapo_rl.settings import DAPO_SETTINGS, GENERATION_ROUND_FACTOR, OPTIMIZER_DEFAULTS  # noqa: E402
 from dapo_rl.training import build_train_batch, collect_groups, minibatch_indices, minibatch_with_loss_normalizer  # noqa: E402

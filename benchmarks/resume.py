@@ -39,11 +39,11 @@ import torch  # noqa: E402
 from ray.train._internal.storage import _pyarrow_fs_copy_files  # noqa: E402
 
 import dapo_envs  # noqa: E402,F401
-from dapo_rl.checkpoints import newest_complete_checkpoint  # noqa: E402
 from dapo_rl.jobs import RESULTS_FILE, build_config, load_job, start_ray  # noqa: E402
-from dapo_rl.models import TINY_PRESET, load_policy, save_policy  # noqa: E402
+from dapo_rl.jobs.warmstart import WarmStartSettings, supervised_warmstart  # noqa: E402
+from dapo_rl.models.loading import TINY_PRESET, load_policy, save_policy  # noqa: E402
+from dapo_rl.rllib.checkpoints import newest_complete_checkpoint  # noqa: E402
 from dapo_rl.rollout.runner import GenerationRunner, PromptSettings  # noqa: E402
-from dapo_rl.warmstart import WarmStartSettings, supervised_warmstart  # noqa: E402
 
 
 def warm_model(folder: Path, steps: int) -> Path:

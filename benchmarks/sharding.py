@@ -2,7 +2,7 @@
 
 Two learner processes (gloo on the CPU, NCCL on GPUs) train the same Qwen2-architecture model on
 the same batch, once with DDP (every learner holds all weights, gradients and AdamW state) and
-once with FSDP2 as ``data_parallel="fsdp2"`` shards it (``dapo_rl.distributed.shard_causal_lm``).
+once with FSDP2 as ``data_parallel="fsdp2"`` shards it (``dapo_rl.models.distributed.shard_causal_lm``).
 Reported per learner, after one warm-up step: the bytes of weights, gradients and optimizer state
 it holds (its local shards for FSDP2), and the median step time over the measured steps. The
 state ratio is what sharding is for; on the CPU the time ratio says little about NCCL on GPUs.
@@ -35,9 +35,9 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from dapo_rl.core import policy_loss  # noqa: E402
-from dapo_rl.distributed import clip_gradients_by_global_norm, shard_causal_lm  # noqa: E402
-from dapo_rl.models import load_policy  # noqa: E402
-from dapo_rl.policy import ResponseLogprobs  # noqa: E402
+from dapo_rl.models.distributed import clip_gradients_by_global_norm, shard_causal_lm  # noqa: E402
+from dapo_rl.models.loading import load_policy  # noqa: E402
+from dapo_rl.models.policy import ResponseLogprobs  # noqa: E402
 from dapo_rl.rollout.batch import pack_sequences  # noqa: E402
 from dapo_rl.settings import paper_settings  # noqa: E402
 

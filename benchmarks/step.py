@@ -4,7 +4,7 @@ Both sides do the same work on the same settings (the `dapo-rl train` default's 
 on the tiny preset): generate and score G responses per prompt with dynamic sampling, recompute
 old log-probs, run the mini-batch updates, and copy the weights to the generating model. The RLlib
 side is `DAPO.train()` (local env runner, local learner); the plain side calls the same Ray-free
-pieces (`dapo_rl.training`, `dapo_rl.core`, `dapo_rl.policy`) in a loop with no RLlib at all.
+pieces (`dapo_rl.training`, `dapo_rl.core`, `dapo_rl.models.policy`) in a loop with no RLlib at all.
 
     python benchmarks/step.py [--iterations 8] [--warmup 2] [--output benchmarks/results/step_cpu.md]
 
@@ -34,11 +34,11 @@ import torch  # noqa: E402
 import dapo_envs  # noqa: E402,F401
 from dapo_rl.core import policy_loss  # noqa: E402
 from dapo_rl.jobs import DEFAULT_JOB, build_config, start_ray  # noqa: E402
-from dapo_rl.models import load_policy  # noqa: E402
-from dapo_rl.policy import response_logprobs  # noqa: E402
-from dapo_rl.prompt_sampler import PromptSampler  # noqa: E402
+from dapo_rl.models.loading import load_policy  # noqa: E402
+from dapo_rl.models.policy import response_logprobs  # noqa: E402
 from dapo_rl.rollout.base import SamplingSettings  # noqa: E402
 from dapo_rl.rollout.hf import HFGenerationBackend  # noqa: E402
+from dapo_rl.rollout.prompt_sampler import PromptSampler  # noqa: E402
 from dapo_rl.rollout.runner import GenerationRunner, PromptSettings  # noqa: E402
 from dapo_rl.training import (  # noqa: E402
     build_train_batch,

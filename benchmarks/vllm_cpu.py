@@ -41,7 +41,7 @@ def generation_throughput(args, job) -> list[dict]:
     import torch
 
     import dapo_envs  # noqa: F401  (registers the environments)
-    from dapo_rl.models import load_policy, load_tokenizer
+    from dapo_rl.models.loading import load_policy, load_tokenizer
     from dapo_rl.rollout.base import SamplingSettings
     from dapo_rl.rollout.hf import HFGenerationBackend
     from dapo_rl.rollout.runner import GenerationRunner, PromptSettings

@@ -12,7 +12,7 @@ alone) with the same torch thread count and seed:
   ``steps_per_generation`` optimizer steps), the environment's own verifier as its reward function,
   dapo-rl's overlong shaping added to it, and dapo-rl's prompts in dapo-rl's order.
 
-Afterwards one evaluator, :func:`dapo_rl.evaluation.evaluate_model`, scores the start model and every
+Afterwards one evaluator, :func:`dapo_rl.jobs.evaluation.evaluate_model`, scores the start model and every
 side's final model on the same held-out problems with the same seed (avg@k, pass@k).
 
 Workloads (``--model``): ``tiny``, the main job (``dapo_rl.jobs.DEFAULT_JOB``) whose tiny model is
@@ -57,13 +57,13 @@ from transformers import TrainerCallback
 
 import dapo_envs
 from dapo_rl.core import shaped_rewards
-from dapo_rl.evaluation import evaluate_model
 from dapo_rl.jobs import build_config, load_job, start_ray
-from dapo_rl.models import TINY_PRESET, load_policy, save_policy
-from dapo_rl.prompt_sampler import PromptSampler
+from dapo_rl.jobs.evaluation import evaluate_model
+from dapo_rl.jobs.warmstart import WarmStartSettings, supervised_warmstart
+from dapo_rl.models.loading import TINY_PRESET, load_policy, save_policy
+from dapo_rl.rollout.prompt_sampler import PromptSampler
 from dapo_rl.rollout.runner import GenerationRunner, PromptSettings
 from dapo_rl.settings import DAPO_SETTINGS, OPTIMIZER_DEFAULTS
-from dapo_rl.warmstart import WarmStartSettings, supervised_warmstart
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -774,7 +774,7 @@ def write_report(report: dict[str, Any], output: Path) -> None:
     lines += [
         "",
         (
-            f"Held-out evaluation: `dapo_rl.evaluation.evaluate_model`, the first {report['eval']['problems']} problems "
+            f"Held-out evaluation: `dapo_rl.jobs.evaluation.evaluate_model`, the first {report['eval']['problems']} problems "
             f"of the held-out split, {k} samples each, seed {report['job']['seed']}, sampling as in training."
         ),
         "",

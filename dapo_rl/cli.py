@@ -18,7 +18,6 @@ import gymnasium as gym
 
 from dapo_envs import held_out_env_config
 from dapo_rl import __version__
-from dapo_rl.evaluation import evaluate_model
 from dapo_rl.jobs import (
     JobError,
     RunStoppedError,
@@ -29,7 +28,8 @@ from dapo_rl.jobs import (
     resume_job,
     train,
 )
-from dapo_rl.tracking import LOGGERS
+from dapo_rl.jobs.evaluation import evaluate_model
+from dapo_rl.jobs.tracking import LOGGERS
 
 
 def run_train(args: argparse.Namespace) -> None:
@@ -80,7 +80,7 @@ def run_eval(args: argparse.Namespace) -> None:
         raise JobError(f"--temperature must be > 0, got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise JobError(f"--top-p must be in (0, 1], got {args.top_p}")
-    # Options left out keep dapo_rl.evaluation.evaluate_model's defaults (their one home).
+    # Options left out keep dapo_rl.jobs.evaluation.evaluate_model's defaults (their one home).
     given = {name: getattr(args, option) for option, name in EVAL_OPTIONS.items() if getattr(args, option) is not None}
     if "apply_chat_template" in given:
         given["apply_chat_template"] = CHAT_TEMPLATE_CHOICES[given["apply_chat_template"]]

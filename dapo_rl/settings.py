@@ -1,11 +1,11 @@
 """DAPO's settings: each declared once, with its default, type, allowed values, one-line doc and the
 paper's value where the default differs. No Ray import.
 
-:data:`SETTINGS` is the table. ``DAPOConfig`` (``dapo_rl.dapo``) takes its attributes and its
+:data:`SETTINGS` is the table. ``DAPOConfig`` (``dapo_rl.rllib.dapo``) takes its attributes and its
 per-setting checks from it, the job parser (``dapo-rl train --set``, job files) its types, and
 ``docs/settings.md`` is generated from it (:func:`settings_reference`; a test keeps the page in
 step). Rules that tie several settings together are the named functions of
-``DAPOConfig`` (``dapo_rl.dapo``); code that must run without Ray (the GPU benchmarks) reads the
+``DAPOConfig`` (``dapo_rl.rllib.dapo``); code that must run without Ray (the GPU benchmarks) reads the
 defaults through :func:`paper_settings`.
 """
 

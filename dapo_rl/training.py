@@ -2,6 +2,9 @@
 
     collect_groups      generate in rounds; dynamic sampling keeps groups with mixed correctness
     build_train_batch   shaped rewards -> group advantages; pack tokens; the loss mask
+    groups_fitting_learners, take_generator_logprobs, add_importance_weights
+                        the old log-probs' side of the batch: what learners can split, and
+                        the generator's log-probs or importance weights
     minibatch_indices   the rows of each gradient update (whole groups, shuffled per epoch)
     minibatch_with_loss_normalizer
                         one mini-batch, trimmed of padding, carrying its global loss normaliser
@@ -13,6 +16,7 @@ All tensors are on the CPU; the learner moves its mini-batch to its device.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +26,7 @@ import torch
 
 from dapo_rl.core import DynamicSamplingAccumulator, group_advantages, loss_normalizer, overlong_mask, shaped_rewards
 from dapo_rl.core.micro_batches import trim_padding
+from dapo_rl.core.off_policy import behaviour_importance_weights
 from dapo_rl.rollout.batch import pack_sequences
 
 #: Columns of a learner batch (names avoid RLlib's reserved ``loss_mask`` and ``seq_lens``).
@@ -190,6 +195,47 @@ def _padded_rows(rows: Sequence[Any], like: torch.Tensor) -> torch.Tensor:
     for row, values in enumerate(rows):
         padded[row, : len(values)] = torch.as_tensor(np.asarray(values), dtype=like.dtype)
     return padded
+
+
+def groups_fitting_learners(group_index: torch.Tensor, *, group_size: int, num_learners: int) -> torch.Tensor:
+    """``group_index`` with the groups that would leave a mini-batch unevenly split over learners
+    marked dropped (-1).
+
+    Only a step cut short by the round limit (``on_sampling_limit="train"``) can hold such a
+    remainder; an uneven shard would make DDP learners take different numbers of steps and hang.
+    """
+    if num_learners == 1:
+        return group_index
+    groups_per_unit = num_learners // math.gcd(group_size, num_learners)
+    num_groups = int(group_index.max()) + 1 if group_index.numel() else 0
+    usable = num_groups - num_groups % groups_per_unit
+    return torch.where(group_index < usable, group_index, torch.full_like(group_index, -1))
+
+
+def take_generator_logprobs(batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    """``recompute_old_logprobs=False``: the generator's log-probs become the old (proximal) ones, so
+    the ratio and the clip are taken against the policy that sampled each token (its importance
+    weight is the ratio itself). A token the generator gave no log-prob for (NaN) carries no loss.
+
+    Sets ``batch["old_logprobs"]`` and narrows ``batch["token_mask"]``; returns the count of loss
+    tokens dropped for want of a generator log-prob.
+    """
+    behaviour = batch["behaviour_logprobs"]
+    known = torch.isfinite(behaviour)
+    batch["old_logprobs"] = torch.where(known, behaviour, 0.0)
+    unknown = (batch["token_mask"].bool() & ~known).sum()
+    batch["token_mask"] = batch["token_mask"] * known
+    return {"tokens_without_generator_logprob": float(unknown)}
+
+
+def add_importance_weights(batch: dict[str, torch.Tensor], *, cap: float) -> dict[str, float]:
+    """Asynchronous rollouts: the truncated behaviour importance weights of the stale responses
+    (``dapo_rl.core.off_policy``) as ``batch["importance_weights"]``; returns their metrics."""
+    weights, metrics = behaviour_importance_weights(
+        batch["old_logprobs"], batch["behaviour_logprobs"], batch["token_mask"], batch["staleness"] > 0, cap=cap
+    )
+    batch["importance_weights"] = weights
+    return metrics
 
 
 def minibatch_indices(

@@ -1,6 +1,6 @@
 """Launch one Table-1 row at the paper's scale on a running Ray cluster, then evaluate it on AIME 2024.
 
-``python -m reproduce.table1 --scale paper --run ...`` calls :func:`run_row_on_cluster` for each
+``python -m dapo_rl.reproduce.table1 --scale paper --run ...`` calls :func:`run_row_on_cluster` for each
 row: connect to the cluster (``RAY_ADDRESS``), check it has the GPUs the row's placement asks for,
 train with Tune (checkpoints every ``checkpoint_every`` rollout steps; a re-run resumes the
 experiment), consolidate the last sharded checkpoint into a Hugging Face folder, and evaluate that
@@ -24,12 +24,12 @@ from typing import Any
 
 import ray
 
-from dapo_rl.dapo import DAPOConfig
-from dapo_rl.evaluation import evaluate_model
 from dapo_rl.jobs import RESULTS_FILE, export_final_policy, fit, start_ray, write_summary
-from dapo_rl.tracking import ProgressCallback
-from reproduce.scales import resource_plan
-from reproduce.settings import EvalSettings
+from dapo_rl.jobs.evaluation import evaluate_model
+from dapo_rl.jobs.tracking import ProgressCallback
+from dapo_rl.reproduce.scales import resource_plan
+from dapo_rl.reproduce.settings import EvalSettings
+from dapo_rl.rllib.dapo import DAPOConfig
 
 
 class ClusterTooSmallError(RuntimeError):

@@ -6,7 +6,7 @@ six rows keep exactly their differences at every scale.
 
 - ``"paper"``: the algorithm's settings do not change (Qwen2.5-32B, 512 prompts × 16, 20,480-token
   responses); the scale adds the placement on 128 GPUs (:data:`PAPER_PLACEMENT`, vLLM engines and
-  FSDP2 learners). Launched by ``python -m reproduce.table1 --scale paper --run`` on a Ray
+  FSDP2 learners). Launched by ``python -m dapo_rl.reproduce.table1 --scale paper --run`` on a Ray
   cluster (:mod:`reproduce.cluster`). Never run: see :func:`resource_plan`.
 - ``"gpu"``: one GPU, a small model (default Qwen2.5-1.5B from a local folder). Never run: see
   :data:`GPU_TRAINING` for the reasoning.
@@ -21,9 +21,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from dapo_rl.dapo import DAPO_SETTINGS, GENERATION_ROUND_FACTOR, DAPOConfig
 from dapo_rl.jobs import DEFAULT_JOB
-from reproduce.settings import TECHNIQUE_KEYS, TRAIN_ENV, updates_per_rollout_step
+from dapo_rl.reproduce.settings import TECHNIQUE_KEYS, TRAIN_ENV, updates_per_rollout_step
+from dapo_rl.rllib.dapo import DAPO_SETTINGS, GENERATION_ROUND_FACTOR, DAPOConfig
 
 SCALES: tuple[str, ...] = ("paper", "gpu", "tiny")
 

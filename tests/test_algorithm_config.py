@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-import dapo_rl.dapo as dapo_module
+import dapo_rl.rllib.dapo as dapo_module
 from dapo_rl import DAPOConfig
 from tests.helpers import (
     ENV,

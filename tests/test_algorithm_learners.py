@@ -8,7 +8,7 @@ import pytest
 import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
 
-import dapo_rl.distributed as distributed
+import dapo_rl.models.distributed as distributed
 from dapo_rl.core import policy_loss
 from tests.helpers import (
     TINY,
@@ -140,12 +140,14 @@ def test_bf16_mixed_precision_with_activation_checkpointing_trains_float32_weigh
 
 def test_token_budget_micro_batches_give_the_same_update(ray_session, monkeypatch):
     """Gradient accumulation over token-budget micro-batches equals one pass over the mini-batch."""
-    import dapo_rl.learner
+    import dapo_rl.rllib.learner
 
     splits = []
-    original = dapo_rl.learner.token_budget_micro_batches
+    original = dapo_rl.rllib.learner.token_budget_micro_batches
     monkeypatch.setattr(
-        dapo_rl.learner, "token_budget_micro_batches", lambda *a, **k: splits.append(original(*a, **k)) or splits[-1]
+        dapo_rl.rllib.learner,
+        "token_budget_micro_batches",
+        lambda *a, **k: splits.append(original(*a, **k)) or splits[-1],
     )
     results, weights = [], []
     for budget in (0, 40):
@@ -183,7 +185,7 @@ def test_two_learners_with_micro_batches_match_one_learner(ray_session):
 
 
 def gathered_weights(algo) -> dict[str, np.ndarray]:
-    state = algo._gathered_learner_state()["rl_module"][DEFAULT_MODULE_ID]
+    state = algo._weights.gathered_learner_state()["rl_module"][DEFAULT_MODULE_ID]
     return {key: value.numpy().copy() for key, value in state.items()}
 
 
@@ -192,7 +194,7 @@ def test_sharded_learners_match_one_learner_and_restore_from_sharded_checkpoint(
     from ray.rllib.algorithms.algorithm import Algorithm
     from transformers import AutoModelForCausalLM
 
-    from dapo_rl.checkpoints import export_checkpoint
+    from dapo_rl.rllib.checkpoints import export_checkpoint
 
     settings = dict(overlong_filter=False, lr=1e-3)
     algo_local = make_config(**settings).build_algo()

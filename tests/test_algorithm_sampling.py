@@ -10,7 +10,7 @@ import gymnasium as gym
 import pytest
 import torch
 
-import dapo_rl.dapo as dapo_module
+import dapo_rl.rllib.dapo as dapo_module
 from dapo_rl.core.sampling import SamplingRoundLimitError
 from tests.helpers import (
     TINY,

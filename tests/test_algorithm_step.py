@@ -11,7 +11,7 @@ import pytest
 import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
 
-import dapo_rl.dapo as dapo_module
+import dapo_rl.rllib.dapo as dapo_module
 from dapo_rl.core import policy_loss
 from tests.helpers import (
     ALL_RIGHT,
@@ -270,12 +270,14 @@ def test_two_epochs_take_twice_the_optimizer_steps_on_the_same_batch(ray_session
 def test_token_mean_legacy_weights_each_micro_batch_token_mean_by_its_rows(ray_session, monkeypatch):
     """verl's old aggregation: sum over micro-batches of (micro-batch token mean x micro rows / rows);
     token-mean on the same micro-batches stays the one-pass token mean."""
-    import dapo_rl.learner
+    import dapo_rl.rllib.learner
 
     splits = []
-    original = dapo_rl.learner.token_budget_micro_batches
+    original = dapo_rl.rllib.learner.token_budget_micro_batches
     monkeypatch.setattr(
-        dapo_rl.learner, "token_budget_micro_batches", lambda *a, **k: splits.append(original(*a, **k)) or splits[-1]
+        dapo_rl.rllib.learner,
+        "token_budget_micro_batches",
+        lambda *a, **k: splits.append(original(*a, **k)) or splits[-1],
     )
     budget = 40  # padded tokens: _unequal_minibatch's 8 rows split into 3 / 4 / 1 rows
     logged, one_pass, legacy = {}, {}, {}

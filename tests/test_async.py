@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import zlib
-from types import SimpleNamespace
 
 import gymnasium as gym
 import numpy as np
@@ -22,7 +21,8 @@ from dapo_envs import Verifier, register_reasoning_env
 from dapo_rl import DAPOConfig
 from dapo_rl.core import policy_loss
 from dapo_rl.core.off_policy import behaviour_importance_weights
-from dapo_rl.dapo import DAPO, InvalidConfigError
+from dapo_rl.rllib.dapo import InvalidConfigError
+from dapo_rl.training import add_importance_weights, take_generator_logprobs
 from tests import helpers
 from tests.helpers import TINY, built_algo, learner_weights
 
@@ -62,41 +62,34 @@ def test_importance_weights_match_a_hand_computation():
     assert weights[0, 0] == 1.0 and weights[0, 1] == pytest.approx(math.exp(-1.0))
 
 
-def _step_owner(cap: float | None = 2.0) -> SimpleNamespace:
-    """What DAPO's batch helpers read of the algorithm: its config and the step's extra metrics."""
-    return SimpleNamespace(config=SimpleNamespace(importance_weight_cap=cap), _step_extra={})
-
-
 def test_the_step_weights_stale_rows_only():
-    """DAPO._add_importance_weights: a fresh row (staleness 0) keeps weight 1 on every token even
+    """add_importance_weights: a fresh row (staleness 0) keeps weight 1 on every token even
     where its generator's log-probs differ from the proximal ones (float rounding, or vLLM's)."""
-    owner = _step_owner(cap=2.0)
     batch = {
         "old_logprobs": torch.tensor([[-1.0, -2.0], [-1.0, -2.0], [-1.0, -2.0]]),
         "behaviour_logprobs": torch.tensor([[-1.5, -1.0], [-1.5, -1.0], [-1.5, -1.0]]),
         "token_mask": torch.tensor([[1, 1], [1, 1], [1, 0]]),
         "staleness": torch.tensor([0, 1, 2]),
     }
-    DAPO._add_importance_weights(owner, batch)
+    metrics = add_importance_weights(batch, cap=2.0)
     weights = batch["importance_weights"]
     assert weights[0].tolist() == [1.0, 1.0]
     assert weights[1].tolist() == pytest.approx([math.exp(0.5), math.exp(-1.0)])
     assert weights[2].tolist() == pytest.approx([math.exp(0.5), 1.0])  # masked position: 1
-    assert owner._step_extra["importance_weight_mean_stale"] == pytest.approx((2 * math.exp(0.5) + math.exp(-1.0)) / 3)
+    assert metrics["importance_weight_mean_stale"] == pytest.approx((2 * math.exp(0.5) + math.exp(-1.0)) / 3)
 
 
 def test_tokens_without_a_generator_logprob_leave_the_loss():
-    """DAPO._take_generator_logprobs (recompute_old_logprobs=False): a token whose generator gave no
+    """take_generator_logprobs (recompute_old_logprobs=False): a token whose generator gave no
     log-prob (NaN) has no old log-prob to clip against, so it carries no loss and is counted."""
-    owner = _step_owner()
     batch = {
         "behaviour_logprobs": torch.tensor([[-0.5, math.nan, -0.25], [-1.0, -2.0, math.nan]]),
         "token_mask": torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]]),
     }
-    DAPO._take_generator_logprobs(owner, batch)
+    metrics = take_generator_logprobs(batch)
     assert batch["token_mask"].tolist() == [[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]]
     assert batch["old_logprobs"].tolist() == [[-0.5, 0.0, -0.25], [-1.0, -2.0, 0.0]]
-    assert owner._step_extra["tokens_without_generator_logprob"] == 1.0  # the padded NaN is not counted
+    assert metrics["tokens_without_generator_logprob"] == 1.0  # the padded NaN is not counted
     # Through the loss: the unknown token changes nothing, whatever its (finite) placeholder.
     logprobs = torch.tensor([[-0.4, -3.0, -0.2], [-1.1, -1.9, -5.0]])
     advantages = torch.tensor([1.0, -1.0])
@@ -250,8 +243,8 @@ def test_the_staleness_bound_holds_with_remote_runners_and_stale_rounds_are_drop
 
         # As if 5 more rollout steps had passed (and their weights sent): every round requested
         # ahead is now too old.
-        algo._policy_version += 5
-        algo._push_weights_to_stream()
+        algo._run_state.counters.policy_version += 5
+        algo._rollouts.push_weights()
         result = algo.train()
         assert result["dapo"]["stale_rounds_dropped"] == max_staleness
         assert result["dapo"]["stale_rounds_dropped_total"] == max_staleness
@@ -259,8 +252,8 @@ def test_the_staleness_bound_holds_with_remote_runners_and_stale_rounds_are_drop
 
         # Once the runners have worked through their queues, they hold the newest version: the
         # learner's weights, sent without stopping them.
-        algo._stream.next_round()
-        assert runner_versions(algo) == [algo._policy_version] * num_env_runners
+        algo._rollouts.stream.next_round()
+        assert runner_versions(algo) == [algo._run_state.counters.policy_version] * num_env_runners
         learner = learner_weights(algo)
         for weights in algo.env_runner_group.foreach_env_runner(
             lambda runner: {k: np.asarray(v) for k, v in runner.module.get_state().items()}, local_env_runner=False

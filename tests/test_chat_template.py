@@ -12,8 +12,8 @@ from transformers import Qwen2ForCausalLM
 
 import dapo_envs  # noqa: F401  (registers the dapo/ environments)
 from dapo_rl.core import policy_loss
-from dapo_rl.models import tiny_model_config
-from dapo_rl.policy import response_logprobs
+from dapo_rl.models.loading import tiny_model_config
+from dapo_rl.models.policy import response_logprobs
 from dapo_rl.rollout.base import GeneratedResponses, SamplingSettings
 from dapo_rl.rollout.hf import HFGenerationBackend
 from dapo_rl.rollout.runner import GenerationRunner, PromptSettings

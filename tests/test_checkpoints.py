@@ -19,14 +19,14 @@ from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.train._internal.storage import _delete_fs_path, _pyarrow_fs_copy_files
 
 from dapo_rl import DAPOConfig
-from dapo_rl.checkpoints import (
+from dapo_rl.models.distributed import finish_sharded_checkpoint, sharded_state_folder, sharded_state_target
+from dapo_rl.rllib.checkpoints import (
     CHECKPOINT_MANIFEST,
     checkpoint_problem,
     complete_checkpoints,
     newest_complete_checkpoint,
     write_checkpoint_manifest,
 )
-from dapo_rl.distributed import finish_sharded_checkpoint, sharded_state_folder, sharded_state_target
 from tests import helpers
 from tests.helpers import built_algo
 

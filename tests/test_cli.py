@@ -10,11 +10,10 @@ import pytest
 
 import dapo_rl
 import dapo_rl.cli as cli
-from dapo_rl import tracking
-from dapo_rl.checkpoints import CHECKPOINT_MANIFEST
 from dapo_rl.cli import main
-from dapo_rl.evaluation import evaluate_model
-from dapo_rl.jobs import DEFAULT_JOB, JobError, build_config, experiment_folder, load_job
+from dapo_rl.jobs import DEFAULT_JOB, JobError, build_config, experiment_folder, load_job, tracking
+from dapo_rl.jobs.evaluation import evaluate_model
+from dapo_rl.rllib.checkpoints import CHECKPOINT_MANIFEST
 
 
 def test_default_job_builds_a_valid_config():
@@ -279,7 +278,7 @@ def _bad_inputs(folder):
     pq.write_table(
         pa.table({"prompt": pa.array([], pa.string()), "answer": pa.array([], pa.string())}), folder / "empty.parquet"
     )
-    from dapo_rl.models import load_policy, save_policy
+    from dapo_rl.models.loading import load_policy, save_policy
 
     save_policy(*load_policy("tiny-qwen2"), folder / "no_weights")
     (folder / "no_weights" / "model.safetensors").unlink()

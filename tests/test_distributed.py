@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dapo_rl.distributed import (
+from dapo_rl.models.distributed import (
     clip_gradients_by_global_norm,
     full_state_dict,
     is_sharded,
@@ -27,8 +27,8 @@ from dapo_rl.distributed import (
     shard_from_rank0,
     transformer_blocks,
 )
-from dapo_rl.models import load_policy
-from dapo_rl.policy import ResponseLogprobs
+from dapo_rl.models.loading import load_policy
+from dapo_rl.models.policy import ResponseLogprobs
 from dapo_rl.rollout.batch import pack_sequences
 
 WORLD = 2
@@ -49,7 +49,7 @@ def _batch() -> dict[str, torch.Tensor]:
 def _learner_loss(logprobs: torch.Tensor, batch: dict[str, torch.Tensor], normalizer: float) -> torch.Tensor:
     """The loss DAPOTorchLearner backpropagates for this (shard of a) mini-batch: the learner's own
     ``compute_loss_for_module``, world-size scaling under torch.distributed included."""
-    from dapo_rl.learner import DAPOTorchLearner  # imports RLlib's Learner classes; starts no Ray
+    from dapo_rl.rllib.learner import DAPOTorchLearner  # imports RLlib's Learner classes; starts no Ray
 
     rows, width = batch["response_mask"].shape
     config = SimpleNamespace(

@@ -16,8 +16,8 @@ def test_bf16_step_at_8k_tokens_on_a_half_billion_parameter_model():
 
     from benchmarks.learner_step import QWEN25_05B, _batch
     from dapo_rl.core import policy_loss
-    from dapo_rl.models import enable_activation_checkpointing
-    from dapo_rl.policy import response_logprobs
+    from dapo_rl.models.loading import enable_activation_checkpointing
+    from dapo_rl.models.policy import response_logprobs
 
     device = torch.device("cuda")
     torch.manual_seed(0)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dapo_rl.models import TINY_PRESET, ModelNotFoundError, load_policy, save_policy
+from dapo_rl.models.loading import TINY_PRESET, ModelNotFoundError, load_policy, save_policy
 
 
 def test_tiny_preset_is_qwen2_and_seeded():

@@ -14,8 +14,8 @@ from transformers import Qwen2ForCausalLM
 
 import dapo_envs  # noqa: F401  (registers the dapo/ environments)
 from dapo_rl.core import policy_loss
-from dapo_rl.models import TINY_PRESET, build_char_tokenizer, load_policy, tiny_model_config
-from dapo_rl.policy import response_logprobs
+from dapo_rl.models.loading import TINY_PRESET, build_char_tokenizer, load_policy, tiny_model_config
+from dapo_rl.models.policy import response_logprobs
 from dapo_rl.rollout.base import SamplingSettings
 from dapo_rl.rollout.hf import HFGenerationBackend
 from dapo_rl.rollout.runner import GenerationRunner, PromptSettings

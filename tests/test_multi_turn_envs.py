@@ -203,7 +203,7 @@ def test_a_multi_turn_class_without_max_turns_is_named():
 
 
 def test_warm_start_demonstrations_are_checked_and_kept():
-    from dapo_rl.warmstart import demonstration_turns
+    from dapo_rl.jobs.warmstart import demonstration_turns
 
     env = gym.make("dapo/Calculator-v0").unwrapped
     problem = env.problem(0)

@@ -16,11 +16,11 @@ import cloudpickle
 import numpy as np
 import pytest
 
-import dapo_rl.dapo as dapo_module
+import dapo_rl.rllib.dapo as dapo_module
 from dapo_envs import ToolEnv, register_reasoning_env
 from dapo_envs.arithmetic import ArithmeticEnv
 from dapo_rl import DAPOConfig
-from dapo_rl.env_runner import env_registration
+from dapo_rl.rllib.env_runner import env_registration
 from tests.helpers import ScriptedPolicy, built_algo, tool_user
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,7 +124,7 @@ def test_a_user_registered_id_travels_with_the_config(tmp_path):
         cloudpickle.unregister_pickle_by_value(module)
     script = (
         "import pickle, sys, gymnasium as gym\n"
-        "from dapo_rl.env_runner import make_reasoning_env\n"
+        "from dapo_rl.rllib.env_runner import make_reasoning_env\n"
         f"config = pickle.load(open({str(tmp_path / 'config.pkl')!r}, 'rb'))\n"
         f"assert {env_id!r} not in gym.registry\n"
         "env = make_reasoning_env(config)\n"

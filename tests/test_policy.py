@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from dapo_rl.kv_cache import distinct_prompts
-from dapo_rl.models import TINY_PRESET, build_char_tokenizer, enable_activation_checkpointing, load_policy
-from dapo_rl.policy import response_logprobs
+from dapo_rl.models.kv_cache import distinct_prompts
+from dapo_rl.models.loading import TINY_PRESET, build_char_tokenizer, enable_activation_checkpointing, load_policy
+from dapo_rl.models.policy import response_logprobs
 from dapo_rl.rollout.batch import pack_sequences
+from tests.helpers import tiny_causal_lm
 
 
 def _reference_logprobs(model, prompt, response, temperature):
@@ -121,20 +121,7 @@ def _grouped_batch(tokenizer, group_size=3):
 
 def _tiny_llama():
     """SmolLM2's architecture (Llama, grouped-query attention, tied head) at test size."""
-    tokenizer = build_char_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(5)
-    return LlamaForCausalLM(config), tokenizer
+    return tiny_causal_lm("LlamaConfig", "LlamaForCausalLM", tie_word_embeddings=True), build_char_tokenizer()
 
 
 @pytest.mark.parametrize("architecture", ["qwen2", "llama"])

@@ -20,15 +20,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dapo_rl import presets
-from dapo_rl.models import (
+from dapo_rl.models import presets
+from dapo_rl.models.loading import (
     TINY_PRESET,
     ModelNotFoundError,
     load_policy,
     load_tokenizer,
     resolve_model_folder,
 )
-from dapo_rl.presets import (
+from dapo_rl.models.presets import (
     MANIFEST_NAME,
     GGUFChecksumError,
     GGUFPreset,

@@ -15,9 +15,9 @@ import pytest
 import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
 
-import dapo_rl.dapo as dapo_module
+import dapo_rl.rllib.dapo as dapo_module
 from dapo_rl import DAPOConfig
-from dapo_rl.dapo import NonFiniteUpdatesError
+from dapo_rl.rllib.dapo import NonFiniteUpdatesError
 from tests import helpers
 from tests.helpers import ENV, TINY, UPDATES_PER_STEP, built_algo, learner_weights, max_abs_diff
 
@@ -180,7 +180,7 @@ def test_a_failing_user_verifier_costs_only_its_responses_and_is_counted(ray_ses
     try:
         results = [algo.train() for _ in range(2)]
         runner = algo.env_runner.generation
-        problems = algo._prompt_sampler.env.sample_problems(4, np.random.default_rng(0))
+        problems = algo._run_state.prompt_sampler.env.sample_problems(4, np.random.default_rng(0))
         rollout = runner.sample(problems, algo.env_runner.sampling_settings(), seed=0)
     finally:
         algo.stop()
@@ -276,7 +276,7 @@ def test_a_killed_learner_stops_the_run_naming_it_and_how_to_resume(ray_session)
     import os
     import signal
 
-    from dapo_rl.dapo import LearnerFailedError
+    from dapo_rl.rllib.dapo import LearnerFailedError
 
     with built_algo(make_config().learners(num_learners=2)) as algo:
         algo.train()
@@ -307,12 +307,12 @@ def test_a_killed_env_runner_in_the_asynchronous_stream_costs_only_its_share(ray
             time.sleep(1)
             algo.restore_env_runners(algo.env_runner_group)
         results += [algo.train() for _ in range(2)]
-        algo._stream.next_round()  # let the runners work through what they were sent
+        algo._rollouts.stream.next_round()  # let the runners work through what they were sent
         versions = algo.env_runner_group.foreach_env_runner(
             lambda runner: runner._policy_version, local_env_runner=False
         )
         healthy = algo.env_runner_group.num_healthy_remote_env_runners()
-        version = algo._policy_version
+        version = algo._run_state.counters.policy_version
     finally:
         algo.stop()
     assert marker.exists()  # a runner process really was killed mid-sampling

@@ -10,12 +10,11 @@ import itertools
 import gymnasium as gym
 import pytest
 
-from dapo_rl.dapo import DAPO_SETTINGS, DAPOConfig
 from dapo_rl.jobs import DEFAULT_JOB
-from dapo_rl.models import TINY_PRESET, build_char_tokenizer
-from reproduce import scales, settings
-from reproduce.scales import SCALES, apply_scale, resource_plan, scale_overrides
-from reproduce.settings import (
+from dapo_rl.models.loading import TINY_PRESET, build_char_tokenizer
+from dapo_rl.reproduce import scales, settings
+from dapo_rl.reproduce.scales import SCALES, apply_scale, resource_plan, scale_overrides
+from dapo_rl.reproduce.settings import (
     PAPER_TABLE1,
     REFERENCE_REPRODUCTIONS,
     TECHNIQUE_KEYS,
@@ -24,6 +23,7 @@ from reproduce.settings import (
     dapo_32b,
     table1_rows,
 )
+from dapo_rl.rllib.dapo import DAPO_SETTINGS, DAPOConfig
 
 #: DAPOConfig attributes that make up a row: DAPO's own settings and RLlib's optimizer ones.
 COMPARED = [*DAPO_SETTINGS, "lr", "grad_clip", "num_epochs"]
@@ -316,7 +316,7 @@ def test_paper_placement_places_every_row_alike():
 
 
 def test_cluster_check_names_what_is_missing():
-    from reproduce.cluster import ClusterTooSmallError, check_cluster
+    from dapo_rl.reproduce.cluster import ClusterTooSmallError, check_cluster
 
     config = apply_scale(dapo_32b(), "paper")
     check_cluster({"GPU": 128.0, "CPU": 1024.0}, config)

@@ -7,13 +7,13 @@ import json
 
 import pytest
 
-from dapo_rl.evaluation import evaluate_model
 from dapo_rl.jobs import DEFAULT_JOB, RunSettings
-from dapo_rl.models import TINY_PRESET
+from dapo_rl.jobs.evaluation import evaluate_model
+from dapo_rl.models.loading import TINY_PRESET
+from dapo_rl.reproduce import table1
+from dapo_rl.reproduce.scales import TINY_RESPONSE_BUDGET
+from dapo_rl.reproduce.settings import PAPER_TABLE1, TECHNIQUE_KEYS, table1_rows
 from dapo_rl.settings import SETTINGS
-from reproduce import table1
-from reproduce.scales import TINY_RESPONSE_BUDGET
-from reproduce.settings import PAPER_TABLE1, TECHNIQUE_KEYS, table1_rows
 
 
 def settings_of(config) -> dict:
@@ -25,7 +25,7 @@ def test_paper_scale_prints_plan_and_trains_nothing(tmp_path, capsys, monkeypatc
     assert table1.main(["--scale", "paper"]) == 0
     out = capsys.readouterr().out
     assert "ray start --head" in out and "ray start --address=" in out
-    assert "python -m reproduce.table1 --scale paper" in out
+    assert "python -m dapo_rl.reproduce.table1 --scale paper" in out
     assert "128 H20 GPUs" in out
     assert "responses_per_step" in out
     assert "--scale paper --run" in out and "--model /models/Qwen2.5-32B" in out
@@ -117,7 +117,7 @@ def test_quick_table1_runs_and_resumes(ray_session, tmp_path, capsys):
     for row in selected:
         line = next(line for line in table.splitlines() if line.startswith(f"| {row} |"))
         assert f"| {PAPER_TABLE1[row]} |" in line
-    assert "not AIME" in table and "python -m reproduce.table1 --scale tiny" in table
+    assert "not AIME" in table and "python -m dapo_rl.reproduce.table1 --scale tiny" in table
     for stem, *_ in table1.CURVES:
         assert (out / f"{stem}.png").stat().st_size > 1000
 

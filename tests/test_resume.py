@@ -28,12 +28,12 @@ import gymnasium as gym
 import pytest
 
 import dapo_envs  # noqa: F401  (registers dapo/ ids)
-from dapo_rl.checkpoints import checkpoint_problem, complete_checkpoints, newest_complete_checkpoint
-from dapo_rl.distributed import sharded_state_folder
 from dapo_rl.jobs import experiment_folder, iteration_results
-from dapo_rl.models import TINY_PRESET, load_policy, save_policy
+from dapo_rl.jobs.warmstart import WarmStartSettings, supervised_warmstart
+from dapo_rl.models.distributed import sharded_state_folder
+from dapo_rl.models.loading import TINY_PRESET, load_policy, save_policy
+from dapo_rl.rllib.checkpoints import checkpoint_problem, complete_checkpoints, newest_complete_checkpoint
 from dapo_rl.rollout.runner import GenerationRunner, PromptSettings
-from dapo_rl.warmstart import WarmStartSettings, supervised_warmstart
 
 ITERATIONS = 5
 #: Every job of this module: the main job's settings, shorter, checkpointing every iteration.

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from dapo_rl.models import TINY_PRESET, load_policy
+from dapo_rl.models.loading import TINY_PRESET, load_policy
 from dapo_rl.rollout.base import SamplingSettings
 from dapo_rl.rollout.batch import pack_sequences, split_at_eos
 from dapo_rl.rollout.hf import HFGenerationBackend

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from dapo_rl import DAPOConfig
-from dapo_rl.dapo import InvalidConfigError
 from dapo_rl.jobs import JobError, load_job
+from dapo_rl.rllib.dapo import InvalidConfigError
 from dapo_rl.settings import SETTINGS, Setting, _setting_table, settings_reference
 from tests.helpers import make_config
 

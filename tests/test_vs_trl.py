@@ -16,8 +16,8 @@ from benchmarks.vs_trl import (
     trl_grpo_settings,
     updates_per_rollout,
 )
-from dapo_rl.models import build_char_tokenizer
-from dapo_rl.prompt_sampler import PromptSampler
+from dapo_rl.models.loading import build_char_tokenizer
+from dapo_rl.rollout.prompt_sampler import PromptSampler
 from dapo_rl.rollout.runner import GenerationRunner, PromptSettings
 
 WORKLOADS = ("tiny", "smollm2")

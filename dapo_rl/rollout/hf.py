@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
-from dapo_rl.kv_cache import cache_keyword, can_share_prompt
+from dapo_rl.models.kv_cache import cache_keyword, can_share_prompt
 from dapo_rl.rollout.base import GeneratedResponses, SamplingSettings
 from dapo_rl.rollout.batch import split_at_eos
 
@@ -68,7 +68,7 @@ class HFGenerationBackend:
             ``n`` samples, instead of ``generate``'s ``n`` identical prefills. The same
             computation (the samples' distribution is unchanged), about ``n`` times less prefill
             work; off for architectures not verified with a shared cache
-            (:func:`dapo_rl.kv_cache.shared_prompt_unsupported`, said once as a warning).
+            (:func:`dapo_rl.models.kv_cache.shared_prompt_unsupported`, said once as a warning).
     """
 
     def __init__(

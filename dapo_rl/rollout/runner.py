@@ -1,6 +1,6 @@
 """The generation runner: prompts in, G scored responses (or episodes) per prompt out. No Ray import.
 
-The RLlib env runner (:mod:`dapo_rl.env_runner`) wraps one of these; the plain-loop benchmark and
+The RLlib env runner (:mod:`dapo_rl.rllib.env_runner`) wraps one of these; the plain-loop benchmark and
 evaluation use it directly. Nothing here steps an environment token by token: prompts are drawn in
 batches and generated for in one batched call. A one-turn episode is one prompt and one whole
 response, verified with the environment's vectorised ``score``.

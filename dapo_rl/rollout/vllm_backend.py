@@ -85,8 +85,8 @@ def engine_model_folder(model: str, *, seed: int = 0, tiny_spec: Mapping[str, An
     are written once to the cache (``$DAPO_RL_CACHE/models/tiny-qwen2-<hash>``), so the engine
     starts from the same weights as the learners.
     """
-    from dapo_rl.models import load_policy, resolve_model_folder, save_policy
-    from dapo_rl.presets import TINY_PRESET, cache_root
+    from dapo_rl.models.loading import load_policy, resolve_model_folder, save_policy
+    from dapo_rl.models.presets import TINY_PRESET, cache_root
 
     if str(model) != TINY_PRESET:
         return resolve_model_folder(model)

@@ -25,9 +25,9 @@ from typing import Any
 from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
-from dapo_rl.distributed import load_sharded_weights_unsharded, sharded_state_folder
-from dapo_rl.models import save_policy
-from dapo_rl.module import TEXT_SPACE, CausalLMModule
+from dapo_rl.models.distributed import load_sharded_weights_unsharded, sharded_state_folder
+from dapo_rl.models.loading import save_policy
+from dapo_rl.rllib.module import TEXT_SPACE, CausalLMModule
 from dapo_rl.versions import package_versions
 
 #: Checkpoint file with the RLModule's ``model_config`` (model, dtype, ...): what an offline

@@ -43,7 +43,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-#: The embedded preset: a tiny random-weight Qwen2 model built in code (see :mod:`dapo_rl.models`).
+#: The embedded preset: a tiny random-weight Qwen2 model built in code (see :mod:`dapo_rl.models.loading`).
 TINY_PRESET = "tiny-qwen2"
 
 #: The optional-dependency extra (pyproject.toml) that installs what converting a GGUF file needs.

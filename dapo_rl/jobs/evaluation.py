@@ -18,7 +18,7 @@ import gymnasium as gym
 import numpy as np
 
 import dapo_envs  # noqa: F401  (registers the dapo/ environment ids)
-from dapo_rl.models import load_policy, load_tokenizer
+from dapo_rl.models.loading import load_policy, load_tokenizer
 from dapo_rl.rollout.base import SamplingSettings
 from dapo_rl.rollout.hf import HFGenerationBackend, generation_device
 from dapo_rl.rollout.runner import GenerationRunner, PromptSettings

@@ -35,8 +35,8 @@ from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME, WEIGHTS_SEQ_
 
 import dapo_envs  # registers the dapo/ environment ids in this worker process
 import dapo_envs.verifier_pool
-from dapo_rl.models import load_tokenizer
-from dapo_rl.module import TEXT_SPACE
+from dapo_rl.models.loading import load_tokenizer
+from dapo_rl.rllib.module import TEXT_SPACE
 from dapo_rl.rollout.base import SamplingSettings
 from dapo_rl.rollout.hf import HFGenerationBackend, generation_device
 from dapo_rl.rollout.runner import GenerationRunner, PromptSettings

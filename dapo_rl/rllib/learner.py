@@ -44,7 +44,7 @@ from ray.rllib.utils.torch_utils import clip_gradients
 
 from dapo_rl.core.losses import piece_normalizer, policy_loss
 from dapo_rl.core.micro_batches import token_budget_micro_batches, trim_padding
-from dapo_rl.distributed import (
+from dapo_rl.models.distributed import (
     clip_gradients_by_global_norm,
     full_state_dict,
     full_tensors,
@@ -376,3 +376,18 @@ def _max_over_learners(value: int) -> int:
 
 
 __all__ = ["DAPOTorchLearner", "shard_rows"]
+
+
+def update_was_skipped(learner_results: list[dict[str, Any]]) -> bool:
+    """Whether the learners skipped the update for a non-finite loss or gradient.
+
+    Learners decide together (``DAPOTorchLearner.apply_gradients``); a split decision would leave
+    their weights apart, so it stops the run.
+    """
+    skipped = []
+    for result in learner_results:
+        value = result.get(DEFAULT_MODULE_ID, {}).get(NONFINITE_UPDATE_SKIPPED, 0)
+        skipped.append(float(value.peek() if hasattr(value, "peek") else value) > 0)
+    if len(set(skipped)) > 1:
+        raise RuntimeError(f"learners disagree on skipping a non-finite update (skipped, by learner: {skipped})")
+    return bool(skipped) and skipped[0]

@@ -25,10 +25,10 @@ import gymnasium as gym
 from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
 from transformers import AutoConfig
 
-from dapo_rl.distributed import shard_from_rank0
-from dapo_rl.models import TINY_PRESET, TinyModelSpec, enable_activation_checkpointing, load_policy
-from dapo_rl.policy import ResponseLogprobs
-from dapo_rl.presets import gguf_context_length, is_gguf_model
+from dapo_rl.models.distributed import shard_from_rank0
+from dapo_rl.models.loading import TINY_PRESET, TinyModelSpec, enable_activation_checkpointing, load_policy
+from dapo_rl.models.policy import ResponseLogprobs
+from dapo_rl.models.presets import gguf_context_length, is_gguf_model
 
 #: Observation/action spaces of the module: text in, text out (the module never reads them).
 TEXT_SPACE = gym.spaces.Text(max_length=1_000_000)

@@ -12,7 +12,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from dapo_rl.core import token_logprobs
-from dapo_rl.kv_cache import cache_keyword, can_share_prompt, distinct_prompts
+from dapo_rl.models.kv_cache import cache_keyword, can_share_prompt, distinct_prompts
 from dapo_rl.settings import MIXED_PRECISION_CHOICES
 
 # Config attributes that put a transform between hidden·Wᵀ and the logits; for these models the
@@ -48,7 +48,7 @@ def response_logprobs(
             flow back into the one prompt forward. Same values and gradients as a forward per row,
             up to float rounding. Not used with activation checkpointing (which drops the cache),
             a model whose head transforms the logits, or an architecture not verified with a shared
-            cache (:func:`dapo_rl.kv_cache.shared_prompt_unsupported`, said once as a warning).
+            cache (:func:`dapo_rl.models.kv_cache.shared_prompt_unsupported`, said once as a warning).
 
     Returns:
         ``(logprobs, entropy)``, each (B, R) float32 with zeros at masked positions; ``entropy`` is
@@ -106,7 +106,7 @@ class ResponseLogprobs(torch.nn.Module):
 
     Sharded data parallelism (FSDP2) gathers a unit's weights in hooks around its ``forward``; with
     this module as the root unit, the output head's weight, which the chunked kernel reads
-    directly, is gathered for the whole computation (see :mod:`dapo_rl.distributed`).
+    directly, is gathered for the whole computation (see :mod:`dapo_rl.models.distributed`).
     """
 
     def __init__(

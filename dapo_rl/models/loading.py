@@ -4,7 +4,7 @@ Nothing can be downloaded here, so the default model is built locally: a small Q
 model with random weights (the real Qwen2 code path, so everything that works on it works on a
 Qwen2.5 checkpoint) and a character-level tokenizer built with the ``tokenizers`` library. A
 pretrained preset (``list_presets()``) or a path to a ``.gguf`` file is converted once into a cached
-model folder (see :mod:`dapo_rl.presets`). A real checkpoint is loaded from a local path with
+model folder (see :mod:`dapo_rl.models.presets`). A real checkpoint is loaded from a local path with
 ``local_files_only=True``.
 
 No Ray import: this module is used on GPU machines where Ray is not installed.
@@ -30,9 +30,9 @@ from transformers import (
 )
 from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
-# The preset names and the model-not-found errors are defined in dapo_rl.presets (which must not
+# The preset names and the model-not-found errors are defined in dapo_rl.models.presets (which must not
 # import this module); callers keep importing TINY_PRESET and ModelNotFoundError from here.
-from dapo_rl.presets import TINY_PRESET, ModelNotFoundError, converted_model_folder, is_gguf_model, list_presets
+from dapo_rl.models.presets import TINY_PRESET, ModelNotFoundError, converted_model_folder, is_gguf_model, list_presets
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -168,7 +168,7 @@ def resolve_model_folder(model: str | os.PathLike[str]) -> str:
     """The local Hugging Face folder a model setting stands for (not for the tiny preset, built in code).
 
     A pretrained preset or a ``.gguf`` file resolves to its converted folder in the cache,
-    converting it on first use (:func:`dapo_rl.presets.converted_model_folder`); a folder path
+    converting it on first use (:func:`dapo_rl.models.presets.converted_model_folder`); a folder path
     resolves to itself once it is seen to hold a ``config.json``. Anything that needs a folder
     rather than a loaded model (a vLLM engine) takes this.
 
