@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from dapo_rl.core.advantages import ADVANTAGE_SCALES
+from dapo_rl.core.kl import KL_ESTIMATORS
 from dapo_rl.core.losses import LOSS_AGGREGATIONS, clip_setting_problems
 from dapo_rl.core.off_policy import importance_weight_cap_problem
 from dapo_rl.core.sampling import ON_LIMIT_CHOICES
@@ -243,6 +244,22 @@ SETTINGS: dict[str, Setting] = _setting_table(
             "(R - mean) / std per group; 'none': R - mean (Dr. GRPO)",
             "choice",
             choices=ADVANTAGE_SCALES,
+        ),
+        Setting(
+            "kl_coef",
+            0.0,
+            "weight of a KL(policy || reference) penalty in the token loss, the reference being the starting "
+            "weights; 0: off, as in DAPO (which drops the KL term)",
+            "number",
+            minimum=0,
+        ),
+        Setting(
+            "kl_estimator",
+            "k3",
+            "per-token KL estimator with kl_coef > 0: 'k1' log r, 'k2' (log r)^2 / 2, 'k3' the low-variance "
+            "1/r - 1 + log r (Schulman 2020; verl's low_var_kl)",
+            "choice",
+            choices=KL_ESTIMATORS.keys(),
         ),
         # -- dynamic sampling --------------------------------------------------------------------------
         Setting("dynamic_sampling", True, "train only on groups with both right and wrong answers", "bool"),

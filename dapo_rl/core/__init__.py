@@ -5,6 +5,7 @@ machines (a lent GPU, say) where Ray is not installed.
 """
 
 from dapo_rl.core.advantages import ADVANTAGE_SCALES, group_advantages
+from dapo_rl.core.kl import KL_ESTIMATORS, kl_loss, kl_penalty, register_kl_estimator
 from dapo_rl.core.logprobs import token_logprobs
 from dapo_rl.core.losses import LOSS_AGGREGATIONS, loss_normalizer, policy_loss, register_loss_aggregation
 from dapo_rl.core.sampling import DynamicSamplingAccumulator, SamplingRoundLimitError, select_informative_groups
@@ -13,12 +14,16 @@ from dapo_rl.core.shaping import overlong_mask, shaped_rewards, soft_overlong_pe
 __all__ = [
     "ADVANTAGE_SCALES",
     "LOSS_AGGREGATIONS",
+    "KL_ESTIMATORS",
     "DynamicSamplingAccumulator",
     "SamplingRoundLimitError",
     "group_advantages",
+    "kl_loss",
+    "kl_penalty",
     "loss_normalizer",
     "overlong_mask",
     "policy_loss",
+    "register_kl_estimator",
     "register_loss_aggregation",
     "select_informative_groups",
     "shaped_rewards",

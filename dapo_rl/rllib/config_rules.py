@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from dapo_rl.models.distributed import learners_are_sharded
 from dapo_rl.models.presets import list_presets
 from dapo_rl.rllib.env_runner import unknown_env_config_keys
 from dapo_rl.rllib.module import model_context_length
@@ -50,6 +51,17 @@ def response_budget_exceeds_the_overlong_cache(config: Any, _: bool) -> list[str
 def fsdp2_clips_by_global_norm(config: Any, _: bool) -> list[str]:
     if config.data_parallel == "fsdp2" and config.grad_clip is not None and config.grad_clip_by != "global_norm":
         return [f"data_parallel='fsdp2' clips gradients by global norm only, got grad_clip_by={config.grad_clip_by!r}"]
+    return []
+
+
+def kl_reference_not_sharded(config: Any, _: bool) -> list[str]:
+    """The KL penalty's reference copy is verified on replicated (DDP) learners only."""
+    if config.kl_coef > 0 and learners_are_sharded(config.data_parallel, config.num_learners):
+        return [
+            f"kl_coef={config.kl_coef} with data_parallel='fsdp2' and num_learners={config.num_learners}: the KL "
+            "penalty's reference model is not sharded yet (each learner would hold a whole copy); use "
+            "data_parallel='ddp', or kl_coef=0"
+        ]
     return []
 
 
@@ -149,6 +161,7 @@ CROSS_SETTING_RULES: tuple[tuple[Any, frozenset[str]], ...] = (
     (minibatch_rows_split_over_learners, frozenset({"minibatch_prompts", "group_size"})),
     (response_budget_exceeds_the_overlong_cache, frozenset({"max_response_length", "overlong_cache_len"})),
     (fsdp2_clips_by_global_norm, frozenset({"data_parallel", "grad_clip", "grad_clip_by"})),
+    (kl_reference_not_sharded, frozenset({"kl_coef", "data_parallel"})),
     (model_fits_its_context, frozenset({"max_prompt_length", "max_response_length"})),
     (model_config_keys_known, frozenset()),
     (environment_named, frozenset()),

@@ -42,6 +42,7 @@ from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
 from ray.rllib.utils.torch_utils import clip_gradients
 
+from dapo_rl.core.kl import kl_loss
 from dapo_rl.core.losses import piece_normalizer, policy_loss
 from dapo_rl.core.micro_batches import token_budget_micro_batches, trim_padding
 from dapo_rl.models.distributed import (
@@ -130,6 +131,12 @@ class DAPOTorchLearner(TorchLearner):
         super().build()
         # Loss parts of the update in progress: one per micro-batch; logged once per update.
         self._loss_parts: list[tuple[float, dict[str, float], float]] = []
+        # (policy-gradient term, KL term) of each micro-batch, when kl_coef > 0.
+        self._kl_parts: list[tuple[float, float]] = []
+        if self.config.kl_coef > 0:
+            # The reference policy of the KL penalty: the weights the learner starts from (before any
+            # update, and before a checkpoint's weights are restored into the policy).
+            self.module[DEFAULT_MODULE_ID].unwrapped().make_reference()
 
     def compute_loss_for_module(self, *, module_id: str, config: Any, batch: dict[str, Any], fwd_out: dict[str, Any]):
         token_mask = batch["token_mask"]
@@ -152,6 +159,21 @@ class DAPOTorchLearner(TorchLearner):
             normalizer=normalizer,
             importance_weights=batch.get("importance_weights"),
         )
+        if config.kl_coef > 0:
+            # The same aggregation and normaliser as the policy loss: exact under any split.
+            kl_term, kl_metrics = kl_loss(
+                fwd_out["logprobs"],
+                fwd_out["ref_logprobs"],
+                token_mask,
+                coef=config.kl_coef,
+                estimator=config.kl_estimator,
+                agg=config.loss_agg,
+                normalizer=normalizer,
+            )
+            metrics["ref_kl"] = kl_metrics["kl"]
+            world = _world_size() if scale_by_world_size else 1
+            self._kl_parts.append((float(loss.detach()) * world, float(kl_term.detach()) * world))
+            loss = loss + kl_term
         if scale_by_world_size:
             # DDP averages gradients over learners; the normaliser is already global (see module doc).
             loss = loss * _world_size()
@@ -169,8 +191,16 @@ class DAPOTorchLearner(TorchLearner):
         averages are the mini-batch's values.
         """
         parts, self._loss_parts = self._loss_parts, []
+        kl_parts, self._kl_parts = self._kl_parts, []
         if not parts:
             return
+        if kl_parts:
+            # The KL term of the loss, and its share of the loss's magnitude |kl| / (|pg| + |kl|).
+            pg_total = sum(pg for pg, _ in kl_parts)
+            kl_total = sum(kl for _, kl in kl_parts)
+            share = abs(kl_total) / (abs(pg_total) + abs(kl_total)) if pg_total or kl_total else 0.0
+            self.metrics.log_value((module_id, "ref_kl_loss"), kl_total, window=1)
+            self.metrics.log_value((module_id, "ref_kl_loss_share"), share, window=1)
         world = _world_size()
         local_tokens = sum(metrics["num_tokens"] for _, metrics, _ in parts)
         global_tokens = parts[0][2] if parts[0][2] is not None else local_tokens * world

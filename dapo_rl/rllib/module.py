@@ -18,10 +18,12 @@ responses were sampled from.
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
 import gymnasium as gym
+import torch
 from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
 from transformers import AutoConfig
 
@@ -48,7 +50,8 @@ def model_context_length(model: str, tiny_spec: dict[str, Any] | None = None) ->
 
 
 class CausalLMModule(TorchRLModule):
-    """Wraps ``AutoModelForCausalLM``; ``forward_train`` returns ``logprobs`` and ``entropy`` (B, R)."""
+    """Wraps ``AutoModelForCausalLM``; ``forward_train`` returns ``logprobs`` and ``entropy`` (B, R), and
+    ``ref_logprobs`` (B, R) once the learner made a reference policy (``kl_coef > 0``)."""
 
     def setup(self) -> None:
         config: dict[str, Any] = dict(self.model_config or {})
@@ -85,6 +88,46 @@ class CausalLMModule(TorchRLModule):
         parameters with DTensors on ``device``.
         """
         shard_from_rank0(self.logprob_forward, self.causal_lm, device)
+
+    @property
+    def has_reference(self) -> bool:
+        """Whether :meth:`make_reference` was called (learners with ``kl_coef > 0``)."""
+        return "reference_forward" in self.__dict__
+
+    def make_reference(self) -> None:
+        """Keep the current (starting) weights as the reference policy of the KL penalty.
+
+        A frozen deep copy of the model, in eval mode, kept out of the module tree (``__dict__``): it
+        is in no state dict, no optimizer, no weight sync and no checkpoint, and DDP does not see it.
+        Its log-probs go through the same code as the policy's (:class:`ResponseLogprobs`, same
+        temperature, chunking and precision). Learners call this once, after building the module and
+        before any update; rebuilt on resume, it is again the starting weights.
+        """
+        if self.has_reference:
+            return
+        reference_lm = copy.deepcopy(self.causal_lm)
+        reference_lm.requires_grad_(False)
+        reference_lm.eval()
+        policy = self.logprob_forward
+        self.__dict__["reference_forward"] = ResponseLogprobs(
+            reference_lm,
+            temperature=policy.temperature,
+            chunk_size=policy.chunk_size,
+            mixed_precision=policy.mixed_precision,
+            share_prompts=policy.share_prompts,
+        )
+
+    def reference_logprobs(self, batch: dict[str, Any]) -> torch.Tensor:
+        """(B, R) log-probs of the response tokens under the reference policy (no grad)."""
+        with torch.no_grad():
+            logprobs, _ = self.__dict__["reference_forward"](batch)
+        return logprobs
+
+    def _forward_train(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        out = self._forward(batch, **kwargs)
+        if self.has_reference:
+            out["ref_logprobs"] = self.reference_logprobs(batch)
+        return out
 
     def _forward(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         logprobs, entropy = self.logprob_forward(batch, return_entropy=self.compute_entropy)
