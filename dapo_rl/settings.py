@@ -450,13 +450,54 @@ SETTINGS: dict[str, Setting] = _setting_table(
 )
 
 #: Keys of ``DAPOConfig().rl_module(model_config={...})`` (and the job's ``model`` / ``dtype``): what to load.
-#: Anything else is refused by name, so that a typo or a feature not built (``"lora"``) is never ignored.
+#: Anything else is refused by name, so that a typo or a feature not built is never ignored.
 MODEL_CONFIG_KEYS: dict[str, str] = {
     "model": "a local Hugging Face model folder, a .gguf file or a preset name (required)",
     "dtype": "torch dtype name of the loaded weights (None: as saved; the tiny preset: float32)",
     "init_seed": "seed of a preset built from random weights (default: the config's seed)",
     "tiny_spec": "the tiny preset's shape (layers, hidden size, ...), for tests and benchmarks",
+    "lora": "train LoRA adapters (peft, the lora extra) instead of every weight: a dict of "
+    "r, alpha, target_modules, dropout (LORA_DEFAULTS fills the rest); None or absent: full fine-tuning",
 }
+#: Defaults of the keys of ``model_config["lora"]``; ``target_modules="all-linear"``: every linear
+#: layer but the output head (peft's shorthand), or a list of module names such as ["q_proj", "v_proj"].
+LORA_DEFAULTS: dict[str, Any] = {"r": 16, "alpha": 32, "target_modules": "all-linear", "dropout": 0.0}
+#: Output-head names that target_modules may not name (the log-prob kernel reads the head's weight directly).
+LORA_REFUSED_TARGETS: tuple[str, ...] = ("lm_head", "embed_out", "output")
+
+
+def lora_problems(value: Any) -> list[str]:
+    """What is wrong with a ``model_config["lora"]`` value (empty when nothing); None means no LoRA."""
+    if value is None:
+        return []
+    if not isinstance(value, dict):
+        return [f"model_config['lora'] must be a dict of {sorted(LORA_DEFAULTS)} or None, got {value!r}"]
+    problems = []
+    unknown = sorted(set(value) - set(LORA_DEFAULTS))
+    if unknown:
+        problems.append(f"model_config['lora'] has unknown key(s) {unknown}; its keys are {sorted(LORA_DEFAULTS)}")
+    values = {**LORA_DEFAULTS, **value}
+    if not (is_int(values["r"]) and values["r"] >= 1):
+        problems.append(f"model_config['lora']['r'] must be an integer >= 1, got {values['r']!r}")
+    if not (is_number(values["alpha"]) and values["alpha"] > 0):
+        problems.append(f"model_config['lora']['alpha'] must be a number > 0, got {values['alpha']!r}")
+    if not (is_number(values["dropout"]) and 0 <= values["dropout"] < 1):
+        problems.append(f"model_config['lora']['dropout'] must be in [0, 1), got {values['dropout']!r}")
+    targets = values["target_modules"]
+    names_ok = isinstance(targets, (list, tuple)) and targets and all(isinstance(t, str) and t for t in targets)
+    if targets != "all-linear" and not names_ok:
+        problems.append(
+            "model_config['lora']['target_modules'] must be 'all-linear' or a non-empty list of module names, "
+            f"got {targets!r}"
+        )
+    elif names_ok and (head := sorted(set(targets) & set(LORA_REFUSED_TARGETS))):
+        problems.append(
+            f"model_config['lora']['target_modules'] names the output head {head}: the log-prob kernel reads "
+            "the head's weight directly, so its adapter would be skipped"
+        )
+    return problems
+
+
 #: Keys DAPO itself sets in the module's model_config from training settings (not the user's to set there).
 MODULE_KEYS_FROM_SETTINGS: tuple[str, ...] = (
     "temperature",
@@ -511,6 +552,7 @@ __all__ = [
     "GENERATION_BACKENDS",
     "GENERATION_ROUND_FACTOR",
     "MIXED_PRECISION_CHOICES",
+    "LORA_DEFAULTS",
     "MODEL_CONFIG_KEYS",
     "MODULE_KEYS_FROM_SETTINGS",
     "OPTIMIZER_DEFAULTS",
@@ -519,5 +561,6 @@ __all__ = [
     "Setting",
     "paper_settings",
     "setting_problems",
+    "lora_problems",
     "settings_reference",
 ]

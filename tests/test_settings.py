@@ -125,8 +125,8 @@ def test_derived_values_are_properties():
     ("model_config", "message"),
     [
         (
-            {"model": "tiny-qwen2", "lora": {"r": 16}},
-            "model_config has unknown key(s) ['lora']; its keys are ['dtype', 'init_seed', 'model', 'tiny_spec']",
+            {"model": "tiny-qwen2", "adapters": {"r": 16}},
+            "model_config has unknown key(s) ['adapters']; its keys are ['dtype', 'init_seed', 'lora', 'model', 'tiny_spec']",
         ),
         ({"model": "tiny-qwen2", "dtyp": "bfloat16"}, "unknown key(s) ['dtyp']"),
         (

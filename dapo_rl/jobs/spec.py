@@ -37,6 +37,7 @@ DEFAULT_JOB: dict[str, Any] = {
     "env_config": {"operators": "+"},
     "model": TINY_PRESET,
     "dtype": None,  # torch dtype name for a checkpoint's weights (None: as saved; the preset: float32)
+    "lora": None,  # LoRA adapters instead of full fine-tuning: {r, alpha, target_modules, dropout} (docs/models.md)
     "seed": 0,
     "iterations": 150,
     "num_learners": 0,
@@ -181,6 +182,15 @@ def _checked(key: str, value: Any, default: Any, origin: str) -> Any:
     return value
 
 
+def _model_config(job: dict[str, Any], model: str) -> dict[str, Any]:
+    model_config: dict[str, Any] = {"model": model}
+    if job.get("dtype"):
+        model_config["dtype"] = job["dtype"]
+    if job.get("lora") is not None:
+        model_config["lora"] = job["lora"]
+    return model_config
+
+
 def build_config(job: dict[str, Any], model: str | None = None) -> DAPOConfig:
     """The validated DAPOConfig of a job, training ``model`` (default: the job's)."""
     check_env_id(job["env"])
@@ -189,7 +199,7 @@ def build_config(job: dict[str, Any], model: str | None = None) -> DAPOConfig:
         config = (
             DAPOConfig()
             .environment(job["env"], env_config=dict(job["env_config"]))
-            .rl_module(model_config={"model": model, **({"dtype": job["dtype"]} if job.get("dtype") else {})})
+            .rl_module(model_config=_model_config(job, model))
             .training(**job["training"])
             .learners(
                 num_learners=job["num_learners"],

@@ -26,7 +26,6 @@ from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
 from dapo_rl.models.distributed import load_sharded_weights_unsharded, sharded_state_folder
-from dapo_rl.models.loading import save_policy
 from dapo_rl.rllib.module import TEXT_SPACE, CausalLMModule
 from dapo_rl.versions import package_versions
 
@@ -158,7 +157,7 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], folder: str | os.PathL
         module_class=CausalLMModule, observation_space=TEXT_SPACE, action_space=TEXT_SPACE, model_config=model_config
     ).build()
     load_sharded_weights_unsharded(module, shards)
-    save_policy(module.causal_lm, module.tokenizer, folder)
+    module.save_hf(folder)
 
 
 __all__ = [

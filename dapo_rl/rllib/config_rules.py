@@ -5,6 +5,7 @@ problems``. Settings alone are checked by their declaration (``dapo_rl.settings.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from dapo_rl.models.distributed import learners_are_sharded
@@ -12,7 +13,7 @@ from dapo_rl.models.presets import list_presets
 from dapo_rl.rllib.env_runner import unknown_env_config_keys
 from dapo_rl.rllib.module import model_context_length
 from dapo_rl.rollout.vllm_backend import CPU_DISTRIBUTION, INSTALL_HINT, vllm_available, vllm_cpu_build
-from dapo_rl.settings import MODEL_CONFIG_KEYS, MODULE_KEYS_FROM_SETTINGS
+from dapo_rl.settings import MODEL_CONFIG_KEYS, MODULE_KEYS_FROM_SETTINGS, lora_problems
 
 NO_MODEL_MESSAGE = (
     "no model is set: DAPOConfig().rl_module(model_config={'model': M}) with M a local Hugging Face model "
@@ -63,6 +64,27 @@ def kl_reference_not_sharded(config: Any, _: bool) -> list[str]:
             "data_parallel='ddp', or kl_coef=0"
         ]
     return []
+
+
+def lora_verified(config: Any, require_installed: bool) -> list[str]:
+    """model_config['lora']: its keys and values, peft installed, and only the combinations verified."""
+    lora = (config.model_config or {}).get("lora")
+    if lora is None:
+        return []
+    problems = lora_problems(lora)
+    if require_installed and importlib.util.find_spec("peft") is None:
+        problems.append("model_config['lora'] needs peft: pip install 'dapo-rl[lora]'")
+    if config.generation_backend == "vllm":
+        problems.append(
+            "model_config['lora'] with generation_backend='vllm' is not verified yet (neither LoRA requests nor "
+            "merged-weight sync to engines has run); use generation_backend='hf'"
+        )
+    if learners_are_sharded(config.data_parallel, config.num_learners):
+        problems.append(
+            "model_config['lora'] with data_parallel='fsdp2' and num_learners > 1 is not verified yet; use "
+            "data_parallel='ddp' (the adapters are small: replicating them costs little)"
+        )
+    return problems
 
 
 def model_config_keys_known(config: Any, _: bool) -> list[str]:
@@ -164,6 +186,7 @@ CROSS_SETTING_RULES: tuple[tuple[Any, frozenset[str]], ...] = (
     (kl_reference_not_sharded, frozenset({"kl_coef", "data_parallel"})),
     (model_fits_its_context, frozenset({"max_prompt_length", "max_response_length"})),
     (model_config_keys_known, frozenset()),
+    (lora_verified, frozenset({"generation_backend", "data_parallel"})),
     (environment_named, frozenset()),
     (vllm_placement, frozenset({"generation_backend", "vllm_tensor_parallel_size"})),
     (async_needs_remote_runners, frozenset({"max_staleness"})),

@@ -50,7 +50,7 @@ from dapo_rl.models.distributed import (
     sharded_state_folder,
     sharded_state_target,
 )
-from dapo_rl.models.loading import load_tokenizer, save_policy
+from dapo_rl.models.loading import load_tokenizer
 from dapo_rl.rllib.checkpoints import write_checkpoint_manifest, write_policy_module_config
 from dapo_rl.rllib.config_rules import CROSS_SETTING_RULES, NO_MODEL_MESSAGE
 from dapo_rl.rllib.env_runner import (
@@ -530,11 +530,12 @@ class DAPO(Algorithm):
         )
 
     def export_policy(self, folder: str | os.PathLike[str]) -> str:
-        """Write the current policy as a Hugging Face model folder (weights, config, tokenizer)."""
+        """Write the current policy as a Hugging Face model folder (weights, config, tokenizer); with
+        LoRA, the merged weights, and the adapter folder in ``folder/adapter``."""
         module = self._policy_module_spec().build()
         if self._weights.sharded_learners:
             module.set_state(self._weights.gathered_learner_state()[COMPONENT_RL_MODULE][DEFAULT_MODULE_ID])
         else:
             module.set_state(self.learner_group.get_weights()[DEFAULT_MODULE_ID])
-        save_policy(module.causal_lm, module.tokenizer, folder)
+        module.save_hf(folder)
         return os.fspath(folder)

@@ -118,7 +118,8 @@ class DAPOTorchLearner(TorchLearner):
 
     def configure_optimizers_for_module(self, module_id: str, config: Any = None) -> None:
         module = self._module[module_id]
-        params = self.get_parameters(module)
+        # Trained parameters only: with LoRA the adapters (the frozen base weights get no optimizer state).
+        params = [param for param in self.get_parameters(module) if param.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.register_optimizer(
             module_id=module_id,
