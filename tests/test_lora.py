@@ -201,3 +201,37 @@ def test_lora_with_kl_uses_the_base_model_as_reference_without_a_second_copy(ray
         assert not torch.equal(policy, base)  # the adapters are back on afterwards
         assert sum(1 for _ in module.parameters()) == parameters
     assert copied == []  # no copy of the model was made
+
+
+def test_two_ddp_learners_match_one_learner_with_lora_and_kl(ray_session):
+    """LoRA and the KL term on replicated (DDP) learners: the same update as one learner's."""
+    from tests.helpers import learner_weights, max_abs_diff
+
+    settings = dict(kl_coef=0.5, lr=1e-3)
+    with (
+        built_algo(lora_config(**settings)) as local,
+        built_algo(lora_config(**settings).learners(num_learners=2)) as ddp,
+    ):
+        initial = learner_weights(local)
+        assert max_abs_diff(initial, learner_weights(ddp)) == 0.0
+        batch = unequal_minibatch(local)
+        for _ in range(2):  # the first update at the reference, the second away from it
+            stats = []
+            for algo in (local, ddp):
+                algo._update({key: value.clone() for key, value in batch.items()})
+                stats.append(algo.metrics.reduce()["learners"][DEFAULT_MODULE_ID])
+            for key in ("policy_loss", "ref_kl", "ref_kl_loss", "approx_kl"):
+                assert float(stats[1][key]) == pytest.approx(float(stats[0][key]), rel=1e-4, abs=1e-7), key
+        assert float(stats[0]["ref_kl"]) > 1e-7
+        assert max_abs_diff(initial, learner_weights(local)) > 1e-5
+        assert max_abs_diff(learner_weights(local), learner_weights(ddp)) < 1e-5
+
+
+def test_lora_trains_with_activation_checkpointing_and_micro_batches(ray_session):
+    with built_algo(lora_config(gradient_checkpointing=True, micro_batch_tokens=40)) as algo:
+        module = learner_module(algo)
+        before = {key: value.clone() for key, value in module.causal_lm.state_dict().items()}
+        algo._update(unequal_minibatch(algo))
+        after = module.causal_lm.state_dict()
+        assert all(torch.equal(after[key], before[key]) for key in after if not is_adapter_key(key))
+        assert any(not torch.equal(after[key], before[key]) for key in after if ".lora_B." in key)
