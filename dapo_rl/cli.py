@@ -42,8 +42,10 @@ def run_train(args: argparse.Namespace) -> None:
         output = Path(args.output or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}")
     job["loggers"] = list(dict.fromkeys([*job["loggers"], *args.logger]))  # job file's first, no repeats
     summary = train(job, output, resume=bool(args.resume))
+    held_out = summary.get("evaluated_on", {}).get("split", "held-out") == "held-out"
     print(
-        f"done in {summary['wall_seconds']:.0f}s: held-out accuracy {summary['eval_accuracy_before']:.3f} -> "
+        f"done in {summary['wall_seconds']:.0f}s: {'held-out accuracy' if held_out else 'accuracy on training problems'} "
+        f"{summary['eval_accuracy_before']:.3f} -> "
         f"{summary['eval_accuracy_after']:.3f}; model at {summary['model']}; summary at {output / 'summary.json'}"
     )
 
@@ -69,7 +71,11 @@ CHAT_TEMPLATE_CHOICES = {"auto": None, "on": True, "off": False}
 def run_eval(args: argparse.Namespace) -> None:
     given_env_config = dict(parse_assignment(assignment, "--env-config") for assignment in args.env_config)
     # The environment's held-out problems unless --env-config says otherwise (e.g. split=train).
-    env_config = {**held_out_env_config(args.env), **given_env_config} if args.env in gym.registry else given_env_config
+    env_config = (
+        {**held_out_env_config(args.env, given_env_config), **given_env_config}
+        if args.env in gym.registry
+        else given_env_config
+    )
     for option in ("samples", "problems", "max_new_tokens", "max_prompt_length", "tensor_parallel_size"):
         value = getattr(args, option)
         if value is not None and value < 1:

@@ -21,7 +21,8 @@ Add your own task with :func:`register_reasoning_env` (a data set, or an environ
 :class:`~dapo_envs.multi_turn.ToolEnv` subclass; or ``gymnasium.register`` with entry point
 ``"dapo_envs.math:MathEnv"``) and your own verifier with :func:`register_verifier`. The trainer
 protocol (batched prompts and scoring) is documented in :mod:`dapo_envs.base`;
-:func:`held_out_env_config` gives the configuration to evaluate a registered id on. No Ray needed.
+:func:`held_out_env_config` gives the configuration to evaluate a registered id on, and
+:func:`held_out_overrides` whether it has held-out problems at all (:mod:`dapo_envs.held_out`). No Ray needed.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import gymnasium
-from gymnasium.envs.registration import load_env_creator
 
 # Submodules are attributes of the package (dapo_envs.datasets.load(...) works after `import dapo_envs`).
 from dapo_envs import (  # noqa: F401
@@ -38,6 +38,7 @@ from dapo_envs import (  # noqa: F401
     base,
     calculator_env,
     datasets,
+    held_out,
     math,
     math_retry,
     multi_turn,
@@ -47,6 +48,7 @@ from dapo_envs import (  # noqa: F401
     verifiers,
 )
 from dapo_envs.base import Problem, ReasoningEnv, ResponseText
+from dapo_envs.held_out import held_out_overrides
 from dapo_envs.multi_turn import Episode, MultiTurnReasoningEnv, ToolEnv, Turn, is_multi_turn
 from dapo_envs.verifiers import (
     Verifier,
@@ -70,6 +72,7 @@ __all__ = [
     "VerifierResult",
     "get_verifier",
     "held_out_env_config",
+    "held_out_overrides",
     "is_multi_turn",
     "list_verifiers",
     "register_reasoning_env",
@@ -78,20 +81,28 @@ __all__ = [
 
 _MATH_ENTRY_POINT = "dapo_envs.math:MathEnv"
 
+# A benchmark's kwargs: every problem is in its (training) split, none held out.
+_ALL: dict[str, Any] = {"held_out_share": 0.0}
+
 # id -> (entry point, kwargs). gymnasium.make(id, **overrides) may change any of the kwargs.
 _BUILTIN_ENVS: dict[str, tuple[str, dict[str, Any]]] = {
     "dapo/Math-v0": (_MATH_ENTRY_POINT, {"dataset": "dapo_math_17k", "verifier": "dapo", "prompt_template": "dapo"}),
+    # The paper's recipe: trained on all of DAPO-Math-17k, evaluated on AIME 2024 (its held-out problems).
     "dapo/DAPOMath17k-v0": (
         _MATH_ENTRY_POINT,
-        {"dataset": "dapo_math_17k", "verifier": "dapo", "prompt_template": "dapo"},
+        {"dataset": "dapo_math_17k", "verifier": "dapo", "prompt_template": "dapo", "test_dataset": "aime24"},
     ),
-    "dapo/AIME24-v0": (_MATH_ENTRY_POINT, {"dataset": "aime24", "verifier": "dapo", "prompt_template": "dapo"}),
-    "dapo/AIME25-v0": (_MATH_ENTRY_POINT, {"dataset": "aime25", "verifier": "dapo", "prompt_template": "dapo"}),
+    # The benchmarks are evaluation sets: all of their problems, none held out of them.
+    "dapo/AIME24-v0": (_MATH_ENTRY_POINT, {"dataset": "aime24", "verifier": "dapo", "prompt_template": "dapo", **_ALL}),
+    "dapo/AIME25-v0": (_MATH_ENTRY_POINT, {"dataset": "aime25", "verifier": "dapo", "prompt_template": "dapo", **_ALL}),
     "dapo/MATH500-v0": (
         _MATH_ENTRY_POINT,
-        {"dataset": "math500", "verifier": "math_verify", "prompt_template": "boxed"},
+        {"dataset": "math500", "verifier": "math_verify", "prompt_template": "boxed", **_ALL},
     ),
-    "dapo/GSM8K-v0": (_MATH_ENTRY_POINT, {"dataset": "gsm8k", "verifier": "gsm8k", "prompt_template": "gsm8k"}),
+    "dapo/GSM8K-v0": (
+        _MATH_ENTRY_POINT,
+        {"dataset": "gsm8k", "verifier": "gsm8k", "prompt_template": "gsm8k", **_ALL},
+    ),
     "dapo/Arithmetic-v0": ("dapo_envs.arithmetic:ArithmeticEnv", {}),
     "dapo/Calculator-v0": ("dapo_envs.calculator_env:CalculatorEnv", {}),
     "dapo/MathRetry-v0": (
@@ -187,8 +198,9 @@ def register_reasoning_env(
     # Fail here, at registration, rather than at the first make().
     resolve_verifier(verifier)
     prompts.resolve_template(prompt_template)
-    if isinstance(dataset, str) and dataset not in datasets.BUNDLED:
-        datasets.load(dataset)  # a path: check that it exists and parses (the result is cached for make)
+    for data in (dataset, kwargs.get("test_dataset")):
+        if isinstance(data, str) and data not in datasets.BUNDLED:
+            datasets.load(data)  # a path: check that it exists and parses (the result is cached for make)
     gymnasium.register(
         id=env_id,
         entry_point=_MATH_ENTRY_POINT,
@@ -203,17 +215,13 @@ def held_out_env_config(env_id: str, env_config: Mapping[str, Any] | None = None
     Returns a new dict, ``{**env_config, **cls.held_out_env_config}``, where ``cls`` is the class that
     ``gymnasium.registry[env_id].entry_point`` names (a ``"module:Class"`` string) or is (a callable). A
     :class:`ReasoningEnv` subclass declares its overrides in :attr:`ReasoningEnv.held_out_env_config`
-    (``{"split": "test"}`` for ``dapo/Arithmetic-v0``); other entry points, a factory function for
-    instance, have none. Use it as ``gymnasium.make(env_id, **held_out_env_config(env_id, env_config))``.
+    (``{"split": "test"}`` for ``dapo/Arithmetic-v0``) or :meth:`ReasoningEnv.held_out_overrides` (the
+    data-set environments: ``{"split": "test"}``, a test file or a carved share, unless
+    ``held_out_share=0``); other entry points, a factory function for instance, have none, and then the
+    result is ``env_config`` itself: check :func:`held_out_overrides` first to know whether the problems
+    are held out. Use it as ``gymnasium.make(env_id, **held_out_env_config(env_id, env_config))``.
 
     Raises:
         ValueError: no environment is registered under ``env_id``.
     """
-    if env_id not in gymnasium.registry:
-        raise ValueError(f"no environment is registered under the id {env_id!r}")
-    entry_point = gymnasium.registry[env_id].entry_point
-    env_creator = load_env_creator(entry_point) if isinstance(entry_point, str) else entry_point
-    overrides: dict[str, Any] = {}
-    if isinstance(env_creator, type) and issubclass(env_creator, ReasoningEnv):
-        overrides = env_creator.held_out_env_config
-    return {**(env_config or {}), **overrides}
+    return {**(env_config or {}), **(held_out_overrides(env_id, env_config) or {})}

@@ -29,11 +29,14 @@ batches, generates G responses per prompt and scores them all at once. Every env
 ``verifier`` / ``prompt_template``
     The :class:`~dapo_envs.verifiers.Verifier` and the template (a string with ``{problem}``).
 
-``held_out_env_config`` (class attribute)
+``held_out_env_config`` (class attribute) and ``held_out_overrides(env_config)`` (class method)
     The ``env_config`` overrides that select the environment's held-out problems (``{"split": "test"}``
-    for ``dapo/Arithmetic-v0``, whose ``train`` and ``test`` splits are disjoint), ``{}`` where the
-    environment has no separate split. Trainers evaluate on
-    ``gymnasium.make(env_id, **dapo_envs.held_out_env_config(env_id, env_config))``.
+    for ``dapo/Arithmetic-v0``, whose ``train`` and ``test`` splits are disjoint); ``{}`` / None where the
+    environment declares no held-out problems (``dapo-rl train`` then refuses it unless told where to
+    evaluate). Data-set environments override the method: their ``split="test"`` is a test file or a
+    share carved out of the data (:mod:`dapo_envs.held_out`). Trainers evaluate on
+    ``gymnasium.make(env_id, **dapo_envs.held_out_env_config(env_id, env_config))``, after checking
+    ``dapo_envs.held_out_overrides(env_id, env_config)`` is not None.
 
 Spaces
 ======
@@ -49,7 +52,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import string
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import gymnasium as gym
@@ -165,10 +168,20 @@ class ReasoningEnv(gym.Env[str, str]):
     # A plain attribute, not a ClassVar, as gymnasium.Env declares it.
     metadata = {"render_modes": ["ansi"], "render_fps": 1}  # noqa: RUF012
 
-    #: env_config overrides that select this environment's held-out problems; {} when the environment has
-    #: no separate split (evaluate on its own problems). Read it through
-    #: :func:`dapo_envs.held_out_env_config`, which resolves a registered id to its class.
+    #: env_config overrides that select this environment's held-out problems; {} when the environment
+    #: declares none (``dapo-rl train`` then refuses it without ``eval_env`` or an explicit opt-in). Read
+    #: it through :func:`dapo_envs.held_out_env_config`, which resolves a registered id to its class.
     held_out_env_config: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def held_out_overrides(cls, env_config: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The ``env_config`` overrides that select the held-out problems of this class made with
+        ``env_config`` (the registered keyword arguments and the user's), None when it has none.
+
+        Default: :attr:`held_out_env_config`, None when it is empty. Override it when the held-out
+        source depends on the configuration (a data set with or without a test file).
+        """
+        return dict(cls.held_out_env_config) if cls.held_out_env_config else None
 
     verifier: Verifier
     prompt_template: str

@@ -8,7 +8,7 @@ from typing import Any
 import pyarrow as pa
 
 from dapo_envs.base import DEFAULT_MAX_RESPONSE_CHARS
-from dapo_envs.math import MathEnv
+from dapo_envs.math import MathEnv, data_set_held_out
 from dapo_envs.multi_turn import Episode, MultiTurnReasoningEnv, Turn
 from dapo_envs.verifiers import Verifier, VerifierResult
 
@@ -45,8 +45,9 @@ class MathRetryEnv(MultiTurnReasoningEnv):
 
     ## Arguments
 
-    - ``dataset``, ``verifier``, ``prompt_template``, ``verifier_timeout``, ``max_response_chars``,
-      ``render_mode``: as for ``dapo/Math-v0``.
+    - ``dataset``, ``verifier``, ``prompt_template``, ``split``, ``test_dataset``, ``held_out_share``,
+      ``verifier_timeout``, ``max_response_chars``, ``render_mode``: as for ``dapo/Math-v0`` (the same
+      train and test splits).
     - ``max_tries``: tries per problem, >= 1 (default 3).
     - ``retry_discount``: factor on a correct answer's reward per further try, in [0, 1] (default 0.5).
     - ``retry_message``: the environment's reply to a wrong answer.
@@ -58,6 +59,9 @@ class MathRetryEnv(MultiTurnReasoningEnv):
         verifier: str | Verifier | Callable[[str, str], Any] = "dapo",
         prompt_template: str = "dapo",
         *,
+        split: str = "train",
+        test_dataset: str | pa.Table | Sequence[Mapping[str, Any]] | None = None,
+        held_out_share: float | None = None,
         max_tries: int = 3,
         retry_discount: float = 0.5,
         retry_message: str = DEFAULT_RETRY_MESSAGE,
@@ -77,13 +81,25 @@ class MathRetryEnv(MultiTurnReasoningEnv):
         if not isinstance(retry_message, str) or not retry_message:
             raise ValueError(f"retry_message must be a non-empty string, got {retry_message!r}")
         problems = MathEnv(
-            dataset, verifier, prompt_template, verifier_timeout=verifier_timeout, max_response_chars=max_response_chars
+            dataset,
+            verifier,
+            prompt_template,
+            split=split,
+            test_dataset=test_dataset,
+            held_out_share=held_out_share,
+            verifier_timeout=verifier_timeout,
+            max_response_chars=max_response_chars,
         )
         self._pose(problems, max_response_chars)
         self.dataset_name = problems.dataset_name
+        self.split, self.held_out_share = problems.split, problems.held_out_share
         self.max_tries = self.max_turns = max_tries
         self.retry_discount = float(retry_discount)
         self.retry_message = retry_message
+
+    @classmethod
+    def held_out_overrides(cls, env_config: Mapping[str, Any]) -> dict[str, Any] | None:
+        return data_set_held_out(env_config)
 
     def respond(self, episode: Episode, response: str) -> Turn:
         result = self._verdict(episode)

@@ -61,8 +61,8 @@ from dapo_rl.rllib.dapo import DAPOConfig
 QUICK_JOB: dict[str, Any] = {"iterations": 3, "warmstart_steps": 150, "eval_problems": 10, "eval_samples": 2}
 
 #: The run settings of the gpu scale (estimates; never run). No warm-start: the base model is trained directly, as in the paper.
-# Evaluated on MATH-500 (the training problems have no held-out split; AIME is likely near 0 for a
-# small model after a few hours).
+# Evaluated on MATH-500 rather than on the training environment's held-out problems (AIME 2024, the
+# paper's; likely near 0 for a small model after a few hours).
 GPU_JOB: dict[str, Any] = {
     "iterations": 30,
     "warmstart_steps": 0,

@@ -243,6 +243,13 @@ def test_train_logs_offline_to_wandb_and_mlflow_and_appends_samples(ray_session,
     assert main([*argv, *(arg for setting in ONE_ITERATION for arg in ("--set", setting))]) == 0
     summary = json.loads((output / "summary.json").read_text())
     assert summary["iterations"] == 1 and summary["job"]["loggers"] == ["wandb", "mlflow"]
+    assert summary["evaluated_on"] == {  # which problems "held-out accuracy" was measured on
+        "env": "dapo/Arithmetic-v0",
+        "env_config": {"operators": "+", "split": "test"},
+        "split": "held-out",
+        "chosen_by": "the training environment's held-out split",
+        "problems": 2,
+    }
     # The run and its checkpoint record the code that made them (dapo-rl, torch, Ray, ... versions).
     assert summary["versions"]["dapo_rl"] == dapo_rl.__version__ and summary["versions"]["torch"]
     manifest = json.loads((Path(summary["checkpoint"]) / CHECKPOINT_MANIFEST).read_text())

@@ -12,7 +12,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import dapo_envs
-from dapo_envs import Problem, VerifierResult, held_out_env_config, register_reasoning_env
+from dapo_envs import Problem, VerifierResult, held_out_env_config, held_out_overrides, register_reasoning_env
 from dapo_envs.arithmetic import DIFFICULTY_PRESETS, ArithmeticEnv
 
 ALL_IDS = sorted(env_id for env_id in gym.registry if env_id.startswith("dapo/"))
@@ -237,8 +237,18 @@ def test_arithmetic_arguments():
 # Held-out configurations: what each id is evaluated on.
 # ----------------------------------------------------------------------------------------------------
 
-#: The bundled ids with a separate held-out split; every other dapo/ id evaluates on its own problems.
-HELD_OUT_OVERRIDES = {"dapo/Arithmetic-v0": {"split": "test"}, "dapo/Calculator-v0": {"split": "test"}}
+#: The bundled ids with a separate held-out split; the others are benchmarks (evaluation sets: all of
+#: their problems, none held out of them).
+HELD_OUT_OVERRIDES = {
+    env_id: {"split": "test"}
+    for env_id in (
+        "dapo/Arithmetic-v0",
+        "dapo/Calculator-v0",
+        "dapo/Math-v0",
+        "dapo/DAPOMath17k-v0",
+        "dapo/MathRetry-v0",
+    )
+}
 
 
 @pytest.mark.parametrize("env_id", ALL_IDS)
@@ -251,7 +261,8 @@ def test_held_out_env_config_of_every_bundled_id(env_id):
     assert env_config == {"max_response_chars": 1000}  # a new dict: the caller's is left alone
     env = gym.make(env_id, **held_out).unwrapped
     assert env.action_space.max_length == 1000
-    assert type(env).held_out_env_config == overrides
+    assert held_out_overrides(env_id) == (overrides or None)
+    assert type(env).held_out_overrides(gym.spec(env_id).kwargs) == (overrides or None)
 
 
 def test_held_out_arithmetic_overrides_the_split_and_keeps_the_rest():
@@ -286,12 +297,14 @@ def test_held_out_env_config_of_user_registered_ids():
     by_factory = f"test/HeldOutFactory-{suffix}-v0"
     gym.register(id=by_factory, entry_point=_make_arithmetic)
     assert held_out_env_config(by_factory, {"digits": 1}) == {"digits": 1}
-    # register_reasoning_env builds a MathEnv: its problems are its evaluation set.
+    assert held_out_overrides(by_factory) is None
+    # register_reasoning_env builds a MathEnv: a share of its data set is held out, unless told otherwise.
     data_id = f"test/HeldOutData-{suffix}-v0"
     register_reasoning_env(
         data_id, dataset=[{"prompt": "1+1", "answer": "2"}], verifier="dapo", prompt_template="plain"
     )
-    assert held_out_env_config(data_id) == {}
+    assert held_out_env_config(data_id) == {"split": "test"}
+    assert held_out_env_config(data_id, {"held_out_share": 0}) == {"held_out_share": 0}
 
 
 def test_held_out_env_config_of_an_unregistered_id():

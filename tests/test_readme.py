@@ -112,6 +112,15 @@ def test_dapo_rl_command_line_is_valid(document, line, argv, monkeypatch):
     if args.command == "train" and not args.resume:
         job = load_job(args.config, args.set)
         assert job["env"] in gym.registry, f"{document}:{line}: unknown environment {job['env']!r}"
+        from dapo_rl.jobs.eval_problems import choose_eval_problems
+
+        # Not refused for want of held-out problems (it raises ValueError, naming the environment).
+        choose_eval_problems(
+            job["env"],
+            job["env_config"],
+            eval_env=job["eval_env"],
+            on_training_problems=job["eval_on_training_problems"],
+        )
     elif args.command == "eval":
         assert args.env in gym.registry, f"{document}:{line}: unknown environment {args.env!r}"
 

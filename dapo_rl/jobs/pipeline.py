@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-import dapo_envs
 from dapo_rl.jobs.driver import export_final_policy, fit, start_ray, trial_cpus
+from dapo_rl.jobs.eval_problems import EvalProblems, choose_eval_problems
 from dapo_rl.jobs.evaluation import EvalResult, evaluate_model, evaluate_runner
 from dapo_rl.jobs.run_folder import (
     JOB_FILE,
@@ -92,7 +92,7 @@ def train_config(
     model_config = dict(config.model_config or {})
     model_config["model"] = absolute_if_local(str(model_config.get("model") or ""))
     config = validated(config.copy(copy_frozen=False).rl_module(model_config=model_config))
-    train_env, test_env, test_name = _environments(config, run)
+    train_env, test_env, evaluated = _environments(config, run)
     prompt_settings = PromptSettings(config.max_prompt_length, config.apply_chat_template, config.prompt_truncation)
     count = min(run.eval_problems, test_env.num_problems)
     held_out = [test_env.problem(i) for i in range(count)]
@@ -120,10 +120,10 @@ def train_config(
         print(f"resuming {output} {where}", flush=True)
         for log in (output / "samples.jsonl", output / RESULTS_FILE):  # the resume logs those iterations again
             drop_lines_after(log, resumed.iteration if resumed else 0)
-    print(f"held-out accuracy before DAPO: {state['accuracy_before']:.3f}", flush=True)
+    print(f"{evaluated.accuracy} before DAPO: {state['accuracy_before']:.3f}", flush=True)
     if state.get("environment_turn_frac_before") is not None:
         print(
-            f"held-out episodes with an environment turn (a tool call, a retry) before DAPO: "
+            f"{evaluated.episodes} with an environment turn (a tool call, a retry) before DAPO: "
             f"{state['environment_turn_frac_before']:.3f}",
             flush=True,
         )
@@ -154,10 +154,10 @@ def train_config(
     model, tokenizer = load_policy(export_final_policy(result, output))
     evaluation_after = accuracy(model, tokenizer)
     accuracy_after = evaluation_after.avg_at_k
-    print(f"held-out accuracy after DAPO:  {accuracy_after:.3f}", flush=True)
+    print(f"{evaluated.accuracy} after DAPO:  {accuracy_after:.3f}", flush=True)
     if evaluation_after.environment_turn_frac is not None:
         print(
-            f"held-out episodes with an environment turn after DAPO: {evaluation_after.environment_turn_frac:.3f}",
+            f"{evaluated.episodes} with an environment turn after DAPO: {evaluation_after.environment_turn_frac:.3f}",
             flush=True,
         )
     summary = {
@@ -166,7 +166,9 @@ def train_config(
         # Multi-turn environments: held-out episodes with an environment turn (None: one-turn environments).
         "eval_environment_turn_frac_before": state.get("environment_turn_frac_before"),
         "eval_environment_turn_frac_after": evaluation_after.environment_turn_frac,
-        "eval_metric": f"avg@{run.eval_samples} on the first {count} problems of {test_name}, temperature {config.temperature}",
+        "eval_metric": f"avg@{run.eval_samples} on the first {count} problems of "
+        f"{evaluated.name(dict(config.env_config or {}))}, temperature {config.temperature}",
+        "evaluated_on": evaluated.record(count),  # which problems: env, env_config, split, count
         "iterations": int(result.metrics["training_iteration"]),
         "wall_seconds": time.perf_counter() - start,
         "warmstart_seconds": state["warmstart_seconds"],
@@ -246,15 +248,17 @@ def _prepare_dapo(
     }
 
 
-def _environments(config: DAPOConfig, run: RunSettings) -> tuple[Any, Any, str]:
-    """(training env, held-out env, a name for the held-out problems): each environment declares its
-    own held-out split (``dapo_envs.held_out_env_config``)."""
+def _environments(config: DAPOConfig, run: RunSettings) -> tuple[Any, Any, EvalProblems]:
+    """(training env, evaluation env, which problems those are): each environment declares its own
+    held-out split; one without is refused unless told (``dapo_rl.jobs.eval_problems``)."""
     env_config = dict(config.env_config or {})
-    test_id, base = (config.env, env_config) if run.eval_env is None else (run.eval_env, {})
-    test_config = dapo_envs.held_out_env_config(test_id, base)
-    split = [f"{key}={value}" for key, value in test_config.items() if base.get(key) != value]
-    test_name = test_id + (f" ({', '.join(split)})" if split else "")
-    return make_env(config.env, env_config), make_env(test_id, test_config), test_name
+    try:
+        evaluated = choose_eval_problems(
+            config.env, env_config, eval_env=run.eval_env, on_training_problems=run.eval_on_training_problems
+        )
+    except ValueError as error:
+        raise JobError(str(error)) from None
+    return make_env(config.env, env_config), make_env(evaluated.env_id, evaluated.env_config), evaluated
 
 
 def _warm_start(

@@ -52,6 +52,8 @@ DEFAULT_JOB: dict[str, Any] = {
     "warmstart_lr": 1e-3,
     "warmstart_noise": 0.5,
     "eval_env": None,  # environment id for held-out evaluation (None: the training env's held-out split)
+    # true: evaluate on the training problems (an environment without held-out ones; dapo_rl.jobs.eval_problems)
+    "eval_on_training_problems": False,
     "eval_problems": 200,
     "eval_samples": 4,
     "checkpoint_every": 10,  # iterations between checkpoints (0: only at the end); a resume loses fewer
@@ -255,6 +257,7 @@ class RunSettings:
     warmstart_lr: float
     warmstart_noise: float
     eval_env: str | None  # None: the training environment's held-out split
+    eval_on_training_problems: bool  # evaluate on the training problems, saying so (dapo_rl.jobs.eval_problems)
     eval_problems: int
     eval_samples: int
     checkpoint_every: int  # 0: at the end only
