@@ -28,6 +28,7 @@ from dapo_rl.jobs import (
     resume_job,
     train,
 )
+from dapo_rl.jobs.cluster import ClusterError
 from dapo_rl.jobs.evaluation import evaluate_model
 from dapo_rl.jobs.tracking import LOGGERS
 
@@ -41,7 +42,7 @@ def run_train(args: argparse.Namespace) -> None:
         job = load_job(args.config, args.set)
         output = Path(args.output or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}")
     job["loggers"] = list(dict.fromkeys([*job["loggers"], *args.logger]))  # job file's first, no repeats
-    summary = train(job, output, resume=bool(args.resume))
+    summary = train(job, output, resume=bool(args.resume), address=args.address)
     held_out = summary.get("evaluated_on", {}).get("split", "held-out") == "held-out"
     print(
         f"done in {summary['wall_seconds']:.0f}s: {'held-out accuracy' if held_out else 'accuracy on training problems'} "
@@ -111,6 +112,12 @@ def parser() -> argparse.ArgumentParser:
         "complete checkpoint (--set may change iterations, checkpoint_every, keep_checkpoints)",
     )
     train_parser.add_argument(
+        "--address",
+        metavar="HOST:PORT",
+        help="run on the Ray cluster at this address (what `ray start --head` printed; default: "
+        "RAY_ADDRESS when set, else a new local Ray instance); checked before any work",
+    )
+    train_parser.add_argument(
         "--logger",
         action="append",
         default=[],
@@ -162,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             run_train(args)
         else:
             run_eval(args)
-    except JobError as error:
+    except (JobError, ClusterError) as error:
         # A value from --set / --env-config that YAML read as something else than text (operators=- is
         # [None]) and that the error names: say how to quote it.
         option, assignments = ("--set", args.set) if args.command == "train" else ("--env-config", args.env_config)

@@ -12,7 +12,11 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 
 
 def test_configs_are_shipped():
-    assert [path.name for path in CONFIGS] == ["smollm2-arithmetic.yaml", "tiny-calculator.yaml"]
+    assert [path.name for path in CONFIGS] == [
+        "cluster-arithmetic.yaml",
+        "smollm2-arithmetic.yaml",
+        "tiny-calculator.yaml",
+    ]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda path: path.name)

@@ -199,7 +199,7 @@ def _fake_fit(monkeypatch):
         save_policy(*load_policy("tiny-qwen2", seed=0), folder)
         return folder
 
-    monkeypatch.setattr(pipeline, "start_ray", lambda *args, **kwargs: None)
+    monkeypatch.setattr(pipeline.cluster, "connect", lambda *args, **kwargs: None)
     monkeypatch.setattr(pipeline, "fit", fit)
     monkeypatch.setattr(pipeline, "export_final_policy", export)
 

@@ -6,7 +6,6 @@ resume from the newest complete one, and export the final policy. The pieces the
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import os
 from collections.abc import Sequence
@@ -16,6 +15,7 @@ from typing import Any
 import ray
 from ray import tune
 
+from dapo_rl.jobs import cluster
 from dapo_rl.jobs.run_folder import TUNE_EXPERIMENT, experiment_folder, iteration_results
 from dapo_rl.rllib.checkpoints import (
     CheckpointRecord,
@@ -38,13 +38,8 @@ def start_ray(address: str | None = None, *, min_cpus: int = 1) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if ray.is_initialized():
         return
-    if address is None:
-        ray.init(
-            num_cpus=max(os.cpu_count() or 1, min_cpus),
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.ERROR,
-        )
+    if address is None:  # a new local instance, whatever address an old `ray start` left behind
+        cluster.connect(cluster.ClusterChoice(None, "no address given"), min_cpus=min_cpus)
     else:
         ray.init(address=address)
 
@@ -61,6 +56,7 @@ def with_trial_threads(config: DAPOConfig) -> DAPOConfig:
         return config
     others = int(config.num_env_runners or 0) * float(config.num_cpus_per_env_runner or 0)
     spare = int(ray.cluster_resources().get("CPU", 1) - others) if ray.is_initialized() else 1
+    spare = min(spare, cluster.largest_node_cpus())  # the trial's process is on one node
     cpus = max(1, min(os.cpu_count() or 1, spare))
     return config.copy(copy_frozen=False).learners(num_cpus_per_learner=cpus)
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from dapo_rl.jobs import cluster
 from dapo_rl.jobs.driver import export_final_policy, fit, start_ray, trial_cpus
 from dapo_rl.jobs.eval_problems import EvalProblems, choose_eval_problems
 from dapo_rl.jobs.evaluation import EvalResult, evaluate_model, evaluate_runner
@@ -44,6 +45,7 @@ from dapo_rl.rllib.checkpoints import (
     is_rllib_checkpoint,
     newest_complete_checkpoint,
 )
+from dapo_rl.rllib.dapo import DAPO as DAPOAlgorithm
 from dapo_rl.rllib.dapo import DAPOConfig
 from dapo_rl.rollout.base import SamplingSettings
 from dapo_rl.rollout.hf import HFGenerationBackend, generation_device
@@ -55,12 +57,15 @@ class RunStoppedError(RuntimeError):
     why and how to continue from the newest complete checkpoint."""
 
 
-def train(job: dict[str, Any], output: str | os.PathLike[str], *, resume: bool = False) -> dict[str, Any]:
+def train(
+    job: dict[str, Any], output: str | os.PathLike[str], *, resume: bool = False, address: str | None = None
+) -> dict[str, Any]:
     """Run a job (see :func:`load_job`) into the folder ``output``; see :func:`train_config`.
 
-    ``resume``: ``output`` holds a run stopped part-way (``job`` from :func:`resume_job`).
+    ``resume``: ``output`` holds a run stopped part-way (``job`` from :func:`resume_job`). ``address``:
+    the Ray cluster to run on (HOST:PORT; default ``RAY_ADDRESS``, else a new local instance).
     """
-    return train_config(build_config(job), output, RunSettings.from_job(job), job=job, resume=resume)
+    return train_config(build_config(job), output, RunSettings.from_job(job), job=job, resume=resume, address=address)
 
 
 def train_config(
@@ -70,6 +75,7 @@ def train_config(
     *,
     job: dict[str, Any] | None = None,
     resume: bool = False,
+    address: str | None = None,
 ) -> dict[str, Any]:
     """Train ``config`` with DAPO and measure held-out accuracy before and after; returns the summary.
 
@@ -83,6 +89,9 @@ def train_config(
     is there), the warm-start and the first evaluation are not redone, and DAPO continues from the
     newest complete checkpoint (from its start when there is none yet); before that, the run starts over.
 
+    ``address``: the Ray cluster (see :func:`dapo_rl.jobs.cluster.choose_cluster`), connected to and checked
+    (reachable, able to hold the trial, seeing the model and ``output``) before any work.
+
     Raises:
         JobError: invalid settings, an unknown environment id, a model that cannot be loaded, a
             logger whose package is missing.
@@ -92,6 +101,7 @@ def train_config(
     model_config = dict(config.model_config or {})
     model_config["model"] = absolute_if_local(str(model_config.get("model") or ""))
     config = validated(config.copy(copy_frozen=False).rl_module(model_config=model_config))
+    ray_cluster = cluster.prepare(address, DAPOAlgorithm.default_resource_request(config).bundles, model_config)
     train_env, test_env, evaluated = _environments(config, run)
     prompt_settings = PromptSettings(config.max_prompt_length, config.apply_chat_template, config.prompt_truncation)
     count = min(run.eval_problems, test_env.num_problems)
@@ -100,6 +110,8 @@ def train_config(
         _check_prompt_lengths(config, train_env, held_out, prompt_settings)
     # Every check passed: from here on the run writes into its folder.
     output.mkdir(parents=True, exist_ok=True)
+    if not ray_cluster.local:  # Tune's storage and the checkpoints: every node must write the same folder
+        cluster.check_storage_shared(output)
     if job is not None and not resume:
         write_json(output / JOB_FILE, job)  # what --resume restarts from
 
@@ -129,7 +141,7 @@ def train_config(
         )
 
     rl_config = config.copy(copy_frozen=False).rl_module(model_config=state["model_config"])
-    start_ray(min_cpus=trial_cpus(rl_config))
+    cluster.connect(ray_cluster, min_cpus=trial_cpus(rl_config))
     progress = ProgressCallback(run.iterations, output / "samples.jsonl", output / RESULTS_FILE)
     rl_start = time.perf_counter()
     try:

@@ -24,6 +24,7 @@ import gymnasium as gym
 import yaml
 
 from dapo_envs.base import printable
+from dapo_rl.jobs import cluster
 from dapo_rl.jobs.tracking import LOGGERS, missing_logger_package
 from dapo_rl.jobs.warmstart import WarmStartSettings
 from dapo_rl.models.loading import TINY_PRESET
@@ -47,6 +48,10 @@ DEFAULT_JOB: dict[str, Any] = {
     "num_cpus_per_learner": None,
     "num_env_runners": 0,
     "num_gpus_per_env_runner": 0,
+    # Custom Ray resources each learner / env runner asks for ({learner_node: 1}): pins them to the
+    # nodes started with them (ray start --resources). With num_learners 0, the trial's own process.
+    "learner_resources": {},
+    "env_runner_resources": {},
     "warmstart_steps": 1200,
     "warmstart_batch_size": 64,
     "warmstart_lr": 1e-3,
@@ -207,12 +212,19 @@ def build_config(job: dict[str, Any], model: str | None = None) -> DAPOConfig:
                 num_learners=job["num_learners"],
                 num_gpus_per_learner=job["num_gpus_per_learner"],
                 num_cpus_per_learner=_learner_cpus(job),
+                **cluster.learner_placement(job),
             )
-            .env_runners(num_env_runners=job["num_env_runners"], num_gpus_per_env_runner=job["num_gpus_per_env_runner"])
+            .env_runners(
+                num_env_runners=job["num_env_runners"],
+                num_gpus_per_env_runner=job["num_gpus_per_env_runner"],
+                **cluster.env_runner_placement(job),
+            )
             .debugging(seed=job["seed"], log_level="ERROR")
         )
     except (TypeError, ValueError) as error:  # RLlib's setters check some values (grad_clip_by) as they are set
         raise JobError(f"invalid settings: {_one_line(str(error))}") from None
+    if not job["num_learners"] and job["learner_resources"]:  # the learner lives in the trial's own process
+        config.resources(custom_resources_for_main_process=dict(job["learner_resources"]))
     return validated(config)
 
 

@@ -1,0 +1,257 @@
+"""A real multi-node Ray cluster on this machine, driven by tests/test_multinode.py in a process of its own.
+
+``python -m tests.multinode_scenarios OUT.json`` starts 3 Ray nodes with ``ray.cluster_utils.Cluster``
+(each its own raylet, object store, worker processes and temp folder; 1 CPU each): the head with the
+custom resource ``learner_node``, two workers with ``runner_node``. It connects through
+:func:`dapo_rl.jobs.cluster.connect` and runs, one after the other:
+
+0. ``paths``: the checks that every node sees the run folder and the model (a missing one is named);
+   ``command_line``: ``dapo-rl train --address`` with ``configs/cluster-arithmetic.yaml``, one iteration.
+1. ``reference``: DAPO (tiny preset) with its learner pinned to the head (``learner_resources``) and 2
+   env runners pinned to the workers (``env_runner_resources``): which node each actor ran on, two
+   iterations' metrics, a checkpoint.
+2. ``restore``: a learner pinned to a worker node restores that checkpoint (written through the head's
+   learner): its weights.
+3. ``node_loss``: the same run as 1, where a verifier call on one worker's env runner signals the
+   driver and waits; the driver adds a spare ``runner_node`` node and kills the worker node (its
+   raylet and workers, SIGKILL). Timings from the loss to the iteration's end and to the runner
+   being back, the nodes afterwards, the metrics.
+
+Results go to OUT.json. A separate process because a driver joins one Ray cluster at a time (the
+test session's own ``ray_session`` stays untouched), and so that the cluster is ended with the
+process whatever happens: only the nodes started here are stopped (``Cluster.shutdown``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from ray.cluster_utils import Cluster
+
+from dapo_rl.jobs import cluster as dapo_cluster
+from tests.helpers import ENV, learner_weights, make_config
+
+ROOT = Path(__file__).resolve().parent.parent
+NODE = {"num_cpus": 1, "object_store_memory": 100 * 1024 * 1024}
+
+#: Runs inside the env runner (isolate=False): on the node named in TARGET, the first call creates
+#: SIGNAL and waits for the node to be killed; elsewhere (and without TARGET) a last-number check.
+WAIT_ON_TARGET_NODE = """
+import os, time
+import ray
+
+def wait_on_target(response, reference):
+    if os.path.exists(TARGET) and ray.get_runtime_context().get_node_id() == open(TARGET).read():
+        try:
+            os.close(os.open(SIGNAL, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            pass
+        else:
+            time.sleep(300)  # the driver kills this node meanwhile
+    return response.strip().endswith(reference)
+"""
+
+METRICS = ("reward_mean", "generated_accuracy", "response_length_mean", "prompts_trained", "optimizer_steps")
+
+
+def verifier(target: Path, signal: Path) -> Any:
+    from dapo_envs import Verifier
+
+    namespace = {"__name__": "wait_on_target_source", "TARGET": str(target), "SIGNAL": str(signal)}
+    exec(WAIT_ON_TARGET_NODE, namespace)  # noqa: S102 - this file's own source, above
+    return Verifier(name="wait-on-target", fn=namespace["wait_on_target"], isolate=False)
+
+
+def config(work: Path, learner: dict[str, float], runners: int) -> Any:
+    env_config = {"operators": "+", "verifier": verifier(work / "target_node", work / "signal")}
+    return (
+        make_config(lr=1e-3, overlong_filter=False)
+        .environment(ENV, env_config=env_config)
+        .learners(num_learners=1, **dapo_cluster.learner_placement({"learner_resources": learner}))
+        .env_runners(
+            num_env_runners=runners,
+            **dapo_cluster.env_runner_placement({"env_runner_resources": {"runner_node": 1}}),
+        )
+    )
+
+
+def learner_nodes(algo: Any) -> list[str]:
+    return [r.get() for r in algo.learner_group.foreach_learner(lambda _: dapo_cluster.node_of_this_process())]
+
+
+def runner_nodes(algo: Any) -> list[str]:
+    return algo.env_runner_group.foreach_env_runner(
+        lambda _: dapo_cluster.node_of_this_process(), local_env_runner=False
+    )
+
+
+def metrics(result: dict[str, Any]) -> dict[str, Any]:
+    row = {name: result["dapo"][name] for name in METRICS}
+    row["policy_loss"] = float(result["learners"]["default_policy"]["policy_loss"])
+    for name in ("env_runner_failures", "env_runner_failures_total", "env_runners_restored_total"):
+        row[name] = result["dapo"].get(name)
+    return row
+
+
+def weights_digest(weights: dict[str, np.ndarray]) -> dict[str, float]:
+    return {name: float(np.asarray(value, np.float64).sum()) for name, value in sorted(weights.items())}
+
+
+def reference(work: Path, nodes: dict[str, str], out: dict[str, Any]) -> None:
+    algo = config(work, {"learner_node": 1}, runners=2).build_algo()
+    try:
+        out["reference"] = {
+            "learner_nodes": learner_nodes(algo),
+            "runner_nodes": runner_nodes(algo),
+            "results": [metrics(algo.train()) for _ in range(2)],
+        }
+        algo.save_to_path(str(work / "checkpoint"))
+        out["reference"]["weights"] = weights_digest(learner_weights(algo))
+    finally:
+        algo.stop()
+
+
+def restore(work: Path, out: dict[str, Any]) -> None:
+    algo = config(work, {"runner_node": 1}, runners=0).build_algo()  # the learner on a worker node
+    try:
+        fresh = weights_digest(learner_weights(algo))
+        algo.restore_from_path(str(work / "checkpoint"))
+        out["restore"] = {
+            "learner_nodes": learner_nodes(algo),
+            "weights": weights_digest(learner_weights(algo)),
+            "fresh_weights": fresh,
+        }
+    finally:
+        algo.stop()
+
+
+def node_loss(work: Path, cluster: Cluster, workers: dict[str, Any], out: dict[str, Any]) -> None:
+    algo = config(work, {"learner_node": 1}, runners=2).build_algo()
+    try:
+        before = runner_nodes(algo)
+        victim = workers[before[0]]  # the node of the first env runner
+        (work / "target_node").write_text(victim.node_id)
+        results: list[dict[str, Any]] = []
+        finished: list[float] = []
+        errors: list[BaseException] = []
+
+        def train_once() -> None:
+            try:
+                results.append(algo.train())
+                finished.append(time.monotonic())
+            except BaseException as error:  # reported by the test
+                errors.append(error)
+
+        thread = threading.Thread(target=train_once)
+        thread.start()
+        deadline = time.monotonic() + 300
+        while not (work / "signal").exists() and time.monotonic() < deadline and thread.is_alive():
+            time.sleep(0.2)
+        assert (work / "signal").exists(), f"the target runner never sampled: {errors}"
+        spare = cluster.add_node(**NODE, resources={"runner_node": 1})
+        lost_at = time.monotonic()
+        cluster.remove_node(victim, allow_graceful=False)  # its raylet and workers, SIGKILL
+        thread.join(timeout=600)
+        assert not errors and results, errors
+        deadline = time.monotonic() + 300
+        while algo.env_runner_group.num_healthy_remote_env_runners() < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            algo.restore_env_runners(algo.env_runner_group)
+        restored_at = time.monotonic()
+        results.append(algo.train())
+        out["node_loss"] = {
+            "victim": victim.node_id,
+            "spare": spare.node_id,
+            "runner_nodes_before": before,
+            "runner_nodes_after": runner_nodes(algo),
+            "learner_nodes": learner_nodes(algo),
+            "results": [metrics(result) for result in results],
+            "seconds_to_iteration_end": finished[0] - lost_at,
+            "seconds_to_runner_back": restored_at - lost_at,
+            "alive_nodes": sorted(n["NodeID"] for n in ray.nodes() if n["Alive"]),
+        }
+    finally:
+        algo.stop()
+
+
+def paths(work: Path, address: str, out: dict[str, Any]) -> None:
+    """The up-front checks of paths every node must see: a shared folder passes, a missing one is named."""
+    port = address.rpartition(":")[2]
+    dapo_cluster.connect(dapo_cluster.choose_cluster(f"127.0.0.1:{port}"))  # connected already: the same cluster
+    dapo_cluster.check_storage_shared(work)
+    try:
+        dapo_cluster.check_paths_on_nodes({"the model": str(work / "only-on-the-driver")})
+    except dapo_cluster.ClusterError as error:
+        out["paths"] = {"refused": str(error)}
+    else:
+        out["paths"] = {"refused": None}
+
+
+def command_line(work: Path, address: str, out: dict[str, Any]) -> None:
+    """``dapo-rl train --address 127.0.0.1:PORT`` with configs/cluster-arithmetic.yaml: a Tune trial on the
+    cluster (its learner on the head, its env runner on a worker), one iteration, no warm-start."""
+    from dapo_rl.cli import main as dapo_rl
+
+    port = address.rpartition(":")[2]
+    output = work / "cli-run"
+    argv = ["train", "--address", f"127.0.0.1:{port}", "--config", str(ROOT / "configs" / "cluster-arithmetic.yaml")]
+    argv += [
+        "--set",
+        "iterations=1",
+        "--set",
+        "warmstart_steps=0",
+        "--set",
+        "eval_problems=4",
+        "--set",
+        "eval_samples=1",
+    ]
+    code = dapo_rl([*argv, "--output", str(output)])
+    summary = json.loads((output / "summary.json").read_text()) if (output / "summary.json").is_file() else {}
+    out["command_line"] = {"exit_status": code, "iterations": summary.get("iterations")}
+
+
+def main(target: str) -> None:
+    out: dict[str, Any] = {"seconds": {}}
+    work = Path(tempfile.mkdtemp(prefix="dapo_mn_work_"))
+    cluster = Cluster()
+    try:
+        start = time.monotonic()
+        head = cluster.add_node(**NODE, resources={"learner_node": 1}, include_dashboard=False)
+        workers = {
+            node.node_id: node for node in (cluster.add_node(**NODE, resources={"runner_node": 1}) for _ in "bc")
+        }
+        port = cluster.address.rpartition(":")[2]
+        dapo_cluster.connect(dapo_cluster.choose_cluster(f"127.0.0.1:{port}"))  # as a user types it
+        out["nodes"] = {"head": head.node_id, "workers": sorted(workers)}
+        out["seconds"]["start"] = time.monotonic() - start
+        for name, scenario in (
+            ("paths", lambda: paths(work, cluster.address, out)),
+            ("command_line", lambda: command_line(work, cluster.address, out)),
+            ("reference", lambda: reference(work, out["nodes"], out)),
+            ("restore", lambda: restore(work, out)),
+            ("node_loss", lambda: node_loss(work, cluster, workers, out)),
+        ):
+            start = time.monotonic()
+            try:
+                scenario()
+            except BaseException as error:
+                out.setdefault("errors", {})[name] = f"{type(error).__name__}: {error}"
+            out["seconds"][name] = time.monotonic() - start
+    finally:
+        Path(target).write_text(json.dumps(out, indent=1))
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    main(sys.argv[1])
