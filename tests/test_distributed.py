@@ -53,7 +53,13 @@ def _learner_loss(logprobs: torch.Tensor, batch: dict[str, torch.Tensor], normal
 
     rows, width = batch["response_mask"].shape
     config = SimpleNamespace(
-        loss_agg="token-mean", max_response_length=width, clip_low=0.2, clip_high=0.28, dual_clip=None
+        loss_agg="token-mean",
+        max_response_length=width,
+        clip_low=0.2,
+        clip_high=0.28,
+        dual_clip=None,
+        kl_coef=0.0,  # DAPO's: no KL term
+        kl_estimator="k3",
     )
     learner_batch = {
         "token_mask": batch["response_mask"],
