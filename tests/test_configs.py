@@ -14,6 +14,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 def test_configs_are_shipped():
     assert [path.name for path in CONFIGS] == [
         "cluster-arithmetic.yaml",
+        "smollm2-arithmetic-lora.yaml",
         "smollm2-arithmetic.yaml",
         "tiny-calculator.yaml",
     ]
