@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from dapo_rl.core.advantages import ADVANTAGE_SCALES
-from dapo_rl.core.kl import KL_ESTIMATORS
+from dapo_rl.core.kl import KL_ESTIMATORS, KL_PLACEMENTS
 from dapo_rl.core.losses import LOSS_AGGREGATIONS, clip_setting_problems
 from dapo_rl.core.off_policy import importance_weight_cap_problem
 from dapo_rl.core.sampling import ON_LIMIT_CHOICES
@@ -248,8 +248,8 @@ SETTINGS: dict[str, Setting] = _setting_table(
         Setting(
             "kl_coef",
             0.0,
-            "weight of a KL(policy || reference) penalty in the token loss, the reference being the starting "
-            "weights; 0: off, as in DAPO (which drops the KL term)",
+            "weight of a KL(policy || reference) penalty, the reference being the starting weights (placed by "
+            "kl_placement); 0: off, as in DAPO (which drops the KL term)",
             "number",
             minimum=0,
         ),
@@ -260,6 +260,15 @@ SETTINGS: dict[str, Setting] = _setting_table(
             "1/r - 1 + log r (Schulman 2020; verl's low_var_kl)",
             "choice",
             choices=KL_ESTIMATORS.keys(),
+        ),
+        Setting(
+            "kl_placement",
+            "loss",
+            "with kl_coef > 0: 'loss' adds kl_coef x the per-token estimate to the token loss; 'reward' "
+            "deducts kl_coef x each response's summed estimate from its reward before the group advantages "
+            "(verl's use_kl_in_reward)",
+            "choice",
+            choices=KL_PLACEMENTS,
         ),
         # -- dynamic sampling --------------------------------------------------------------------------
         Setting("dynamic_sampling", True, "train only on groups with both right and wrong answers", "bool"),

@@ -5,6 +5,9 @@
     groups_fitting_learners, take_generator_logprobs, add_importance_weights
                         the old log-probs' side of the batch: what learners can split, and
                         the generator's log-probs or importance weights
+    add_reward_kl_penalty
+                        kl_placement="reward": the KL to the reference deducted from the rewards,
+                        the advantages taken again
     minibatch_indices   the rows of each gradient update (whole groups, shuffled per epoch)
     minibatch_with_loss_normalizer
                         one mini-batch, trimmed of padding, carrying its global loss normaliser
@@ -24,7 +27,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from dapo_rl.core import DynamicSamplingAccumulator, group_advantages, loss_normalizer, overlong_mask, shaped_rewards
+from dapo_rl.core import (
+    DynamicSamplingAccumulator,
+    group_advantages,
+    kl_penalized_rewards,
+    loss_normalizer,
+    overlong_mask,
+    shaped_rewards,
+)
 from dapo_rl.core.micro_batches import trim_padding
 from dapo_rl.core.off_policy import behaviour_importance_weights
 from dapo_rl.rollout.batch import pack_sequences
@@ -236,6 +246,39 @@ def add_importance_weights(batch: dict[str, torch.Tensor], *, cap: float) -> dic
     )
     batch["importance_weights"] = weights
     return metrics
+
+
+def add_reward_kl_penalty(
+    batch: dict[str, torch.Tensor],
+    ref_logprobs: torch.Tensor,
+    *,
+    coef: float,
+    estimator: str,
+    advantage_scale: str,
+) -> dict[str, float]:
+    """``kl_placement="reward"``: deduct ``coef`` x each response's summed KL estimate to the reference
+    from its reward (``dapo_rl.core.kl.kl_penalized_rewards``), then take the group advantages again.
+
+    The KL is that of the weights the update starts from: ``batch["old_logprobs"]`` (recomputed, or
+    the generator's), over the loss tokens (``token_mask``). ``ref_logprobs`` is (B, R) under the
+    reference. Replaces ``batch["rewards"]`` and ``batch["advantages"]``; returns ``reward_kl``
+    (the mean summed estimate per response with loss tokens), ``reward_kl_per_token`` and
+    ``reward_kl_penalty`` (the mean reward deducted).
+    """
+    mask = batch["token_mask"]
+    penalized, sequence_kl = kl_penalized_rewards(
+        batch["rewards"], batch["old_logprobs"], ref_logprobs, mask, coef=coef, estimator=estimator
+    )
+    batch["rewards"] = penalized.to(batch["rewards"].dtype)
+    batch["advantages"] = group_advantages(batch["rewards"], batch["group_index"], scale=advantage_scale).float()
+    has_tokens = mask.bool().any(dim=1)
+    responses = int(has_tokens.sum())
+    tokens = float(mask.bool().sum())
+    return {
+        "reward_kl": float(sequence_kl[has_tokens].sum()) / responses if responses else 0.0,
+        "reward_kl_per_token": float(sequence_kl.sum()) / tokens if tokens else 0.0,
+        "reward_kl_penalty": coef * float(sequence_kl[has_tokens].sum()) / responses if responses else 0.0,
+    }
 
 
 def minibatch_indices(

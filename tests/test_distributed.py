@@ -60,6 +60,7 @@ def _learner_loss(logprobs: torch.Tensor, batch: dict[str, torch.Tensor], normal
         dual_clip=None,
         kl_coef=0.0,  # DAPO's: no KL term
         kl_estimator="k3",
+        kl_placement="loss",
     )
     learner_batch = {
         "token_mask": batch["response_mask"],

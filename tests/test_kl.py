@@ -10,9 +10,18 @@ import pytest
 import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
 
-from dapo_rl.core import KL_ESTIMATORS, kl_loss, kl_penalty, loss_normalizer, policy_loss, register_kl_estimator
+from dapo_rl.core import (
+    KL_ESTIMATORS,
+    kl_loss,
+    kl_penalized_rewards,
+    kl_penalty,
+    loss_normalizer,
+    policy_loss,
+    register_kl_estimator,
+)
 from dapo_rl.core.losses import LOG_RATIO_CLAMP, LOSS_AGGREGATIONS
 from dapo_rl.rllib.dapo import InvalidConfigError
+from dapo_rl.training import add_reward_kl_penalty
 from tests.helpers import built_algo, make_config, unequal_minibatch
 
 # (B, T) = (2, 3); the last column of row 1 is padding, holding values that must never leak.
@@ -187,3 +196,70 @@ def test_the_kl_term_is_zero_at_the_first_update_and_positive_after(ray_session,
         # The reference stayed the starting weights.
         for name, value in reference.state_dict().items():
             assert torch.equal(value, start[name]), name
+
+
+# -- kl_placement="reward" ----------------------------------------------------------------------------
+
+
+def test_the_kl_in_the_reward_deducts_coef_times_each_responses_summed_estimates():
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, 0.0]])
+    ref_logprobs = torch.tensor([[-1.5, -1.0, -9.0], [-0.5, -1.5, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    rewards = torch.tensor([1.0, -1.0])
+    # k1 = log r per token: row 0: 0.5 + (-1.0) = -0.5 (the third token is masked); row 1: 0 + 1.0 = 1.0.
+    penalized, sequence_kl = kl_penalized_rewards(rewards, logprobs, ref_logprobs, mask, coef=0.2, estimator="k1")
+    assert sequence_kl.tolist() == pytest.approx([-0.5, 1.0])
+    assert penalized.tolist() == pytest.approx([1.0 + 0.2 * 0.5, -1.0 - 0.2 * 1.0])
+    # k3 = exp(-log r) - 1 + log r: row 0: (e^-0.5 - 0.5) + (e^1 - 2); row 1: 0 + (e^-1 + 0).
+    _, sequence_kl = kl_penalized_rewards(rewards, logprobs, ref_logprobs, mask, coef=0.2, estimator="k3")
+    expected = [math.exp(-0.5) - 0.5 + math.exp(1.0) - 2.0, math.exp(-1.0)]
+    assert sequence_kl.tolist() == pytest.approx(expected)
+    with pytest.raises(ValueError, match="coef must be >= 0"):
+        kl_penalized_rewards(rewards, logprobs, ref_logprobs, mask, coef=-1.0)
+    with pytest.raises(ValueError, match=r"rewards must be \(B,\) with B = 2"):
+        kl_penalized_rewards(rewards[:1], logprobs, ref_logprobs, mask, coef=0.1)
+
+
+def test_add_reward_kl_penalty_takes_the_group_advantages_of_the_penalised_rewards():
+    # Two groups of two; every response right in group 0 (advantages 0 before the penalty).
+    batch = {
+        "rewards": torch.tensor([1.0, 1.0, 1.0, -1.0]),
+        "advantages": torch.tensor([0.0, 0.0, 0.7071, -0.7071]),
+        "group_index": torch.tensor([0, 0, 1, 1]),
+        "old_logprobs": torch.tensor([[-1.0, -1.0], [-1.0, -1.0], [-1.0, -1.0], [-1.0, -1.0]]),
+        "token_mask": torch.tensor([[1, 1], [1, 0], [1, 1], [0, 0]]),
+    }
+    ref_logprobs = torch.tensor([[-2.0, -2.0], [-1.0, -5.0], [-1.5, -1.0], [-9.0, -9.0]])
+    metrics = add_reward_kl_penalty(batch, ref_logprobs, coef=0.5, estimator="k1", advantage_scale="none")
+    # Summed k1 over loss tokens: 2.0, 0.0 (its second token is no loss token), 0.5, 0.0 (none).
+    rewards = [1.0 - 1.0, 1.0, 1.0 - 0.25, -1.0]
+    assert batch["rewards"].tolist() == pytest.approx(rewards)
+    assert batch["advantages"].tolist() == pytest.approx([-0.5, 0.5, 0.875, -0.875])
+    assert metrics["reward_kl"] == pytest.approx((2.0 + 0.0 + 0.5) / 3)  # responses with loss tokens
+    assert metrics["reward_kl_per_token"] == pytest.approx(2.5 / 5)
+    assert metrics["reward_kl_penalty"] == pytest.approx(0.5 * 2.5 / 3)
+
+
+def test_kl_placement_is_a_checked_setting_and_loss_by_default():
+    assert make_config().kl_placement == "loss"
+    with pytest.raises(InvalidConfigError, match="kl_placement must be one of \\['loss', 'reward'\\], got 'advantage'"):
+        make_config(kl_placement="advantage").validate()
+
+
+def test_the_kl_in_the_reward_changes_the_advantages_not_the_loss(ray_session):
+    """kl_placement="reward": the learner's loss carries no KL term and the forward pass no reference
+    log-probs; each step deducts the KL of the weights it starts from, 0 at the first step (the policy
+    is the reference) and positive once the policy moved."""
+    config = make_config(overlong_filter=False, kl_coef=0.5, kl_placement="reward", kl_estimator="k3")
+    with built_algo(config) as algo:
+        module = algo.learner_group._learner.module[DEFAULT_MODULE_ID].unwrapped()
+        assert module.has_reference
+        batch = unequal_minibatch(algo)
+        assert "ref_logprobs" not in module.forward_train(batch)
+        first = algo.train()
+        second = algo.train()
+        assert first["dapo"]["reward_kl"] == 0.0
+        assert second["dapo"]["reward_kl"] > 0.0
+        assert second["dapo"]["reward_kl_penalty"] == pytest.approx(0.5 * second["dapo"]["reward_kl"])
+        learner_metrics = second["learners"][DEFAULT_MODULE_ID]
+        assert not {"ref_kl", "ref_kl_loss", "ref_kl_loss_share"} & set(learner_metrics)

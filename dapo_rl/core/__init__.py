@@ -5,7 +5,14 @@ machines (a lent GPU, say) where Ray is not installed.
 """
 
 from dapo_rl.core.advantages import ADVANTAGE_SCALES, group_advantages
-from dapo_rl.core.kl import KL_ESTIMATORS, kl_loss, kl_penalty, register_kl_estimator
+from dapo_rl.core.kl import (
+    KL_ESTIMATORS,
+    KL_PLACEMENTS,
+    kl_loss,
+    kl_penalized_rewards,
+    kl_penalty,
+    register_kl_estimator,
+)
 from dapo_rl.core.logprobs import token_logprobs
 from dapo_rl.core.losses import LOSS_AGGREGATIONS, loss_normalizer, policy_loss, register_loss_aggregation
 from dapo_rl.core.sampling import DynamicSamplingAccumulator, SamplingRoundLimitError, select_informative_groups
@@ -15,10 +22,12 @@ __all__ = [
     "ADVANTAGE_SCALES",
     "LOSS_AGGREGATIONS",
     "KL_ESTIMATORS",
+    "KL_PLACEMENTS",
     "DynamicSamplingAccumulator",
     "SamplingRoundLimitError",
     "group_advantages",
     "kl_loss",
+    "kl_penalized_rewards",
     "kl_penalty",
     "loss_normalizer",
     "overlong_mask",

@@ -14,6 +14,12 @@ and in peers (verl's ``kl``/``mse``/``low_var_kl``, TRL, OpenRLHF):
 log r is clamped to +-``LOG_RATIO_CLAMP`` before use, as in the policy loss, so that exp never
 overflows; masked positions hold 0 whatever their inputs (inf and NaN included).
 
+The penalty goes in the loss (:func:`kl_loss`, ``kl_placement="loss"``) or in the reward
+(:func:`kl_penalized_rewards`, ``kl_placement="reward"``, verl's ``use_kl_in_reward``): there each
+response's outcome reward loses ``coef`` times the sum of its per-token estimates under the weights
+that start the update, before the group advantages are taken, so the penalty reaches the gradient
+through the advantages, with no gradient of its own.
+
 DAPO itself drops the KL penalty (paper §2.3): ``kl_coef`` is 0 by default and these functions are
 then never called. Nothing here imports Ray.
 """
@@ -26,7 +32,10 @@ import torch
 
 from dapo_rl.core.losses import LOG_RATIO_CLAMP, LOSS_AGGREGATIONS
 
-__all__ = ["KL_ESTIMATORS", "kl_loss", "kl_penalty", "register_kl_estimator"]
+__all__ = ["KL_ESTIMATORS", "KL_PLACEMENTS", "kl_loss", "kl_penalized_rewards", "kl_penalty", "register_kl_estimator"]
+
+#: Where ``kl_coef`` applies the penalty: a term of the loss, or a deduction from each response's reward.
+KL_PLACEMENTS = ("loss", "reward")
 
 #: name -> function of the clamped log-ratio (B, T) -> per-token estimate (B, T).
 KL_ESTIMATORS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
@@ -126,3 +135,37 @@ def kl_loss(
     with torch.no_grad():
         mean = per_token.sum() / bool_mask.sum().clamp(min=1)
     return term, {"kl": float(mean)}
+
+
+def kl_penalized_rewards(
+    rewards: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    coef: float,
+    estimator: str = "k3",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each response's reward less ``coef`` times its summed per-token KL estimates (the KL in the reward).
+
+    Args:
+        rewards: (B,) each response's (shaped) outcome reward.
+        logprobs: (B, T) log-probs of the sampled tokens under the weights that start the update
+            (treated as data: the penalty acts through the advantages, not through a gradient).
+        ref_logprobs, mask, estimator: as for :func:`kl_penalty`.
+        coef: the penalty's weight (>= 0).
+
+    Returns:
+        ``(penalized, sequence_kl)``, both (B,) float32 or wider: ``rewards - coef * sequence_kl`` and
+        the sum of each response's per-token estimates over its masked tokens.
+    """
+    if not coef >= 0:
+        raise ValueError(f"coef must be >= 0, got {coef!r}")
+    if rewards.dim() != 1 or rewards.shape[0] != logprobs.shape[0]:
+        raise ValueError(
+            f"rewards must be (B,) with B = {logprobs.shape[0]} rows of logprobs, got {tuple(rewards.shape)}"
+        )
+    per_token = kl_penalty(logprobs.detach(), ref_logprobs, mask, estimator)
+    sequence_kl = per_token.sum(dim=1)
+    penalized = rewards.to(sequence_kl.dtype) - coef * sequence_kl
+    return penalized, sequence_kl

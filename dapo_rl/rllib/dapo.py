@@ -72,6 +72,7 @@ from dapo_rl.settings import (
 )
 from dapo_rl.training import (
     add_importance_weights,
+    add_reward_kl_penalty,
     build_train_batch,
     collect_groups,
     groups_fitting_learners,
@@ -322,6 +323,16 @@ class DAPO(Algorithm):
                     self._step_extra.update(add_importance_weights(batch, cap=config.importance_weight_cap))
             elif has_data:
                 self._step_extra.update(take_generator_logprobs(batch))
+            if has_data and config.kl_coef > 0 and config.kl_placement == "reward":
+                self._step_extra.update(
+                    add_reward_kl_penalty(
+                        batch,
+                        self._old_logprobs(batch, reference=True),
+                        coef=config.kl_coef,
+                        estimator=config.kl_estimator,
+                        advantage_scale=config.advantage_scale,
+                    )
+                )
 
         with self.metrics.log_time((TIMERS, "update")):
             for _ in range(config.num_epochs if has_data else 0):
@@ -366,12 +377,13 @@ class DAPO(Algorithm):
         result["warnings"] = list(self._latest_warnings)
         return result
 
-    def _old_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The learners' log-probs of the batch's responses under the current weights (each learner a shard)."""
+    def _old_logprobs(self, batch: dict[str, torch.Tensor], *, reference: bool = False) -> torch.Tensor:
+        """The learners' log-probs of the batch's responses under the current weights, or with
+        ``reference`` under the KL penalty's reference policy (each learner a shard)."""
         columns = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids", "response_mask")}
         num_shards = self.config.learner_shards
         results = self._weights.on_all_learners(
-            lambda learner, b=columns, k=num_shards: learner.compute_old_logprobs(b, k)
+            lambda learner, b=columns, k=num_shards, r=reference: learner.compute_old_logprobs(b, k, reference=r)
         )
         shards = sorted(results, key=lambda pair: pair[0])
         return torch.cat([logprobs for _, logprobs in shards], dim=0)

@@ -137,7 +137,7 @@ class DAPOTorchLearner(TorchLearner):
         if self.config.kl_coef > 0:
             # The reference policy of the KL penalty: the weights the learner starts from (before any
             # update, and before a checkpoint's weights are restored into the policy).
-            self.module[DEFAULT_MODULE_ID].unwrapped().make_reference()
+            self.module[DEFAULT_MODULE_ID].unwrapped().make_reference(in_loss=self.config.kl_placement == "loss")
 
     def compute_loss_for_module(self, *, module_id: str, config: Any, batch: dict[str, Any], fwd_out: dict[str, Any]):
         token_mask = batch["token_mask"]
@@ -160,7 +160,7 @@ class DAPOTorchLearner(TorchLearner):
             normalizer=normalizer,
             importance_weights=batch.get("importance_weights"),
         )
-        if config.kl_coef > 0:
+        if config.kl_coef > 0 and config.kl_placement == "loss":
             # The same aggregation and normaliser as the policy loss: exact under any split.
             kl_term, kl_metrics = kl_loss(
                 fwd_out["logprobs"],
@@ -282,8 +282,11 @@ class DAPOTorchLearner(TorchLearner):
             optimizer.zero_grad(set_to_none=True)
 
     # Called on every learner through LearnerGroup.foreach_learner.
-    def compute_old_logprobs(self, batch: dict[str, torch.Tensor], num_shards: int) -> tuple[int, torch.Tensor]:
-        """Log-probs of this learner's row shard under the current weights (no grad).
+    def compute_old_logprobs(
+        self, batch: dict[str, torch.Tensor], num_shards: int, *, reference: bool = False
+    ) -> tuple[int, torch.Tensor]:
+        """Log-probs of this learner's row shard under the current weights, or with ``reference``
+        under the KL penalty's reference policy (no grad).
 
         Returns ``(rank, logprobs (rows, R))``; the driver orders the shards by rank.
         """
@@ -311,7 +314,11 @@ class DAPOTorchLearner(TorchLearner):
                     key: value[start : start + chunk_rows] if source is shard else value
                     for key, value in source.items()
                 }
-                logprobs = module.forward_inference({key: value.to(device) for key, value in chunk.items()})["logprobs"]
+                on_device = {key: value.to(device) for key, value in chunk.items()}
+                if reference:
+                    logprobs = module.reference_logprobs(on_device)
+                else:
+                    logprobs = module.forward_inference(on_device)["logprobs"]
                 if source is shard:
                     pieces.append(logprobs.cpu())
         module.train(was_training)

@@ -113,8 +113,11 @@ class CausalLMModule(TorchRLModule):
         """Whether :meth:`make_reference` was called (learners with ``kl_coef > 0``)."""
         return "reference_forward" in self.__dict__
 
-    def make_reference(self) -> None:
+    def make_reference(self, *, in_loss: bool = True) -> None:
         """Keep the current (starting) weights as the reference policy of the KL penalty.
+
+        ``in_loss``: ``forward_train`` adds the reference's log-probs (``kl_placement="loss"``); else
+        only :meth:`reference_logprobs` computes them (``kl_placement="reward"``, once per step).
 
         With LoRA the reference is the base model: the same model with its adapters disabled.
 
@@ -126,6 +129,7 @@ class CausalLMModule(TorchRLModule):
         """
         if self.has_reference:
             return
+        self.__dict__["reference_in_loss"] = in_loss
         if self.peft_model is not None:
             # The starting weights are the base model's (LoRA's B starts at 0): the same model with
             # its adapters switched off, no second copy.
@@ -156,7 +160,7 @@ class CausalLMModule(TorchRLModule):
 
     def _forward_train(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         out = self._forward(batch, **kwargs)
-        if self.has_reference:
+        if self.has_reference and self.__dict__["reference_in_loss"]:
             out["ref_logprobs"] = self.reference_logprobs(batch)
         return out
 
