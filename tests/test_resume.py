@@ -144,8 +144,14 @@ def resumed_trial_rows(output: Path) -> list[dict]:
     return [json.loads(line) for line in newest.read_text().splitlines() if line.strip()]
 
 
-def test_resume_after_sigkill_continues_exactly_with_one_learner(warm_model, tmp_path):
-    settings = [item for setting in [*SETTINGS, f"model={warm_model}"] for item in ("--set", setting)]
+@pytest.mark.parametrize("lora", [None, "{r: 4, alpha: 8}"], ids=["full", "lora"])
+def test_resume_after_sigkill_continues_exactly_with_one_learner(warm_model, tmp_path, lora):
+    """With LoRA (issue 28) the checkpoints hold the adapters and their optimizer state alone; the
+    resume rebuilds the base from ``model`` and must still continue exactly."""
+    if lora is not None:
+        pytest.importorskip("peft")
+    extra = [f"lora={lora}"] if lora is not None else []
+    settings = [item for setting in [*SETTINGS, f"model={warm_model}", *extra] for item in ("--set", setting)]
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     run_to_end(train_command("--output", str(reference), *settings), tmp_path / "reference.log")
 
@@ -170,6 +176,9 @@ def test_resume_after_sigkill_continues_exactly_with_one_learner(warm_model, tmp
     iterations = [json.loads(line)["iteration"] for line in (killed / "samples.jsonl").read_text().splitlines()]
     assert sorted(set(iterations)) == list(range(1, ITERATIONS + 1))
     assert len(iterations) == len([line for line in (reference / "samples.jsonl").read_text().splitlines()])
+    # The exported policy: with LoRA the merged folder and the adapter beside it.
+    assert (killed / "model" / "config.json").is_file()
+    assert (killed / "model" / "adapter" / "adapter_config.json").is_file() == (lora is not None)
 
 
 def test_resume_after_sigkill_mid_checkpoint_with_two_sharded_learners(warm_model, tmp_path):
