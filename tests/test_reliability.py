@@ -272,6 +272,54 @@ def test_a_killed_env_runner_is_restarted_and_its_share_sampled_again(ray_sessio
         )
 
 
+def test_a_runner_that_cannot_take_the_weights_is_replaced_never_left_stale(ray_session):
+    """A runner whose ``set_state`` raises during the weight sync must not go on generating with its old
+    weights (RLlib's sync fires and forgets). RLlib's actor ``apply`` ends the process on any exception,
+    so Ray restarts it, and the restore hands the new runner the learners' weights; the run must train
+    exactly as an unharmed one. Injected for real on one of two runners."""
+
+    def refuse_weights(*args, **kwargs):  # local: cloudpickle ships it by value to the runner
+        raise ValueError("these weights are refused (test)")
+
+    def run(inject: bool):
+        config = make_config().env_runners(num_env_runners=2).fault_tolerance(delay_between_env_runner_restarts_s=1.0)
+        algo = config.build_algo()
+        try:
+            results = [algo.train()]
+            if inject:
+                algo.env_runner_group.foreach_env_runner(
+                    lambda runner: setattr(runner, "set_state", refuse_weights),
+                    remote_worker_ids=[2],
+                    local_env_runner=False,
+                )
+            results += [algo.train(), algo.train()]  # the first one's weight sync meets the refusal
+            deadline = time.monotonic() + 120
+            while algo.env_runner_group.num_healthy_remote_env_runners() < 2 and time.monotonic() < deadline:
+                time.sleep(1)
+                algo.restore_env_runners(algo.env_runner_group)
+            results.append(algo.train())
+            healthy = algo.env_runner_group.num_healthy_remote_env_runners()
+            runner_weights = algo.env_runner_group.foreach_env_runner(
+                lambda runner: {k: np.asarray(v) for k, v in runner.module.get_state().items()}, local_env_runner=False
+            )
+            learner = learner_weights(algo)
+        finally:
+            algo.stop()
+        assert healthy == 2 and len(runner_weights) == 2
+        for weights in runner_weights:
+            assert weights.keys() == learner.keys() and max_abs_diff(learner, weights) == 0.0
+        return results
+
+    reference, refused = run(inject=False), run(inject=True)
+    assert refused[-1]["dapo"]["env_runners_restored_total"] >= 1  # the refusing runner was replaced
+    for iteration, (expected, got) in enumerate(zip(reference, refused, strict=True), start=1):
+        for name in ("reward_mean", "generated_accuracy", "response_length_mean", "prompts_trained"):
+            assert got["dapo"][name] == expected["dapo"][name], (iteration, name)
+        assert (
+            got["learners"][DEFAULT_MODULE_ID]["policy_loss"] == expected["learners"][DEFAULT_MODULE_ID]["policy_loss"]
+        ), iteration
+
+
 def test_a_killed_learner_stops_the_run_naming_it_and_how_to_resume(ray_session):
     import os
     import signal
