@@ -122,9 +122,16 @@ def run_side(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def launch(side: str, seed: int, iterations: int, threads: int, work: Path) -> dict[str, Any]:
+    """Run one (side, seed) in a fresh process; a finished run of the same spec in ``work`` is reused
+    (so an interrupted benchmark continues where it stopped)."""
     spec_path, result_path, log_path = (
         work / f"{side}_{seed}.{suffix}" for suffix in ("spec.json", "result.json", "log")
     )
+    if result_path.is_file():
+        done = json.loads(result_path.read_text(encoding="utf-8"))
+        if len(done["step_seconds"]) == iterations and Path(done["final_model"]).is_dir():
+            print(f"{PROGRESS_PREFIX} {side} seed {seed}: reusing {result_path}", flush=True)
+            return done
     spec = {
         "side": side,
         "seed": seed,
@@ -151,6 +158,18 @@ def launch(side: str, seed: int, iterations: int, threads: int, work: Path) -> d
         if line.startswith(PROGRESS_PREFIX):
             print(line, flush=True)
     return json.loads(result_path.read_text(encoding="utf-8"))
+
+
+def cached_evaluation(path: Path, model: str, job: dict[str, Any], problems: int, samples: int) -> dict[str, Any]:
+    """:func:`benchmarks.vs_trl.evaluate`, kept in ``path`` and reused for the same model and sizes."""
+    key = {"model": model, "problems": problems, "samples": samples, "seed": job["seed"]}
+    if path.is_file():
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        if cached["key"] == key:
+            return cached["result"]
+    result = evaluate(model, job, problems, samples)
+    path.write_text(json.dumps({"key": key, "result": result}), encoding="utf-8")
+    return result
 
 
 def mean_sd(values: Sequence[float]) -> str:
@@ -287,11 +306,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         order = args.sides if index % 2 == 0 else list(reversed(args.sides))
         for side in order:
             run = launch(side, seed, args.iterations, args.threads, work)
-            run["after"] = evaluate(run["final_model"], run["job"], args.eval_problems, args.eval_samples)
+            run["after"] = cached_evaluation(
+                work / f"{side}_{seed}.eval.json", run["final_model"], run["job"], args.eval_problems, args.eval_samples
+            )
             print(f"{PROGRESS_PREFIX} {side} seed {seed}: held-out avg@k {run['after']['avg_at_k']:.3f}", flush=True)
             runs.append(run)
         start_job = runs[-1]["job"]
-        before[str(seed)] = evaluate(start_job["model"], start_job, args.eval_problems, args.eval_samples)
+        before[str(seed)] = cached_evaluation(
+            work / f"start_{seed}.eval.json", start_job["model"], start_job, args.eval_problems, args.eval_samples
+        )
         print(f"{PROGRESS_PREFIX} seed {seed}: start model avg@k {before[str(seed)]['avg_at_k']:.3f}", flush=True)
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO_ROOT
