@@ -95,3 +95,22 @@ def test_behaviour_logprobs_ignore_top_p_as_the_learner_does(tiny_policy):
         proximal, _ = forward(batch)
     mask = batch["response_mask"].bool()
     assert float((proximal - batch["behaviour_logprobs"])[mask].abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [dict(max_staleness=1, top_p=0.9), dict(max_staleness=2, top_k=20), dict(recompute_old_logprobs=False, top_p=0.5)],
+)
+def test_vllm_behaviour_logprobs_with_a_sampling_filter_are_refused(changes):
+    """vLLM's processed log-probs are renormalised after top-k/top-p (the HF backend's and the learner's
+    are not): a config that would compare them is refused, naming the values."""
+    from dapo_rl.rllib.config_rules import vllm_behaviour_logprobs_are_unfiltered
+    from tests.helpers import make_config
+
+    config = make_config(generation_backend="vllm", **changes).env_runners(num_env_runners=1)
+    (problem,) = vllm_behaviour_logprobs_are_unfiltered(config, False)
+    assert "generation_backend='vllm' with top_p=" in problem and "set top_p=1.0 and top_k=-1" in problem
+    assert f"top_p={config.top_p!r}, top_k={config.top_k!r}" in problem
+    unfiltered = make_config(generation_backend="vllm", **{**changes, "top_p": 1.0, "top_k": -1})
+    assert vllm_behaviour_logprobs_are_unfiltered(unfiltered, False) == []
+    assert vllm_behaviour_logprobs_are_unfiltered(make_config(**changes), False) == []  # the hf backend

@@ -162,6 +162,23 @@ def async_needs_remote_runners(config: Any, _: bool) -> list[str]:
     return []
 
 
+def vllm_behaviour_logprobs_are_unfiltered(config: Any, _: bool) -> list[str]:
+    """vLLM reports log-probs after top-k/top-p renormalisation ("processed_logprobs"), the HF backend
+    and the learner before it: with a filter on, vLLM's behaviour log-probs would exceed the learner's
+    on every token (pi_prox / pi_behav = the kept probability mass < 1 with no update between them)."""
+    if config.generation_backend != "vllm" or not config.needs_generator_logprobs:
+        return []
+    if config.top_p < 1 or config.top_k > 0:
+        why = "max_staleness >= 1" if config.is_async else "recompute_old_logprobs=False"
+        return [
+            f"generation_backend='vllm' with top_p={config.top_p!r}, top_k={config.top_k!r} and {why}: vLLM's "
+            "log-probs are of the top-k/top-p renormalised distribution, the learner's of softmax(logits / T) "
+            "over the whole vocabulary, so their ratio is off on every token; set top_p=1.0 and top_k=-1, or use "
+            "generation_backend='hf' (whose log-probs are before the filters, as the learner's)"
+        ]
+    return []
+
+
 def model_fits_its_context(config: Any, _: bool = True) -> list[str]:
     model = (config.model_config or {}).get("model")
     if not model:
@@ -190,4 +207,8 @@ CROSS_SETTING_RULES: tuple[tuple[Any, frozenset[str]], ...] = (
     (environment_named, frozenset()),
     (vllm_placement, frozenset({"generation_backend", "vllm_tensor_parallel_size"})),
     (async_needs_remote_runners, frozenset({"max_staleness"})),
+    (
+        vllm_behaviour_logprobs_are_unfiltered,
+        frozenset({"generation_backend", "max_staleness", "recompute_old_logprobs", "top_p", "top_k"}),
+    ),
 )
