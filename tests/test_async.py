@@ -240,6 +240,19 @@ def test_the_staleness_bound_holds_with_remote_runners_and_stale_rounds_are_drop
         for result in stale_steps:  # the correction was applied to the stale responses' tokens
             assert result["dapo"]["stale_token_frac"] > 0
             assert result["learners"][DEFAULT_MODULE_ID]["importance_weight_mean"] > 0
+            # What the correction saw: the distribution of pi_prox / pi_behav and the policies' KL.
+            dapo = result["dapo"]
+            assert (
+                0 < dapo["ratio_min"] <= dapo["ratio_p1"] <= dapo["ratio_p50"] <= dapo["ratio_p99"] <= dapo["ratio_max"]
+            )
+            level = int(dapo["staleness_max"])
+            assert dapo["behaviour_kl_k3"] >= 0 and f"behaviour_kl_k3_staleness_{level}" in dapo
+            assert f"generated_accuracy_staleness_{level}" in dapo and dapo["kept_staleness_mean"] > 0
+        if results[0]["dapo"]["prompts_trained"]:
+            # The first step's rounds come from version 0, the weights its update starts from: the
+            # runner's behaviour log-probs (another process) equal the learner's proximal ones.
+            assert results[0]["dapo"]["staleness_max"] == 0
+            assert results[0]["dapo"]["fresh_abs_log_ratio_max"] < 1e-4
 
         # As if 5 more rollout steps had passed (and their weights sent): every round requested
         # ahead is now too old.

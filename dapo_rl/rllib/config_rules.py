@@ -179,6 +179,18 @@ def vllm_behaviour_logprobs_are_unfiltered(config: Any, _: bool) -> list[str]:
     return []
 
 
+def correction_not_switched_off(config: Any, _: bool) -> list[str]:
+    """importance_weight_cap=None is the older way to say "no correction": it switches every
+    correction off, so a correction named beside it would silently not act."""
+    if config.importance_weight_cap is None and config.off_policy_correction not in ("tis_token", "none"):
+        return [
+            f"off_policy_correction={config.off_policy_correction!r} with importance_weight_cap=None: a cap of None "
+            "switches every correction off; give importance_weight_cap a number (it is only read by tis_token and "
+            "tis_sequence), or set off_policy_correction='none'"
+        ]
+    return []
+
+
 def model_fits_its_context(config: Any, _: bool = True) -> list[str]:
     model = (config.model_config or {}).get("model")
     if not model:
@@ -207,6 +219,7 @@ CROSS_SETTING_RULES: tuple[tuple[Any, frozenset[str]], ...] = (
     (environment_named, frozenset()),
     (vllm_placement, frozenset({"generation_backend", "vllm_tensor_parallel_size"})),
     (async_needs_remote_runners, frozenset({"max_staleness"})),
+    (correction_not_switched_off, frozenset({"importance_weight_cap", "off_policy_correction"})),
     (
         vllm_behaviour_logprobs_are_unfiltered,
         frozenset({"generation_backend", "max_staleness", "recompute_old_logprobs", "top_p", "top_k"}),
