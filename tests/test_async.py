@@ -317,3 +317,14 @@ def test_async_with_generator_logprobs_clips_against_the_sampling_policy(ray_ses
         assert "importance_weight_mean" not in result["learners"][DEFAULT_MODULE_ID]
         assert result["dapo"]["tokens_without_generator_logprob"] == 0
         assert math.isfinite(result["learners"][DEFAULT_MODULE_ID]["policy_loss"])
+
+
+def test_lr_warmup_counts_optimizer_steps_in_an_async_run(ray_session):
+    """The warm-up is in optimizer steps, whatever the rounds' staleness: update k runs at
+    lr * min(1, (k + 1) / lr_warmup_steps), 2 updates per step, as in a synchronous run."""
+    lr, warmup = 1e-3, 5
+    with built_algo(make_config(max_staleness=1, lr_warmup_steps=warmup).env_runners(num_env_runners=1)) as algo:
+        rates = helpers.record_step_lrs(algo)
+        results = [algo.train() for _ in range(3)]
+    assert [r["dapo"]["staleness_max"] for r in results] == [0, 1, 1]
+    assert rates == pytest.approx([lr * min(1.0, (k + 1) / warmup) for k in range(6)], rel=1e-6)
