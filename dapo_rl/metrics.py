@@ -39,7 +39,8 @@ def step_metrics(
         return float(getattr(values, reduce)()) if values.numel() else float("nan")
 
     advantages = batch["advantages"][trained]
-    return {
+    selection = selection_metrics(rounds, stats.kept_per_round) if stats.kept_per_round else {}
+    return selection | {
         "reward_mean": over_trained("rewards", "mean"),
         "reward_max": over_trained("rewards", "max"),
         "reward_min": over_trained("rewards", "min"),
@@ -71,6 +72,61 @@ def step_metrics(
         "score_seconds": sum(r["score_seconds"] for r in rounds),
         "generated_tokens_per_second": float(generated_lengths.sum()) / max(1e-9, generate_seconds),
     }
+
+
+def selection_metrics(rounds: list[dict[str, Any]], kept_per_round: list[np.ndarray]) -> dict[str, float]:
+    """What dynamic sampling kept and dropped of the generated responses, and, with asynchronous
+    rollouts, how the rounds used fared by their age.
+
+    Dropping is not neutral: it keeps mixed groups in the order they come and drops the rest, so if
+    what is dropped differs from what is kept (shorter, easier), training leans that way. Reported:
+    the mean response length and accuracy of the kept and of the dropped responses, and of the mixed
+    (informative) groups dropped as surplus beyond the step's target; NaN where there are none. With
+    a ``staleness`` column (asynchronous rounds), per staleness s of the rounds used:
+    ``generated_accuracy_staleness_{s}`` and ``response_length_mean_staleness_{s}``, and
+    ``kept_staleness_mean`` (of the kept responses).
+
+    Args:
+        rounds: the step's generation rounds (``acc``, ``response_length``, ``group_index`` (N,) each).
+        kept_per_round: per round, (N,) bool, the responses the step kept (``CollectionStats``).
+    """
+    if len(kept_per_round) != len(rounds):
+        raise ValueError(f"kept_per_round has {len(kept_per_round)} entries for {len(rounds)} rounds")
+    acc = np.concatenate([r["acc"] for r in rounds]).astype(np.float64)
+    lengths = np.concatenate([r["response_length"] for r in rounds]).astype(np.float64)
+    kept = np.concatenate(kept_per_round).astype(bool)
+    mixed = np.concatenate([_in_mixed_group(r["acc"], r["group_index"]) for r in rounds])
+
+    def mean(values: np.ndarray, where: np.ndarray) -> float:
+        return float(values[where].mean()) if where.any() else float("nan")
+
+    surplus_mixed = mixed & ~kept
+    metrics = {
+        "kept_response_length_mean": mean(lengths, kept),
+        "dropped_response_length_mean": mean(lengths, ~kept),
+        "kept_generated_accuracy": mean(acc, kept),
+        "dropped_generated_accuracy": mean(acc, ~kept),
+        "dropped_mixed_response_frac": float(surplus_mixed.mean()) if len(acc) else float("nan"),
+        "dropped_mixed_response_length_mean": mean(lengths, surplus_mixed),
+    }
+    if all("staleness" in r for r in rounds):
+        staleness = np.concatenate([r["staleness"] for r in rounds])
+        metrics["kept_staleness_mean"] = mean(staleness.astype(np.float64), kept)
+        for level in sorted(set(staleness.tolist())):
+            at_level = staleness == level
+            metrics[f"generated_accuracy_staleness_{level}"] = mean(acc, at_level)
+            metrics[f"response_length_mean_staleness_{level}"] = mean(lengths, at_level)
+    return metrics
+
+
+def _in_mixed_group(acc: np.ndarray, group_index: np.ndarray) -> np.ndarray:
+    """(N,) bool: the response's group has both right and wrong answers."""
+    if len(group_index) == 0:
+        return np.zeros(0, dtype=bool)
+    correct = np.bincount(group_index, weights=acc.astype(np.float64))
+    size = np.bincount(group_index)
+    group_mixed = (correct > 0) & (correct < size)
+    return group_mixed[group_index]
 
 
 def episode_metrics(rounds: list[dict[str, Any]]) -> dict[str, float]:

@@ -22,7 +22,11 @@ import numpy as np
 from dapo_rl.core.advantages import ADVANTAGE_SCALES
 from dapo_rl.core.kl import KL_ESTIMATORS, KL_PLACEMENTS
 from dapo_rl.core.losses import LOSS_AGGREGATIONS, clip_setting_problems
-from dapo_rl.core.off_policy import importance_weight_cap_problem
+from dapo_rl.core.off_policy import (
+    OFF_POLICY_CORRECTIONS,
+    SEQUENCE_RATIOS,
+    importance_weight_cap_problem,
+)
 from dapo_rl.core.sampling import ON_LIMIT_CHOICES
 
 #: Allowed values declared here (the modules that act on them import them from here). Allowed
@@ -395,6 +399,40 @@ SETTINGS: dict[str, Setting] = _setting_table(
             "number",
             nullable=True,
             check=importance_weight_cap_problem,
+        ),
+        Setting(
+            "off_policy_correction",
+            "tis_token",
+            "behaviour weight of stale responses, from rho = pi_prox / pi_behav: 'tis_token' min(rho, C) per "
+            "token, 'tis_sequence' per response, 'mis_token' / 'mis_sequence' rho inside [importance_ratio_low, "
+            "importance_ratio_high] and no loss outside, 'icepop' that mask alone (weight 1 inside), 'none' 1",
+            "choice",
+            choices=OFF_POLICY_CORRECTIONS.keys(),
+        ),
+        Setting(
+            "importance_ratio_low",
+            0.5,
+            "lower end of the band of the masked corrections (mis_token, mis_sequence, icepop; prime-rl: 0.5)",
+            "number",
+            minimum=0,
+            maximum=1,
+            above=True,
+        ),
+        Setting(
+            "importance_ratio_high",
+            5.0,
+            "upper end of that band (prime-rl: 5)",
+            "number",
+            minimum=1,
+            hint="math.inf: no upper end",
+        ),
+        Setting(
+            "off_policy_sequence_ratio",
+            "product",
+            "a response's rho in tis_sequence / mis_sequence: 'product' of its token ratios (its likelihood "
+            "ratio), 'geometric_mean' (length-normalised)",
+            "choice",
+            choices=SEQUENCE_RATIOS,
         ),
         Setting(
             "recompute_old_logprobs",

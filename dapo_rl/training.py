@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,7 +36,7 @@ from dapo_rl.core import (
     shaped_rewards,
 )
 from dapo_rl.core.micro_batches import trim_padding
-from dapo_rl.core.off_policy import behaviour_importance_weights
+from dapo_rl.core.off_policy import behaviour_importance_weights, off_policy_diagnostics
 from dapo_rl.rollout.batch import pack_sequences
 
 #: Columns of a learner batch (names avoid RLlib's reserved ``loss_mask`` and ``seq_lens``).
@@ -63,6 +63,8 @@ class CollectionStats:
     limit_reached: bool
     all_correct_groups: int
     all_wrong_groups: int
+    #: Per round, (N,) bool: which of its responses the step kept (all, without dynamic sampling).
+    kept_per_round: list[np.ndarray] = field(default_factory=list)
 
 
 def collect_groups(
@@ -93,6 +95,7 @@ def collect_groups(
         batch["group_index"] = torch.as_tensor(rollout["group_index"])
         kept_groups = prompts_per_step
         limit_reached = False
+        kept_per_round = [np.ones(len(rollout["group_index"]), dtype=bool)]
     else:
         accumulator = DynamicSamplingAccumulator(
             prompts_per_step, max_sampling_rounds, on_sampling_limit=on_sampling_limit
@@ -106,6 +109,7 @@ def collect_groups(
         batch = accumulator.result()
         kept_groups = accumulator.num_groups
         limit_reached = accumulator.limit_reached
+        kept_per_round = [kept.numpy() for kept in accumulator.kept_per_round]
     all_correct, all_wrong = _count_uniform_groups(rounds)
     stats = CollectionStats(
         rounds=len(rounds),
@@ -115,6 +119,7 @@ def collect_groups(
         limit_reached=limit_reached,
         all_correct_groups=all_correct,
         all_wrong_groups=all_wrong,
+        kept_per_round=kept_per_round,
     )
     return batch, stats, rounds
 
@@ -238,13 +243,37 @@ def take_generator_logprobs(batch: dict[str, torch.Tensor]) -> dict[str, float]:
     return {"tokens_without_generator_logprob": float(unknown)}
 
 
-def add_importance_weights(batch: dict[str, torch.Tensor], *, cap: float) -> dict[str, float]:
-    """Asynchronous rollouts: the truncated behaviour importance weights of the stale responses
-    (``dapo_rl.core.off_policy``) as ``batch["importance_weights"]``; returns their metrics."""
+def add_importance_weights(
+    batch: dict[str, torch.Tensor],
+    *,
+    cap: float | None,
+    correction: str = "tis_token",
+    low: float = 0.5,
+    high: float = 5.0,
+    sequence_ratio: str = "product",
+) -> dict[str, float]:
+    """Asynchronous rollouts: the behaviour weights of the stale responses by ``correction``
+    (``dapo_rl.core.off_policy``) as ``batch["importance_weights"]``; returns their metrics and what
+    the correction saw (``off_policy_diagnostics``: the distribution of pi_prox / pi_behav, the KL
+    between the two policies per staleness)."""
     weights, metrics = behaviour_importance_weights(
-        batch["old_logprobs"], batch["behaviour_logprobs"], batch["token_mask"], batch["staleness"] > 0, cap=cap
+        batch["old_logprobs"],
+        batch["behaviour_logprobs"],
+        batch["token_mask"],
+        batch["staleness"] > 0,
+        cap=cap,
+        correction=correction,
+        low=low,
+        high=high,
+        sequence_ratio=sequence_ratio,
     )
     batch["importance_weights"] = weights
+    trained = (batch["group_index"] >= 0).unsqueeze(-1) if "group_index" in batch else True
+    metrics.update(
+        off_policy_diagnostics(
+            batch["old_logprobs"], batch["behaviour_logprobs"], batch["token_mask"].bool() & trained, batch["staleness"]
+        )
+    )
     return metrics
 
 

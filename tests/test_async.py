@@ -240,6 +240,19 @@ def test_the_staleness_bound_holds_with_remote_runners_and_stale_rounds_are_drop
         for result in stale_steps:  # the correction was applied to the stale responses' tokens
             assert result["dapo"]["stale_token_frac"] > 0
             assert result["learners"][DEFAULT_MODULE_ID]["importance_weight_mean"] > 0
+            # What the correction saw: the distribution of pi_prox / pi_behav and the policies' KL.
+            dapo = result["dapo"]
+            assert (
+                0 < dapo["ratio_min"] <= dapo["ratio_p1"] <= dapo["ratio_p50"] <= dapo["ratio_p99"] <= dapo["ratio_max"]
+            )
+            level = int(dapo["staleness_max"])
+            assert dapo["behaviour_kl_k3"] >= 0 and f"behaviour_kl_k3_staleness_{level}" in dapo
+            assert f"generated_accuracy_staleness_{level}" in dapo and dapo["kept_staleness_mean"] > 0
+        if results[0]["dapo"]["prompts_trained"]:
+            # The first step's rounds come from version 0, the weights its update starts from: the
+            # runner's behaviour log-probs (another process) equal the learner's proximal ones.
+            assert results[0]["dapo"]["staleness_max"] == 0
+            assert results[0]["dapo"]["fresh_abs_log_ratio_max"] < 1e-4
 
         # As if 5 more rollout steps had passed (and their weights sent): every round requested
         # ahead is now too old.
@@ -304,3 +317,14 @@ def test_async_with_generator_logprobs_clips_against_the_sampling_policy(ray_ses
         assert "importance_weight_mean" not in result["learners"][DEFAULT_MODULE_ID]
         assert result["dapo"]["tokens_without_generator_logprob"] == 0
         assert math.isfinite(result["learners"][DEFAULT_MODULE_ID]["policy_loss"])
+
+
+def test_lr_warmup_counts_optimizer_steps_in_an_async_run(ray_session):
+    """The warm-up is in optimizer steps, whatever the rounds' staleness: update k runs at
+    lr * min(1, (k + 1) / lr_warmup_steps), 2 updates per step, as in a synchronous run."""
+    lr, warmup = 1e-3, 5
+    with built_algo(make_config(max_staleness=1, lr_warmup_steps=warmup).env_runners(num_env_runners=1)) as algo:
+        rates = helpers.record_step_lrs(algo)
+        results = [algo.train() for _ in range(3)]
+    assert [r["dapo"]["staleness_max"] for r in results] == [0, 1, 1]
+    assert rates == pytest.approx([lr * min(1.0, (k + 1) / warmup) for k in range(6)], rel=1e-6)

@@ -140,3 +140,30 @@ def test_learner_and_env_runner_resources_are_job_keys_mapped_to_rllib():
     for bad in ("learner_resources=[a]", "learner_resources={a: 0}", "env_runner_resources={GPU: 1}"):
         with pytest.raises(JobError):
             build_config(load_job(None, [bad]))
+
+
+def test_a_local_instance_starts_its_processes_with_passive_openmp_threads_and_actors_size_their_pools(ray_tmp):
+    """Processes that share cores (an env runner generating beside the learner) must not spin on each
+    other's cores: a local instance's workers start with OMP_WAIT_POLICY=PASSIVE (a value the user
+    set is kept), and an actor runs as many torch threads as its CPUs even when the shell exported
+    OMP_NUM_THREADS (which Ray would otherwise pass on to every worker)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "OMP_WAIT_POLICY")}
+    env.update(RAY_TMPDIR=str(ray_tmp), RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="2")
+    script = (
+        "import os, ray, torch\n"
+        "from dapo_rl.jobs import start_ray\n"
+        "from dapo_rl.rllib.threads import process_threads, use_process_threads\n"
+        "assert [process_threads(c) for c in (1, 2.5, 0.5, 'auto', None, True)] == [1, 2, 1, 1, 1, 1]\n"
+        "start_ray(min_cpus=1)\n"
+        "@ray.remote(num_cpus=1)\n"
+        "def worker():\n"
+        "    before = torch.get_num_threads()\n"
+        "    return os.environ.get('OMP_WAIT_POLICY'), before, use_process_threads(1), torch.get_num_threads()\n"
+        "print('worker', *ray.get(worker.remote()))\n"
+        "ray.shutdown()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # The shell's OMP_NUM_THREADS=2 reached the worker (Ray keeps a set value); the actor's own call
+    # sizes the pool to its 1 CPU.
+    assert "worker PASSIVE 2 1 1" in done.stdout, done.stdout

@@ -132,6 +132,8 @@ class DynamicSamplingAccumulator:
         self.limit_reached = False
         self._keys: list[str] | None = None
         self._parts: list[dict[str, Any]] = []
+        #: Per round added, (N,) bool: which of its responses were kept (what was dropped, for metrics).
+        self.kept_per_round: list[torch.Tensor] = []
 
     @property
     def done(self) -> bool:
@@ -197,6 +199,7 @@ class DynamicSamplingAccumulator:
                 part[key] = [item for item, keep in zip(value, kept_cpu, strict=True) if keep]
         part[self.group_key] = new_group_id[inverse][kept]
         self._parts.append(part)
+        self.kept_per_round.append(kept.cpu())
         self.num_groups += int(group_kept.sum())
         self.rounds += 1
 

@@ -25,6 +25,8 @@ from typing import Any
 
 import ray
 
+from dapo_rl.rllib.threads import SHARED_CORES_ENV
+
 #: The environment variable Ray (and ``ray job submit``'s entrypoints) name a cluster by.
 ADDRESS_VARIABLE = "RAY_ADDRESS"
 
@@ -119,6 +121,10 @@ def connect(choice: ClusterChoice, *, min_cpus: int = 1) -> None:
             )
         return
     if choice.local:
+        # The instance's processes (the trial, its env runners and learners) inherit this process's
+        # environment: OpenMP threads that sleep rather than spin when they share cores.
+        for name, value in SHARED_CORES_ENV.items():
+            os.environ.setdefault(name, value)
         ray.init(
             address="local",
             num_cpus=max(os.cpu_count() or 1, min_cpus),

@@ -162,6 +162,35 @@ def async_needs_remote_runners(config: Any, _: bool) -> list[str]:
     return []
 
 
+def vllm_behaviour_logprobs_are_unfiltered(config: Any, _: bool) -> list[str]:
+    """vLLM reports log-probs after top-k/top-p renormalisation ("processed_logprobs"), the HF backend
+    and the learner before it: with a filter on, vLLM's behaviour log-probs would exceed the learner's
+    on every token (pi_prox / pi_behav = the kept probability mass < 1 with no update between them)."""
+    if config.generation_backend != "vllm" or not config.needs_generator_logprobs:
+        return []
+    if config.top_p < 1 or config.top_k > 0:
+        why = "max_staleness >= 1" if config.is_async else "recompute_old_logprobs=False"
+        return [
+            f"generation_backend='vllm' with top_p={config.top_p!r}, top_k={config.top_k!r} and {why}: vLLM's "
+            "log-probs are of the top-k/top-p renormalised distribution, the learner's of softmax(logits / T) "
+            "over the whole vocabulary, so their ratio is off on every token; set top_p=1.0 and top_k=-1, or use "
+            "generation_backend='hf' (whose log-probs are before the filters, as the learner's)"
+        ]
+    return []
+
+
+def correction_not_switched_off(config: Any, _: bool) -> list[str]:
+    """importance_weight_cap=None is the older way to say "no correction": it switches every
+    correction off, so a correction named beside it would silently not act."""
+    if config.importance_weight_cap is None and config.off_policy_correction not in ("tis_token", "none"):
+        return [
+            f"off_policy_correction={config.off_policy_correction!r} with importance_weight_cap=None: a cap of None "
+            "switches every correction off; give importance_weight_cap a number (it is only read by tis_token and "
+            "tis_sequence), or set off_policy_correction='none'"
+        ]
+    return []
+
+
 def model_fits_its_context(config: Any, _: bool = True) -> list[str]:
     model = (config.model_config or {}).get("model")
     if not model:
@@ -190,4 +219,9 @@ CROSS_SETTING_RULES: tuple[tuple[Any, frozenset[str]], ...] = (
     (environment_named, frozenset()),
     (vllm_placement, frozenset({"generation_backend", "vllm_tensor_parallel_size"})),
     (async_needs_remote_runners, frozenset({"max_staleness"})),
+    (correction_not_switched_off, frozenset({"importance_weight_cap", "off_policy_correction"})),
+    (
+        vllm_behaviour_logprobs_are_unfiltered,
+        frozenset({"generation_backend", "max_staleness", "recompute_old_logprobs", "top_p", "top_k"}),
+    ),
 )

@@ -320,7 +320,16 @@ class DAPO(Algorithm):
             if has_data and config.recompute_old_logprobs:
                 batch["old_logprobs"] = self._old_logprobs(batch)
                 if config.is_async:
-                    self._step_extra.update(add_importance_weights(batch, cap=config.importance_weight_cap))
+                    self._step_extra.update(
+                        add_importance_weights(
+                            batch,
+                            cap=config.importance_weight_cap,
+                            correction=config.off_policy_correction,
+                            low=config.importance_ratio_low,
+                            high=config.importance_ratio_high,
+                            sequence_ratio=config.off_policy_sequence_ratio,
+                        )
+                    )
             elif has_data:
                 self._step_extra.update(take_generator_logprobs(batch))
             if has_data and config.kl_coef > 0 and config.kl_placement == "reward":

@@ -37,6 +37,7 @@ import dapo_envs  # registers the dapo/ environment ids in this worker process
 import dapo_envs.verifier_pool
 from dapo_rl.models.loading import load_tokenizer
 from dapo_rl.rllib.module import TEXT_SPACE
+from dapo_rl.rllib.threads import use_process_threads
 from dapo_rl.rollout.base import SamplingSettings
 from dapo_rl.rollout.hf import HFGenerationBackend, generation_device
 from dapo_rl.rollout.runner import GenerationRunner, PromptSettings
@@ -123,6 +124,9 @@ class DAPOEnvRunner(EnvRunner, Checkpointable):
         # with it); set by receive_policy. A runner restarted after a failure starts at -1: its
         # rounds count as too old until the algorithm has sent it weights with their version.
         self._policy_version = 0 if self.worker_index == 0 or not self.config.is_async else -1
+        if self.worker_index > 0:
+            # A remote runner's process is its own: as many torch threads as the CPUs it holds.
+            use_process_threads(self.config.num_cpus_per_env_runner)
         self.env = make_reasoning_env(self.config)
         self._transfer: tuple[threading.Thread, list[BaseException], bool] | None = None
         self._joined_weight_sync = False

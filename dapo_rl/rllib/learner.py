@@ -54,6 +54,7 @@ from dapo_rl.models.distributed import (
     load_sharded,
     save_sharded,
 )
+from dapo_rl.rllib.threads import use_process_threads
 from dapo_rl.rollout.vllm_backend import learner_broadcaster
 from dapo_rl.rollout.weight_sync import WeightMetadata, send_weights, weight_metadata
 
@@ -129,6 +130,10 @@ class DAPOTorchLearner(TorchLearner):
         )
 
     def build(self) -> None:
+        if int(self.config.num_learners or 0) > 0 and not self.config.num_gpus_per_learner:
+            # A remote CPU learner's process is its own: as many torch threads as the CPUs it holds.
+            # (A local learner lives in the Tune trial's process, sized by dapo_rl.jobs.driver.)
+            use_process_threads(self.config.num_cpus_per_learner)
         super().build()
         # Loss parts of the update in progress: one per micro-batch; logged once per update.
         self._loss_parts: list[tuple[float, dict[str, float], float]] = []
