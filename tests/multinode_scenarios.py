@@ -16,6 +16,12 @@ custom resource ``learner_node``, two workers with ``runner_node``. It connects 
    driver and waits; the driver adds a spare ``runner_node`` node and kills the worker node (its
    raylet and workers, SIGKILL). Timings from the loss to the iteration's end and to the runner
    being back, the nodes afterwards, the metrics.
+4. ``learner_node_loss``: ``dapo-rl train --address`` with its one learner on a node of its own, that node
+   killed during iteration 2 (after checkpoint 1): the error the command stops with and how long after
+   the loss; ``dapo-rl train --resume`` as it was (refused: no node left for the learner), then with the
+   learner moved to the head (``--set learner_resources=...``): the time to its first new iteration.
+
+``python -m tests.multinode_scenarios OUT.json NAME ...`` runs only the named scenarios (on the same cluster).
 
 Results go to OUT.json. A separate process because a driver joins one Ray cluster at a time (the
 test session's own ``ray_session`` stays untouched), and so that the cluster is ended with the
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -219,7 +226,96 @@ def command_line(work: Path, address: str, out: dict[str, Any]) -> None:
     out["command_line"] = {"exit_status": code, "iterations": summary.get("iterations")}
 
 
-def main(target: str) -> None:
+def learner_node_loss(work: Path, cluster: Cluster, address: str, out: dict[str, Any]) -> None:
+    """``dapo-rl train --address`` with its learner alone on a node of its own (``learner_resources``
+    {remote_learner: 1}), a checkpoint every iteration; that node killed (raylet and workers, SIGKILL)
+    once checkpoint 1 is complete, during iteration 2. Then ``dapo-rl train --resume`` as the error says:
+    first as it was (refused: no node left offers remote_learner), then with the learner moved to the
+    head (``--set learner_resources={learner_node: 1}``), on the nodes left. Timings: the loss to the
+    command's return, the resume's start to its first new iteration."""
+    import contextlib
+    import io
+
+    from dapo_rl.cli import main as dapo_rl
+    from dapo_rl.jobs.run_folder import RESULTS_FILE, experiment_folder
+    from dapo_rl.rllib.checkpoints import newest_complete_checkpoint
+
+    port = address.rpartition(":")[2]
+    doomed = cluster.add_node(**NODE, resources={"remote_learner": 1})
+    output = work / "learner-loss-run"
+    settings = ["iterations=3", "checkpoint_every=1", "warmstart_steps=0", "eval_problems=4", "eval_samples=1"]
+    argv = ["train", "--address", f"127.0.0.1:{port}", "--config", str(ROOT / "configs" / "cluster-arithmetic.yaml")]
+    argv += [f"--set={assignment}" for assignment in [*settings, "learner_resources={remote_learner: 1}"]]
+    argv += ["--output", str(output)]
+
+    def run_cli(arguments: list[str]) -> dict[str, Any]:
+        errors = io.StringIO()
+        with contextlib.redirect_stderr(errors):
+            code = dapo_rl(arguments)
+        return {"exit_status": code, "ended_at": time.monotonic(), "stderr": errors.getvalue()}
+
+    first: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: first.update(run_cli(argv)))
+    thread.start()
+    deadline = time.monotonic() + 400
+    while thread.is_alive() and time.monotonic() < deadline:
+        record = newest_complete_checkpoint(experiment_folder(output))
+        if record is not None and record.iteration >= 1:
+            break
+        time.sleep(0.05)
+    assert thread.is_alive(), f"the run ended before its learner's node was killed: {first}"
+    lost_at = time.monotonic()
+    cluster.remove_node(doomed, allow_graceful=False)  # its raylet and workers, SIGKILL
+    thread.join(timeout=600)
+    assert not thread.is_alive(), "the run did not stop within 600 s of its learner's node being lost"
+    found = out["learner_node_loss"] = {
+        "lost_node": doomed.node_id,
+        "first_run": {k: v for k, v in first.items() if k != "ended_at"},
+        "seconds_loss_to_stop": first["ended_at"] - lost_at,
+        "iterations_logged_before_resume": len((output / RESULTS_FILE).read_text().splitlines()),
+        "alive_nodes_at_stop": sorted(n["NodeID"] for n in ray.nodes() if n["Alive"]),
+    }
+
+    refused = run_cli(["train", "--resume", str(output), "--address", f"127.0.0.1:{port}"])
+    found["refused_resume"] = {k: v for k, v in refused.items() if k != "ended_at"}
+    resume_start = time.monotonic()
+    second: dict[str, Any] = {}
+    resume_argv = ["train", "--resume", str(output), "--address", f"127.0.0.1:{port}"]
+    thread = threading.Thread(
+        target=lambda: second.update(run_cli([*resume_argv, "--set=learner_resources={learner_node: 1}"]))
+    )
+    thread.start()
+    first_new_iteration_at = None
+    resumed_from = newest_complete_checkpoint(experiment_folder(output))
+    while thread.is_alive():
+        rows = [json.loads(line) for line in (output / RESULTS_FILE).read_text().splitlines()]
+        if (
+            first_new_iteration_at is None
+            and resumed_from
+            and any(row["training_iteration"] > resumed_from.iteration for row in rows)
+        ):
+            first_new_iteration_at = time.monotonic()
+        time.sleep(0.05)
+    thread.join()
+    summary = json.loads((output / "summary.json").read_text()) if (output / "summary.json").is_file() else {}
+    found.update(
+        {
+            "resumed_from_iteration": resumed_from.iteration if resumed_from else None,
+            "refused_resume": {k: v for k, v in refused.items() if k != "ended_at"},
+            "resume": {k: v for k, v in second.items() if k != "ended_at"},
+            "seconds_resume_to_first_new_iteration": (
+                first_new_iteration_at - resume_start if first_new_iteration_at is not None else None
+            ),
+            "iterations": summary.get("iterations"),
+            "alive_nodes": sorted(n["NodeID"] for n in ray.nodes() if n["Alive"]),
+        }
+    )
+
+
+SCENARIOS = ("paths", "command_line", "reference", "restore", "node_loss", "learner_node_loss")
+
+
+def main(target: str, only: list[str] | None = None) -> None:
     out: dict[str, Any] = {"seconds": {}}
     work = Path(tempfile.mkdtemp(prefix="dapo_mn_work_"))
     cluster = Cluster()
@@ -239,7 +335,10 @@ def main(target: str) -> None:
             ("reference", lambda: reference(work, out["nodes"], out)),
             ("restore", lambda: restore(work, out)),
             ("node_loss", lambda: node_loss(work, cluster, workers, out)),
+            ("learner_node_loss", lambda: learner_node_loss(work, cluster, cluster.address, out)),
         ):
+            if only and name not in only:
+                continue
             start = time.monotonic()
             try:
                 scenario()
@@ -250,8 +349,9 @@ def main(target: str) -> None:
         Path(target).write_text(json.dumps(out, indent=1))
         ray.shutdown()
         cluster.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2:] or None)  # names after OUT.json: run only those scenarios (of SCENARIOS)
