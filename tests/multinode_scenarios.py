@@ -6,7 +6,8 @@ custom resource ``learner_node``, two workers with ``runner_node``. It connects 
 :func:`dapo_rl.jobs.cluster.connect` and runs, one after the other:
 
 0. ``paths``: the checks that every node sees the run folder and the model (a missing one is named);
-   ``command_line``: ``dapo-rl train --address`` with ``configs/cluster-arithmetic.yaml``, one iteration.
+   ``command_line``: ``dapo-rl train --address`` with ``configs/cluster-arithmetic.yaml``, one iteration;
+   ``reproduce_row``: the paper-scale launcher (``dapo_rl.reproduce.cluster``) with a tiny row, end to end.
 1. ``reference``: DAPO (tiny preset) with its learner pinned to the head (``learner_resources``) and 2
    env runners pinned to the workers (``env_runner_resources``): which node each actor ran on, two
    iterations' metrics, a checkpoint.
@@ -312,7 +313,34 @@ def learner_node_loss(work: Path, cluster: Cluster, address: str, out: dict[str,
     )
 
 
-SCENARIOS = ("paths", "command_line", "reference", "restore", "node_loss", "learner_node_loss")
+def reproduce_row(work: Path, address: str, out: dict[str, Any]) -> None:
+    """``dapo_rl.reproduce.cluster.run_row_on_cluster`` (the paper-scale launcher) with a tiny row: connected
+    through dapo_rl.jobs.cluster by the address a user types, the learner on the head, an env runner on
+    a worker, one iteration, the export, the evaluation of the base model and of the trained one as
+    Ray tasks (hf: the engine this row generates with), summary.json."""
+    from dapo_rl.reproduce.cluster import run_row_on_cluster
+    from dapo_rl.reproduce.settings import EvalSettings
+
+    port = address.rpartition(":")[2]
+    row = config(work, {"learner_node": 1}, runners=1)
+    evaluation = EvalSettings(
+        env=ENV, samples=1, temperature=1.0, top_p=1.0, max_new_tokens=8, metric="avg@1", problems=2
+    )
+    folder = work / "reproduce-row"
+    summary = run_row_on_cluster(
+        row, folder, iterations=1, evaluation=evaluation, checkpoint_every=1, address=f"127.0.0.1:{port}"
+    )
+    out["reproduce_row"] = {
+        "iterations": summary["iterations"],
+        "eval_metric": summary["eval_metric"],
+        "problems_evaluated": summary["eval"].get("num_problems"),
+        "accuracy_keys": sorted(k for k in summary if k.startswith("eval_accuracy")),
+        "model_exported": (Path(summary["model"]) / "config.json").is_file(),
+        "summary_written": (folder / "summary.json").is_file(),
+    }
+
+
+SCENARIOS = ("paths", "command_line", "reproduce_row", "reference", "restore", "node_loss", "learner_node_loss")
 
 
 def main(target: str, only: list[str] | None = None) -> None:
@@ -332,6 +360,7 @@ def main(target: str, only: list[str] | None = None) -> None:
         for name, scenario in (
             ("paths", lambda: paths(work, cluster.address, out)),
             ("command_line", lambda: command_line(work, cluster.address, out)),
+            ("reproduce_row", lambda: reproduce_row(work, cluster.address, out)),
             ("reference", lambda: reference(work, out["nodes"], out)),
             ("restore", lambda: restore(work, out)),
             ("node_loss", lambda: node_loss(work, cluster, workers, out)),

@@ -132,3 +132,14 @@ def test_a_run_whose_learner_node_was_lost_resumes_on_the_nodes_left(scenarios):
     assert loss["resumed_from_iteration"] == 1 and loss["iterations"] == 3
     assert loss["seconds_resume_to_first_new_iteration"] is not None
     print(f"resume -> first new iteration {loss['seconds_resume_to_first_new_iteration']:.1f} s")
+
+
+def test_the_paper_scale_launcher_runs_a_tiny_row_end_to_end_on_the_cluster(scenarios):
+    """dapo_rl.reproduce.cluster.run_row_on_cluster, given the address as a user types it (it once passed
+    Ray's "auto", which the one connection path refuses): connected and checked as dapo-rl train --address,
+    one iteration under Tune, the policy exported, base and trained models evaluated as Ray tasks."""
+    row = scenarios["reproduce_row"]
+    assert row["iterations"] == 1 and row["problems_evaluated"] == 2
+    assert row["accuracy_keys"] == ["eval_accuracy_after", "eval_accuracy_before"]
+    assert row["model_exported"] and row["summary_written"]
+    assert row["eval_metric"] == "avg@1 on dapo/Arithmetic-v0"
