@@ -39,15 +39,15 @@ class ClusterTooSmallError(RuntimeError):
     """The connected Ray cluster has fewer GPUs than the row's placement asks for."""
 
 
-def check_cluster(resources: dict[str, float], config: DAPOConfig) -> None:
-    """Raise ClusterTooSmallError unless ``resources`` (``ray.cluster_resources()``) hold the row."""
+def check_cluster(resources: dict[str, float], config: DAPOConfig, where: str = "the connected Ray cluster") -> None:
+    """Raise ClusterTooSmallError unless ``resources`` (``ray.cluster_resources()`` of ``where``) hold the row."""
     plan = resource_plan(config)
     needed, available = plan["gpus"], int(resources.get("GPU", 0))
     if available < needed:
         raise ClusterTooSmallError(
             f"this row needs {needed} GPUs ({plan['generation']['engines']} vLLM engines x "
             f"{config.num_gpus_per_env_runner} + {plan['learners']['learners']} learners x "
-            f"{config.num_gpus_per_learner}); the Ray cluster at RAY_ADDRESS has {available}"
+            f"{config.num_gpus_per_learner}); {where} has {available}"
         )
 
 
@@ -77,7 +77,7 @@ def run_row_on_cluster(
             f"{cluster.ADDRESS_VARIABLE}=HOST:PORT; what `ray start --head` printed)"
         )
     cluster.connect(choice)  # once: one connection for all the rows and seeds of a table
-    check_cluster(ray.cluster_resources(), config)
+    check_cluster(ray.cluster_resources(), config, choice.describe())
     # Every actor of the trial placeable on some node, the model seen by every node (as dapo-rl train --address).
     cluster.prepare(choice.address, DAPO.default_resource_request(config).bundles, dict(config.model_config or {}))
     folder.mkdir(parents=True, exist_ok=True)
