@@ -22,6 +22,10 @@ custom resource ``learner_node``, two workers with ``runner_node``. It connects 
    the loss; ``dapo-rl train --resume`` as it was (refused: no node left for the learner), then with the
    learner moved to the head (``--set learner_resources=...``): the time to its first new iteration.
 
+5. ``learner_node_frozen``: 2 DDP learners on 2 nodes of their own; one node frozen (SIGSTOP to its raylet
+   and workers) as iteration 2's first update is sent, the other learner waiting in its all-reduce: the
+   time until train() raises, and what.
+
 ``python -m tests.multinode_scenarios OUT.json NAME ...`` runs only the named scenarios (on the same cluster).
 
 Results go to OUT.json. A separate process because a driver joins one Ray cluster at a time (the
@@ -34,6 +38,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -340,7 +345,89 @@ def reproduce_row(work: Path, address: str, out: dict[str, Any]) -> None:
     }
 
 
-SCENARIOS = ("paths", "command_line", "reproduce_row", "reference", "restore", "node_loss", "learner_node_loss")
+def frozen_processes(node: Any) -> list[int]:
+    """The pids of a node started by ``Cluster.add_node``: its own processes (raylet, ...) and their children
+    (the worker processes, the actors)."""
+    import psutil
+
+    pids = [info.process.pid for infos in node.all_processes.values() for info in infos if info.process]
+    children = [child.pid for pid in pids for child in psutil.Process(pid).children(recursive=True)]
+    return sorted(set(pids + children))
+
+
+def learner_node_frozen(work: Path, cluster: Cluster, out: dict[str, Any]) -> None:
+    """2 DDP learners, each on a node of its own (``collective_learner``), the driver's local runner sampling.
+    In iteration 2, as the first update is sent, the node of learner 1 is frozen (SIGSTOP to its raylet and
+    workers: a machine that vanished, its connections neither closed nor answered): learner 0 takes the
+    update and waits in its all-reduce for a peer that never comes. The time until train() raises, and what."""
+    nodes = [cluster.add_node(**NODE, resources={"collective_learner": 1}) for _ in "ab"]
+    by_id = {node.node_id: node for node in nodes}
+    algo = config(work, {"collective_learner": 1}, runners=0).learners(num_learners=2).build_algo()
+    frozen_pids: list[int] = []
+    frozen_at: list[float] = []
+    try:
+        placed = learner_nodes(algo)
+        algo.train()
+        victim = by_id[placed[1]]
+        send_update = algo.learner_group.update
+
+        def freeze_then_update(*args: Any, **kwargs: Any) -> Any:
+            if not frozen_pids:  # the first update of iteration 2: the node vanishes as it is sent
+                frozen_pids.extend(frozen_processes(victim))
+                for pid in frozen_pids:
+                    os.kill(pid, signal.SIGSTOP)
+                frozen_at.append(time.monotonic())
+            return send_update(*args, **kwargs)
+
+        algo.learner_group.update = freeze_then_update
+        raised: list[BaseException] = []
+        ended: list[float] = []
+
+        def train_once() -> None:
+            try:
+                algo.train()
+            except BaseException as error:  # reported by the test
+                raised.append(error)
+            ended.append(time.monotonic())
+
+        thread = threading.Thread(target=train_once)
+        thread.start()
+        thread.join(timeout=180)
+        found = out["learner_node_frozen"] = {
+            "learner_nodes": placed,
+            "frozen_node": victim.node_id,
+            "frozen": bool(frozen_at),
+            "stopped_within_180_s": not thread.is_alive(),
+            "seconds_to_stop": (ended[0] - frozen_at[0]) if ended and frozen_at else None,
+            "error": f"{type(raised[0]).__name__}: {raised[0]}" if raised else None,
+        }
+        for pid in frozen_pids:  # the frozen node ends for real (and the waiting learner with it, if still waiting)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        cluster.remove_node(victim, allow_graceful=False)
+        thread.join(timeout=300)
+        found["ended_after_the_kill"] = not thread.is_alive()
+    finally:
+        for pid in frozen_pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        algo.stop()
+
+
+SCENARIOS = (
+    "paths",
+    "command_line",
+    "reproduce_row",
+    "reference",
+    "restore",
+    "node_loss",
+    "learner_node_loss",
+    "learner_node_frozen",
+)
 
 
 def main(target: str, only: list[str] | None = None) -> None:
@@ -365,6 +452,7 @@ def main(target: str, only: list[str] | None = None) -> None:
             ("restore", lambda: restore(work, out)),
             ("node_loss", lambda: node_loss(work, cluster, workers, out)),
             ("learner_node_loss", lambda: learner_node_loss(work, cluster, cluster.address, out)),
+            ("learner_node_frozen", lambda: learner_node_frozen(work, cluster, out)),
         ):
             if only and name not in only:
                 continue

@@ -1,9 +1,10 @@
 """A real multi-node Ray cluster on this machine: placement by custom resources, an iteration with the
 learner on one node and env runners on the others, a checkpoint restored on another node, a worker
-node killed mid-run, and the node holding the learner killed mid-run, then the run resumed.
+node killed mid-run, the node holding the learner killed mid-run, then the run resumed, and a learner's
+node lost while the other learner waits in a collective.
 
 ``tests/multinode_scenarios.py`` runs all of it in one process of its own (one cluster of 3 nodes
-for all scenarios, about 250 s on 2 cores; a driver joins one Ray cluster at a time, and this
+for all scenarios, about 300 to 400 s on 2 cores; a driver joins one Ray cluster at a time, and this
 session's ``ray_session`` must stay as it is); the tests here read what it found. It ends only the
 nodes it started.
 """
@@ -143,3 +144,18 @@ def test_the_paper_scale_launcher_runs_a_tiny_row_end_to_end_on_the_cluster(scen
     assert row["accuracy_keys"] == ["eval_accuracy_after", "eval_accuracy_before"]
     assert row["model_exported"] and row["summary_written"]
     assert row["eval_metric"] == "avg@1 on dapo/Arithmetic-v0"
+
+
+def test_a_learner_node_lost_mid_collective_stops_the_run_without_the_process_group_time_out(scenarios):
+    """2 DDP learners on 2 nodes; one node freezes (SIGSTOP: a machine gone without closing its connections)
+    as an update is sent, and the other learner waits in its all-reduce. The run stops with
+    LearnerNodeLostError naming the frozen node once the cluster reports it dead, not after the process
+    group's 30-minute time-out (without the watch, train() was still waiting after 180 s)."""
+    frozen = scenarios["learner_node_frozen"]
+    assert frozen["frozen"] and frozen["stopped_within_180_s"], frozen
+    assert frozen["error"].startswith("LearnerNodeLostError: learner "), frozen["error"]
+    assert " of 2 died during iteration 2 " in frozen["error"]
+    assert f"on Ray node {frozen['frozen_node'][:12]} " in frozen["error"]
+    survivor = next(node for node in frozen["learner_nodes"] if node != frozen["frozen_node"])
+    assert survivor[:12] not in frozen["error"]  # the learner stopped here is not named as lost
+    print(f"learner node frozen mid-collective -> train() raised {frozen['seconds_to_stop']:.1f} s later")

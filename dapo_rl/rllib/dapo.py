@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ from dapo_rl.rllib.env_runner import (
 )
 from dapo_rl.rllib.learner import DAPOTorchLearner, update_was_skipped
 from dapo_rl.rllib.module import TEXT_SPACE, CausalLMModule
-from dapo_rl.rllib.nodes import node_states
+from dapo_rl.rllib.nodes import NodeWatch, node_states
 from dapo_rl.rllib.run_state import RunState
 from dapo_rl.rllib.sampling import Rollouts
 from dapo_rl.rllib.weights import WeightSync
@@ -286,10 +287,25 @@ class DAPO(Algorithm):
     # -- one rollout step ----------------------------------------------------------------------------
 
     def training_step(self) -> None:
-        try:
-            self._training_step()
-        except ray.exceptions.RayActorError as error:
-            raise self._learner_failure(error) from error
+        # With several learners, a learner's node lost mid-collective would leave the others (and this
+        # call) waiting for the process group's time-out: the watch stops them as soon as the cluster
+        # reports the node dead, and the failed call below names the lost one.
+        several = int(self.config.num_learners or 0) > 1
+        learner_nodes = self._learner_nodes.values() if several else ()
+        with NodeWatch(learner_nodes, self._stop_learners) as watch:
+            try:
+                self._training_step()
+            except ray.exceptions.RayActorError as error:
+                raise self._learner_failure(error, lost_nodes=watch.lost) from error
+
+    def _stop_learners(self, lost_nodes: list[str]) -> None:
+        """End every learner: one is gone with its node, and the others cannot finish an update without it."""
+        logger.warning("learner node(s) %s lost: stopping the learners left, which wait for it", lost_nodes)
+        for actor in list(getattr(self.learner_group, "_workers", None) or []):
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone with its node
+                pass
 
     def _training_step(self) -> None:
         config = self.config
@@ -453,7 +469,7 @@ class DAPO(Algorithm):
         answers = self.learner_group.foreach_learner(lambda _: ray.get_runtime_context().get_node_id())
         return {answer.actor_id: answer.get() for answer in answers.result_or_errors if answer.ok}
 
-    def _learner_failure(self, error: ray.exceptions.RayActorError) -> Exception:
+    def _learner_failure(self, error: ray.exceptions.RayActorError, lost_nodes: Sequence[str] = ()) -> Exception:
         """The error to stop the run with when a Ray actor died in a step: which learner, on which node,
         and how to go on.
 
@@ -468,6 +484,8 @@ class DAPO(Algorithm):
         answered = {result.actor_id for result in answers.result_or_errors if result.ok}
         actor_ids = sorted(self.learner_group._worker_manager.actor_ids())
         dead = [(index, actor_id) for index, actor_id in enumerate(actor_ids) if actor_id not in answered]
+        if lost_nodes:  # the learners left were stopped here (NodeWatch): name those the node took
+            dead = [(index, actor_id) for index, actor_id in dead if self._learner_nodes.get(actor_id) in lost_nodes]
         states = node_states(node_id for _, actor_id in dead if (node_id := self._learner_nodes.get(actor_id)))
         lost = [state for state in states.values() if state.lost]
         which = ", ".join(f"learner {index}" for index, _ in dead) or "a learner"

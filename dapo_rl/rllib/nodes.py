@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import ray
@@ -83,4 +84,46 @@ def node_states(node_ids: Iterable[str], wait_s: float = LOST_NODE_WAIT_S) -> di
     return states
 
 
-__all__ = ["LOST_NODE_WAIT_S", "NodeState", "node_states", "raylet_answers"]
+class NodeWatch:
+    """While in a ``with`` block, watch ``node_ids`` in the cluster's table every ``period_s`` seconds;
+    the first time one is reported dead, call ``on_lost`` with the dead ids (from the watching thread)
+    and stop watching. ``lost`` holds those ids afterwards (empty: none was lost).
+
+    Why: learners inside a collective (DDP / FSDP2 all-reduce) wait for a peer whose machine is gone
+    until the process group's time-out (30 minutes), and the driver waits for them; only the node's
+    loss, which the cluster does report, says that the wait is hopeless.
+    """
+
+    def __init__(self, node_ids: Iterable[str], on_lost: Callable[[list[str]], None], period_s: float = 2.0) -> None:
+        self._node_ids = sorted(set(node_ids))
+        self._on_lost = on_lost
+        self._period_s = period_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lost: list[str] = []
+
+    def __enter__(self) -> NodeWatch:
+        if self._node_ids:
+            self._thread = threading.Thread(target=self._watch, name="dapo-node-watch", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self._period_s):
+            try:
+                alive = {node["NodeID"] for node in ray.nodes() if node.get("Alive")}
+            except Exception:  # noqa: BLE001 - the cluster's table unreadable for a moment: ask again
+                continue
+            lost = [node_id for node_id in self._node_ids if node_id not in alive]
+            if lost:
+                self.lost = lost
+                self._on_lost(lost)
+                return
+
+
+__all__ = ["LOST_NODE_WAIT_S", "NodeState", "NodeWatch", "node_states", "raylet_answers"]
