@@ -109,7 +109,8 @@ def parser() -> argparse.ArgumentParser:
         "--resume",
         metavar="DIR",
         help="continue the run in output folder DIR from its newest "
-        "complete checkpoint (--set may change iterations, checkpoint_every, keep_checkpoints)",
+        "complete checkpoint (--set may change iterations, checkpoint_every, keep_checkpoints, and the "
+        "placement: learner_resources, env_runner_resources)",
     )
     train_parser.add_argument(
         "--address",

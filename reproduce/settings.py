@@ -130,6 +130,7 @@ class EvalSettings:
     top_p: float
     max_new_tokens: int
     metric: str
+    problems: int | None = None  # the first N problems of ``env`` (None: all of them, as the paper)
 
     def evaluate_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`dapo_rl.jobs.evaluation.evaluate_model` (after the model)."""
@@ -139,6 +140,7 @@ class EvalSettings:
             "temperature": self.temperature,
             "top_p": self.top_p,
             "max_new_tokens": self.max_new_tokens,
+            "num_problems": self.problems,
         }
 
 

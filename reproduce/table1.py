@@ -5,7 +5,7 @@ Usage::
     python -m dapo_rl.reproduce.table1 --scale tiny --seeds 3 --output runs/table1-tiny
     python -m dapo_rl.reproduce.table1 --scale tiny --quick --output /tmp/t1               # CI: ~1 minute, 1 seed
     python -m dapo_rl.reproduce.table1 --scale paper                                       # plan + launch commands
-    RAY_ADDRESS=auto python -m dapo_rl.reproduce.table1 --scale paper --run --model /models/Qwen2.5-32B  # NEVER RUN
+    python -m dapo_rl.reproduce.table1 --scale paper --run --address HEAD_IP:6379 --model /models/Qwen2.5-32B  # GPUs: NEVER RUN
     python -m dapo_rl.reproduce.table1 --scale gpu --model /models/Qwen2.5-1.5B --output runs/table1-gpu  # NEVER RUN
 
 Scales (``reproduce.scales``):
@@ -18,8 +18,9 @@ Scales (``reproduce.scales``):
   GPU. It has never been run (see ``dapo_rl.reproduce.scales.GPU_TRAINING``).
 - ``paper``: without ``--run``, trains nothing: validates every row's config (vLLM need not be
   installed on the machine that checks), prints the resource plan and the launch commands. With
-  ``--run``, trains each row on the Ray cluster at ``RAY_ADDRESS`` (:mod:`reproduce.cluster`:
-  vLLM engines, FSDP2 learners, AIME 2024 avg@32); never run.
+  ``--run``, trains each row on the Ray cluster at ``--address`` (else ``RAY_ADDRESS``), checked first
+  as ``dapo-rl train --address`` checks it (:mod:`reproduce.cluster`: vLLM engines, FSDP2 learners,
+  AIME 2024 avg@32); never run on GPUs.
 
 Outputs in ``--output``: ``runs/<row-slug>/seed<k>/`` (one :func:`dapo_rl.jobs.train_config`
 folder per run, with its ``summary.json``; a run whose ``summary.json`` exists is not redone),
@@ -42,7 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from dapo_rl.jobs import DEFAULT_JOB, RunSettings, iteration_results, train_config
-from dapo_rl.reproduce.cluster import run_row_on_cluster
+from dapo_rl.jobs.cluster import ClusterError
+from dapo_rl.reproduce.cluster import ClusterTooSmallError, run_row_on_cluster
 from dapo_rl.reproduce.scales import PAPER_ITERATIONS, SCALES, apply_scale, resource_plan
 from dapo_rl.reproduce.settings import (
     PAPER_TABLE1,
@@ -135,14 +137,24 @@ def run_one(config: DAPOConfig, run: RunSettings, folder: Path) -> tuple[dict[st
     return (done, True) if done is not None else (train_config(config, folder, run, resume=True), False)
 
 
-def run_paper_row(config: DAPOConfig, seed: int, folder: Path, iterations: int | None) -> tuple[dict[str, Any], bool]:
-    """One row and seed on the Ray cluster, unless it is done. Returns (summary, skipped)."""
+def run_paper_row(
+    config: DAPOConfig, seed: int, folder: Path, iterations: int | None, address: str | None = None
+) -> tuple[dict[str, Any], bool]:
+    """One row and seed on the Ray cluster at ``address`` (default RAY_ADDRESS), unless it is done.
+    Returns (summary, skipped)."""
     done = finished_summary(folder)
     if done is not None:
         return done, True
-    summary = run_row_on_cluster(
-        seeded(config, seed), folder, iterations=iterations or PAPER_ITERATIONS, evaluation=aime_eval_32b()
-    )
+    try:
+        summary = run_row_on_cluster(
+            seeded(config, seed),
+            folder,
+            iterations=iterations or PAPER_ITERATIONS,
+            evaluation=aime_eval_32b(),
+            address=address,
+        )
+    except (ClusterError, ClusterTooSmallError) as error:  # refused before any work: one line, no traceback
+        raise SystemExit(f"table1: {error}") from None
     return summary, False
 
 
@@ -281,12 +293,12 @@ def paper_plan(rows: dict[str, DAPOConfig], selected: list[str], args: argparse.
         "and put --model and --output on storage every node sees):\n"
         "  ray start --head --port=6379 --num-gpus=8                 # on the head node\n"
         f"  ray start --address=<head-ip>:6379 --num-gpus=8           # on each of the other {nodes - 1} nodes\n"
-        "  # then, on the head node, one row at a time (or all rows: leave out --rows):"
+        "  # then, on any node, one row at a time (or all rows: leave out --rows):"
     )
     for name in selected:
         print(
-            f"  RAY_ADDRESS=auto python -m dapo_rl.reproduce.table1 --scale paper --run --variant {args.variant} "
-            f"--model /models/Qwen2.5-32B --seeds 1 --rows {slug(name)} --output /shared/runs/table1-paper"
+            f"  python -m dapo_rl.reproduce.table1 --scale paper --run --address <head-ip>:6379 --variant "
+            f"{args.variant} --model /models/Qwen2.5-32B --seeds 1 --rows {slug(name)} --output /shared/runs/table1-paper"
         )
     print(
         f"\nEach row trains {PAPER_ITERATIONS} rollout steps (~10k gradient updates, the paper's curves; --iterations "
@@ -307,7 +319,7 @@ def parser() -> argparse.ArgumentParser:
             "results.json, table1.md and curve plots. tiny: trains on the CPU (avg@k on held-out arithmetic, "
             "not AIME). gpu: trains with the 1.5B gpu scale on one GPU - NEVER RUN, needs --model PATH. paper: "
             "validates every row and prints the resource plan and launch commands (exit 0); with --run, trains "
-            "on the Ray cluster at RAY_ADDRESS - NEVER RUN."
+            "on the Ray cluster at --address (else RAY_ADDRESS) - NEVER RUN on GPUs."
         ),
     )
     p.add_argument("--scale", choices=SCALES, default="tiny", help="paper | gpu (never run) | tiny (default)")
@@ -339,7 +351,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--run",
         action="store_true",
-        help="with --scale paper: train on the Ray cluster at RAY_ADDRESS (never run); needs --model",
+        help="with --scale paper: train on the Ray cluster at --address (never run on GPUs); needs --model",
+    )
+    p.add_argument(
+        "--address",
+        metavar="HOST:PORT",
+        help="with --run: the Ray cluster (what `ray start --head` printed; default RAY_ADDRESS), checked "
+        "before any work as dapo-rl train --address checks it",
     )
     return p
 
@@ -356,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     selected = select_rows(list(rows), args.rows, args.quick)
     if args.run and args.scale != "paper":
         raise SystemExit("table1: --run is for --scale paper (the other scales always train)")
+    if args.address and not args.run:
+        raise SystemExit("table1: --address is for --scale paper --run (the other scales train on a local Ray)")
     if args.scale == "paper":
         if not args.run:
             return paper_plan(rows, selected, args)
@@ -396,7 +416,7 @@ def _run_table(
             folder = output / "runs" / slug(row) / f"seed{seed}"
             started = time.perf_counter()
             if args.scale == "paper":
-                summary, was_skipped = run_paper_row(rows[row], seed, folder, args.iterations)
+                summary, was_skipped = run_paper_row(rows[row], seed, folder, args.iterations, args.address)
             else:
                 config, run = row_run(rows[row], seed, scale=args.scale, quick=args.quick, iterations=args.iterations)
                 summary, was_skipped = run_one(config, run, folder)

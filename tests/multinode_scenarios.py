@@ -6,7 +6,8 @@ custom resource ``learner_node``, two workers with ``runner_node``. It connects 
 :func:`dapo_rl.jobs.cluster.connect` and runs, one after the other:
 
 0. ``paths``: the checks that every node sees the run folder and the model (a missing one is named);
-   ``command_line``: ``dapo-rl train --address`` with ``configs/cluster-arithmetic.yaml``, one iteration.
+   ``command_line``: ``dapo-rl train --address`` with ``configs/cluster-arithmetic.yaml``, one iteration;
+   ``reproduce_row``: the paper-scale launcher (``dapo_rl.reproduce.cluster``) with a tiny row, end to end.
 1. ``reference``: DAPO (tiny preset) with its learner pinned to the head (``learner_resources``) and 2
    env runners pinned to the workers (``env_runner_resources``): which node each actor ran on, two
    iterations' metrics, a checkpoint.
@@ -16,6 +17,16 @@ custom resource ``learner_node``, two workers with ``runner_node``. It connects 
    driver and waits; the driver adds a spare ``runner_node`` node and kills the worker node (its
    raylet and workers, SIGKILL). Timings from the loss to the iteration's end and to the runner
    being back, the nodes afterwards, the metrics.
+4. ``learner_node_loss``: ``dapo-rl train --address`` with its one learner on a node of its own, that node
+   killed during iteration 2 (after checkpoint 1): the error the command stops with and how long after
+   the loss; ``dapo-rl train --resume`` as it was (refused: no node left for the learner), then with the
+   learner moved to the head (``--set learner_resources=...``): the time to its first new iteration.
+
+5. ``learner_node_frozen``: 2 DDP learners on 2 nodes of their own; one node frozen (SIGSTOP to its raylet
+   and workers) as iteration 2's first update is sent, the other learner waiting in its all-reduce: the
+   time until train() raises, and what.
+
+``python -m tests.multinode_scenarios OUT.json NAME ...`` runs only the named scenarios (on the same cluster).
 
 Results go to OUT.json. A separate process because a driver joins one Ray cluster at a time (the
 test session's own ``ray_session`` stays untouched), and so that the cluster is ended with the
@@ -26,6 +37,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -219,7 +232,205 @@ def command_line(work: Path, address: str, out: dict[str, Any]) -> None:
     out["command_line"] = {"exit_status": code, "iterations": summary.get("iterations")}
 
 
-def main(target: str) -> None:
+def learner_node_loss(work: Path, cluster: Cluster, address: str, out: dict[str, Any]) -> None:
+    """``dapo-rl train --address`` with its learner alone on a node of its own (``learner_resources``
+    {remote_learner: 1}), a checkpoint every iteration; that node killed (raylet and workers, SIGKILL)
+    once checkpoint 1 is complete, during iteration 2. Then ``dapo-rl train --resume`` as the error says:
+    first as it was (refused: no node left offers remote_learner), then with the learner moved to the
+    head (``--set learner_resources={learner_node: 1}``), on the nodes left. Timings: the loss to the
+    command's return, the resume's start to its first new iteration."""
+    import contextlib
+    import io
+
+    from dapo_rl.cli import main as dapo_rl
+    from dapo_rl.jobs.run_folder import RESULTS_FILE, experiment_folder
+    from dapo_rl.rllib.checkpoints import newest_complete_checkpoint
+
+    port = address.rpartition(":")[2]
+    doomed = cluster.add_node(**NODE, resources={"remote_learner": 1})
+    output = work / "learner-loss-run"
+    settings = ["iterations=3", "checkpoint_every=1", "warmstart_steps=0", "eval_problems=4", "eval_samples=1"]
+    argv = ["train", "--address", f"127.0.0.1:{port}", "--config", str(ROOT / "configs" / "cluster-arithmetic.yaml")]
+    argv += [f"--set={assignment}" for assignment in [*settings, "learner_resources={remote_learner: 1}"]]
+    argv += ["--output", str(output)]
+
+    def run_cli(arguments: list[str]) -> dict[str, Any]:
+        errors = io.StringIO()
+        with contextlib.redirect_stderr(errors):
+            code = dapo_rl(arguments)
+        return {"exit_status": code, "ended_at": time.monotonic(), "stderr": errors.getvalue()}
+
+    first: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: first.update(run_cli(argv)))
+    thread.start()
+    deadline = time.monotonic() + 400
+    while thread.is_alive() and time.monotonic() < deadline:
+        record = newest_complete_checkpoint(experiment_folder(output))
+        if record is not None and record.iteration >= 1:
+            break
+        time.sleep(0.05)
+    assert thread.is_alive(), f"the run ended before its learner's node was killed: {first}"
+    lost_at = time.monotonic()
+    cluster.remove_node(doomed, allow_graceful=False)  # its raylet and workers, SIGKILL
+    thread.join(timeout=600)
+    assert not thread.is_alive(), "the run did not stop within 600 s of its learner's node being lost"
+    found = out["learner_node_loss"] = {
+        "lost_node": doomed.node_id,
+        "first_run": {k: v for k, v in first.items() if k != "ended_at"},
+        "seconds_loss_to_stop": first["ended_at"] - lost_at,
+        "iterations_logged_before_resume": len((output / RESULTS_FILE).read_text().splitlines()),
+        "alive_nodes_at_stop": sorted(n["NodeID"] for n in ray.nodes() if n["Alive"]),
+    }
+
+    refused = run_cli(["train", "--resume", str(output), "--address", f"127.0.0.1:{port}"])
+    found["refused_resume"] = {k: v for k, v in refused.items() if k != "ended_at"}
+    resume_start = time.monotonic()
+    second: dict[str, Any] = {}
+    resume_argv = ["train", "--resume", str(output), "--address", f"127.0.0.1:{port}"]
+    thread = threading.Thread(
+        target=lambda: second.update(run_cli([*resume_argv, "--set=learner_resources={learner_node: 1}"]))
+    )
+    thread.start()
+    first_new_iteration_at = None
+    resumed_from = newest_complete_checkpoint(experiment_folder(output))
+    while thread.is_alive():
+        rows = [json.loads(line) for line in (output / RESULTS_FILE).read_text().splitlines()]
+        if (
+            first_new_iteration_at is None
+            and resumed_from
+            and any(row["training_iteration"] > resumed_from.iteration for row in rows)
+        ):
+            first_new_iteration_at = time.monotonic()
+        time.sleep(0.05)
+    thread.join()
+    summary = json.loads((output / "summary.json").read_text()) if (output / "summary.json").is_file() else {}
+    found.update(
+        {
+            "resumed_from_iteration": resumed_from.iteration if resumed_from else None,
+            "refused_resume": {k: v for k, v in refused.items() if k != "ended_at"},
+            "resume": {k: v for k, v in second.items() if k != "ended_at"},
+            "seconds_resume_to_first_new_iteration": (
+                first_new_iteration_at - resume_start if first_new_iteration_at is not None else None
+            ),
+            "iterations": summary.get("iterations"),
+            "alive_nodes": sorted(n["NodeID"] for n in ray.nodes() if n["Alive"]),
+        }
+    )
+
+
+def reproduce_row(work: Path, address: str, out: dict[str, Any]) -> None:
+    """``dapo_rl.reproduce.cluster.run_row_on_cluster`` (the paper-scale launcher) with a tiny row: connected
+    through dapo_rl.jobs.cluster by the address a user types, the learner on the head, an env runner on
+    a worker, one iteration, the export, the evaluation of the base model and of the trained one as
+    Ray tasks (hf: the engine this row generates with), summary.json."""
+    from dapo_rl.reproduce.cluster import run_row_on_cluster
+    from dapo_rl.reproduce.settings import EvalSettings
+
+    port = address.rpartition(":")[2]
+    row = config(work, {"learner_node": 1}, runners=1)
+    evaluation = EvalSettings(
+        env=ENV, samples=1, temperature=1.0, top_p=1.0, max_new_tokens=8, metric="avg@1", problems=2
+    )
+    folder = work / "reproduce-row"
+    summary = run_row_on_cluster(
+        row, folder, iterations=1, evaluation=evaluation, checkpoint_every=1, address=f"127.0.0.1:{port}"
+    )
+    out["reproduce_row"] = {
+        "iterations": summary["iterations"],
+        "eval_metric": summary["eval_metric"],
+        "problems_evaluated": summary["eval"].get("num_problems"),
+        "accuracy_keys": sorted(k for k in summary if k.startswith("eval_accuracy")),
+        "model_exported": (Path(summary["model"]) / "config.json").is_file(),
+        "summary_written": (folder / "summary.json").is_file(),
+    }
+
+
+def frozen_processes(node: Any) -> list[int]:
+    """The pids of a node started by ``Cluster.add_node``: its own processes (raylet, ...) and their children
+    (the worker processes, the actors)."""
+    import psutil
+
+    pids = [info.process.pid for infos in node.all_processes.values() for info in infos if info.process]
+    children = [child.pid for pid in pids for child in psutil.Process(pid).children(recursive=True)]
+    return sorted(set(pids + children))
+
+
+def learner_node_frozen(work: Path, cluster: Cluster, out: dict[str, Any]) -> None:
+    """2 DDP learners, each on a node of its own (``collective_learner``), the driver's local runner sampling.
+    In iteration 2, as the first update is sent, the node of learner 1 is frozen (SIGSTOP to its raylet and
+    workers: a machine that vanished, its connections neither closed nor answered): learner 0 takes the
+    update and waits in its all-reduce for a peer that never comes. The time until train() raises, and what."""
+    nodes = [cluster.add_node(**NODE, resources={"collective_learner": 1}) for _ in "ab"]
+    by_id = {node.node_id: node for node in nodes}
+    algo = config(work, {"collective_learner": 1}, runners=0).learners(num_learners=2).build_algo()
+    frozen_pids: list[int] = []
+    frozen_at: list[float] = []
+    try:
+        placed = learner_nodes(algo)
+        algo.train()
+        victim = by_id[placed[1]]
+        send_update = algo.learner_group.update
+
+        def freeze_then_update(*args: Any, **kwargs: Any) -> Any:
+            if not frozen_pids:  # the first update of iteration 2: the node vanishes as it is sent
+                frozen_pids.extend(frozen_processes(victim))
+                for pid in frozen_pids:
+                    os.kill(pid, signal.SIGSTOP)
+                frozen_at.append(time.monotonic())
+            return send_update(*args, **kwargs)
+
+        algo.learner_group.update = freeze_then_update
+        raised: list[BaseException] = []
+        ended: list[float] = []
+
+        def train_once() -> None:
+            try:
+                algo.train()
+            except BaseException as error:  # reported by the test
+                raised.append(error)
+            ended.append(time.monotonic())
+
+        thread = threading.Thread(target=train_once)
+        thread.start()
+        thread.join(timeout=180)
+        found = out["learner_node_frozen"] = {
+            "learner_nodes": placed,
+            "frozen_node": victim.node_id,
+            "frozen": bool(frozen_at),
+            "stopped_within_180_s": not thread.is_alive(),
+            "seconds_to_stop": (ended[0] - frozen_at[0]) if ended and frozen_at else None,
+            "error": f"{type(raised[0]).__name__}: {raised[0]}" if raised else None,
+        }
+        for pid in frozen_pids:  # the frozen node ends for real (and the waiting learner with it, if still waiting)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        cluster.remove_node(victim, allow_graceful=False)
+        thread.join(timeout=300)
+        found["ended_after_the_kill"] = not thread.is_alive()
+    finally:
+        for pid in frozen_pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        algo.stop()
+
+
+SCENARIOS = (
+    "paths",
+    "command_line",
+    "reproduce_row",
+    "reference",
+    "restore",
+    "node_loss",
+    "learner_node_loss",
+    "learner_node_frozen",
+)
+
+
+def main(target: str, only: list[str] | None = None) -> None:
     out: dict[str, Any] = {"seconds": {}}
     work = Path(tempfile.mkdtemp(prefix="dapo_mn_work_"))
     cluster = Cluster()
@@ -236,10 +447,15 @@ def main(target: str) -> None:
         for name, scenario in (
             ("paths", lambda: paths(work, cluster.address, out)),
             ("command_line", lambda: command_line(work, cluster.address, out)),
+            ("reproduce_row", lambda: reproduce_row(work, cluster.address, out)),
             ("reference", lambda: reference(work, out["nodes"], out)),
             ("restore", lambda: restore(work, out)),
             ("node_loss", lambda: node_loss(work, cluster, workers, out)),
+            ("learner_node_loss", lambda: learner_node_loss(work, cluster, cluster.address, out)),
+            ("learner_node_frozen", lambda: learner_node_frozen(work, cluster, out)),
         ):
+            if only and name not in only:
+                continue
             start = time.monotonic()
             try:
                 scenario()
@@ -250,8 +466,9 @@ def main(target: str) -> None:
         Path(target).write_text(json.dumps(out, indent=1))
         ray.shutdown()
         cluster.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2:] or None)  # names after OUT.json: run only those scenarios (of SCENARIOS)

@@ -11,7 +11,7 @@ import pytest
 import dapo_rl
 import dapo_rl.cli as cli
 from dapo_rl.cli import main
-from dapo_rl.jobs import DEFAULT_JOB, JobError, build_config, experiment_folder, load_job, tracking
+from dapo_rl.jobs import DEFAULT_JOB, JobError, build_config, experiment_folder, load_job, resume_job, tracking
 from dapo_rl.jobs.evaluation import evaluate_model
 from dapo_rl.rllib.checkpoints import CHECKPOINT_MANIFEST
 
@@ -338,3 +338,12 @@ def test_resume_refuses_a_folder_that_is_not_a_run_and_settings_it_cannot_change
     assert "--set lr=1: a resume can change only iterations" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path), "--config", "x.yaml"]) == 2
     assert "drop --config/--output" in capsys.readouterr().err
+
+
+def test_resume_may_move_the_learners_and_env_runners_to_other_nodes(tmp_path):
+    """Placement changes where actors run, not what they compute: a run whose learner's node was lost
+    resumes on the nodes left with the custom resources they offer (docs/scale-out.md#on-a-ray-cluster)."""
+    (tmp_path / "job.json").write_text(json.dumps({"iterations": 3, "learner_resources": {"remote_learner": 1}}))
+    job = resume_job(tmp_path, ["learner_resources={learner_node: 1}", "env_runner_resources={runner_node: 2}"])
+    assert job["learner_resources"] == {"learner_node": 1} and job["env_runner_resources"] == {"runner_node": 2}
+    assert job["iterations"] == 3

@@ -1,9 +1,10 @@
 """A real multi-node Ray cluster on this machine: placement by custom resources, an iteration with the
-learner on one node and env runners on the others, a checkpoint restored on another node, and a
-worker node killed mid-run.
+learner on one node and env runners on the others, a checkpoint restored on another node, a worker
+node killed mid-run, the node holding the learner killed mid-run, then the run resumed, and a learner's
+node lost while the other learner waits in a collective.
 
 ``tests/multinode_scenarios.py`` runs all of it in one process of its own (one cluster of 3 nodes
-for all scenarios, about 150 s on 2 cores; a driver joins one Ray cluster at a time, and this
+for all scenarios, about 300 to 400 s on 2 cores; a driver joins one Ray cluster at a time, and this
 session's ``ray_session`` must stay as it is); the tests here read what it found. It ends only the
 nodes it started.
 """
@@ -102,3 +103,59 @@ def test_dapo_rl_train_runs_on_the_cluster_named_by_address(scenarios):
     """The command line's path: the cluster checked up front (reachable, placement, the run folder seen
     by every node), then a Tune trial with configs/cluster-arithmetic.yaml's placement."""
     assert scenarios["command_line"] == {"exit_status": 0, "iterations": 1}
+
+
+def test_a_lost_learner_node_stops_the_run_in_seconds_naming_the_node_and_how_to_resume(scenarios):
+    """The node holding the only learner is killed during iteration 2: dapo-rl train stops with
+    LearnerNodeLostError naming that node (not a generic actor error, not RLlib's 30-minute collective
+    time-out), and the cluster no longer counts the node when it returns."""
+    loss = scenarios["learner_node_loss"]
+    stopped = loss["first_run"]
+    assert stopped["exit_status"] == 1
+    message = stopped["stderr"].rpartition("dapo-rl: training stopped: ")[2]
+    assert "LearnerNodeLostError: learner 0 of 1 died during iteration 2" in message
+    assert f"on Ray node {loss['lost_node'][:12]} " in message and "lost: the cluster reports it dead" in message
+    assert "--set learner_resources=" in message and "dapo-rl train --resume " in message
+    assert loss["iterations_logged_before_resume"] == 1
+    assert loss["lost_node"] not in loss["alive_nodes_at_stop"]
+    assert loss["seconds_loss_to_stop"] < 120
+    print(f"learner node lost -> dapo-rl train stopped {loss['seconds_loss_to_stop']:.1f} s later")
+
+
+def test_a_run_whose_learner_node_was_lost_resumes_on_the_nodes_left(scenarios):
+    """dapo-rl train --resume as it was is refused in one line (no node left offers remote_learner); with
+    --set learner_resources={learner_node: 1} it continues from checkpoint 1 on the nodes left."""
+    loss = scenarios["learner_node_loss"]
+    refused = loss["refused_resume"]
+    assert refused["exit_status"] == 2 and "['remote_learner']" in refused["stderr"]
+    assert "--resume DIR --set" in refused["stderr"]
+    assert loss["resume"]["exit_status"] == 0, loss["resume"]["stderr"][-3000:]
+    assert loss["resumed_from_iteration"] == 1 and loss["iterations"] == 3
+    assert loss["seconds_resume_to_first_new_iteration"] is not None
+    print(f"resume -> first new iteration {loss['seconds_resume_to_first_new_iteration']:.1f} s")
+
+
+def test_the_paper_scale_launcher_runs_a_tiny_row_end_to_end_on_the_cluster(scenarios):
+    """dapo_rl.reproduce.cluster.run_row_on_cluster, given the address as a user types it (it once passed
+    Ray's "auto", which the one connection path refuses): connected and checked as dapo-rl train --address,
+    one iteration under Tune, the policy exported, base and trained models evaluated as Ray tasks."""
+    row = scenarios["reproduce_row"]
+    assert row["iterations"] == 1 and row["problems_evaluated"] == 2
+    assert row["accuracy_keys"] == ["eval_accuracy_after", "eval_accuracy_before"]
+    assert row["model_exported"] and row["summary_written"]
+    assert row["eval_metric"] == "avg@1 on dapo/Arithmetic-v0"
+
+
+def test_a_learner_node_lost_mid_collective_stops_the_run_without_the_process_group_time_out(scenarios):
+    """2 DDP learners on 2 nodes; one node freezes (SIGSTOP: a machine gone without closing its connections)
+    as an update is sent, and the other learner waits in its all-reduce. The run stops with
+    LearnerNodeLostError naming the frozen node once the cluster reports it dead, not after the process
+    group's 30-minute time-out (without the watch, train() was still waiting after 180 s)."""
+    frozen = scenarios["learner_node_frozen"]
+    assert frozen["frozen"] and frozen["stopped_within_180_s"], frozen
+    assert frozen["error"].startswith("LearnerNodeLostError: learner "), frozen["error"]
+    assert " of 2 died during iteration 2 " in frozen["error"]
+    assert f"on Ray node {frozen['frozen_node'][:12]} " in frozen["error"]
+    survivor = next(node for node in frozen["learner_nodes"] if node != frozen["frozen_node"])
+    assert survivor[:12] not in frozen["error"]  # the learner stopped here is not named as lost
+    print(f"learner node frozen mid-collective -> train() raised {frozen['seconds_to_stop']:.1f} s later")

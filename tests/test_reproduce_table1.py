@@ -39,6 +39,43 @@ def test_paper_scale_run_needs_a_model_and_run_needs_the_paper_scale():
         table1.main(["--scale", "tiny", "--run"])
 
 
+def test_paper_scale_run_connects_as_dapo_rl_train_does_and_refuses_in_one_line(tmp_path, monkeypatch):
+    """--run goes through dapo_rl.jobs.cluster like dapo-rl train --address: Ray's "auto" guess (what this
+    launcher once passed when RAY_ADDRESS was unset) and a cluster that does not answer are refused before
+    any work, in one line; with no cluster named at all, a paper-scale row refuses to train."""
+    import socket
+
+    with socket.socket() as sock:  # a port just bound and released: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{sock.getsockname()[1]}"
+    model = tmp_path / "model"
+    model.mkdir()
+    run = ["--scale", "paper", "--run", "--model", str(model), "--rows", "naive-grpo", "--seeds", "1"]
+    run += ["--output", str(tmp_path / "out")]
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    with pytest.raises(SystemExit, match=r"^table1: RAY_ADDRESS=auto: give the cluster's GCS address as HOST:PORT"):
+        table1.main(run)
+    with pytest.raises(SystemExit, match=rf"^table1: no Ray cluster answers at {dead} \(from --address\)"):
+        table1.main([*run, "--address", dead])
+    monkeypatch.delenv("RAY_ADDRESS")
+    rows = table1.scaled_rows("paper", model_path=str(model))
+    from dapo_rl.jobs.cluster import ClusterError
+    from dapo_rl.reproduce.cluster import run_row_on_cluster
+    from dapo_rl.reproduce.settings import aime_eval_32b
+
+    if not ray_is_connected():  # a process already connected keeps its cluster (as dapo-rl train)
+        with pytest.raises(ClusterError, match="a paper-scale row trains on a running Ray cluster"):
+            run_row_on_cluster(rows["Naive GRPO"], tmp_path / "row", iterations=1, evaluation=aime_eval_32b())
+    with pytest.raises(SystemExit, match="--address is for --scale paper --run"):
+        table1.main(["--scale", "tiny", "--address", dead])
+
+
+def ray_is_connected() -> bool:
+    import ray
+
+    return ray.is_initialized()
+
+
 def test_paper_rows_skip_finished_runs_and_seed_the_rest(tmp_path, monkeypatch):
     rows = table1.scaled_rows("paper", model_path="/models/qwen32b")
     config = rows["Naive GRPO"]

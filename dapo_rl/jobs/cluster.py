@@ -186,7 +186,8 @@ def check_bundles_fit(bundles: Iterable[Mapping[str, float]], node_resources: It
             raise ClusterError(
                 f"the run asks for the Ray resource(s) {missing} ({_plain(wanted)} for one actor), which no node of "
                 "the cluster has: start nodes with `ray start ... --resources '{\"NAME\": 1}'`, or change "
-                "learner_resources / env_runner_resources"
+                "learner_resources / env_runner_resources (a resume may: dapo-rl train --resume DIR --set "
+                "'learner_resources={NAME: 1}')"
             )
         if not any(all(node.get(name, 0) >= amount for name, amount in wanted.items()) for node in nodes):
             raise ClusterError(
@@ -278,7 +279,13 @@ def check_paths_on_nodes(paths: Mapping[str, str], timeout: float = 120.0) -> No
     }
     misses: dict[str, list[str]] = {}
     for node_name, future in futures.items():
-        for path in ray.get(future, timeout=timeout):
+        try:
+            missing = ray.get(future, timeout=timeout)
+        except (ray.exceptions.TaskUnschedulableError, ray.exceptions.NodeDiedError, ray.exceptions.WorkerCrashedError):
+            # The node left the cluster between the listing and the check (a node just lost, which the
+            # cluster still listed as alive): it runs none of this run's actors.
+            continue
+        for path in missing:
             misses.setdefault(path, []).append(node_name)
     for what, path in paths.items():
         if path in misses:

@@ -26,22 +26,18 @@ from dapo_rl.rllib.dapo import DAPO as DAPOAlgorithm
 from dapo_rl.rllib.dapo import DAPOConfig
 
 
-def start_ray(address: str | None = None, *, min_cpus: int = 1) -> None:
-    """Connect this process to Ray once: to the cluster at ``address``, or to a new local instance.
+def start_ray(address: str | None = None, *, min_cpus: int = 1) -> cluster.ClusterChoice:
+    """Connect this process to Ray once, the way ``dapo-rl train`` does; returns the cluster chosen.
 
-    A local instance is quiet (no dashboard, workers' logs kept off the terminal, whose output is the
-    progress bar) and offers at least ``min_cpus`` logical CPUs even on a smaller machine (a trial
-    with 2 learners asks for 3 on a 2-core laptop: it runs, sharing the cores, instead of waiting
-    forever). Ray 2.60 asks for an auth token unless RAY_AUTH_MODE says otherwise; a
-    single-machine job has no token to give.
+    ``address`` (HOST:PORT), else ``RAY_ADDRESS``, names a running cluster, which must answer
+    (:func:`dapo_rl.jobs.cluster.choose_cluster` refuses Ray's "auto" guess and client addresses);
+    with neither, a new quiet local instance offering at least ``min_cpus`` logical CPUs, whatever
+    address an old ``ray start`` left behind (:func:`dapo_rl.jobs.cluster.connect`). A no-op when this
+    process is already connected to that cluster.
     """
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if ray.is_initialized():
-        return
-    if address is None:  # a new local instance, whatever address an old `ray start` left behind
-        cluster.connect(cluster.ClusterChoice(None, "no address given"), min_cpus=min_cpus)
-    else:
-        ray.init(address=address)
+    choice = cluster.choose_cluster(address)
+    cluster.connect(choice, min_cpus=min_cpus)
+    return choice
 
 
 def with_trial_threads(config: DAPOConfig) -> DAPOConfig:

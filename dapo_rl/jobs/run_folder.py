@@ -42,10 +42,20 @@ RUN_STATE_FILE = "run_state.json"
 RESULTS_FILE = "results.jsonl"
 
 
-#: Job keys a resume may change: how long to train, how often to checkpoint, what to log and how
-#: much to evaluate. Anything else would make the resumed run differ from the one its checkpoints
-#: come from.
-RESUME_KEYS = ("iterations", "checkpoint_every", "keep_checkpoints", "loggers", "eval_problems", "eval_samples")
+#: Job keys a resume may change: how long to train, how often to checkpoint, what to log, how much
+#: to evaluate, and which Ray nodes hold the learners and env runners (a run whose learner's node was
+#: lost goes on on the nodes left, whose custom resources may differ). Anything else would make the
+#: resumed run differ from the one its checkpoints come from.
+RESUME_KEYS = (
+    "iterations",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "loggers",
+    "eval_problems",
+    "eval_samples",
+    "learner_resources",
+    "env_runner_resources",
+)
 
 
 def resume_job(folder: str | os.PathLike[str], assignments: Sequence[str] = ()) -> dict[str, Any]:

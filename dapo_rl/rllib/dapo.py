@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,7 @@ from dapo_rl.rllib.env_runner import (
 )
 from dapo_rl.rllib.learner import DAPOTorchLearner, update_was_skipped
 from dapo_rl.rllib.module import TEXT_SPACE, CausalLMModule
+from dapo_rl.rllib.nodes import NodeWatch, node_states
 from dapo_rl.rllib.run_state import RunState
 from dapo_rl.rllib.sampling import Rollouts
 from dapo_rl.rllib.weights import WeightSync
@@ -87,6 +89,10 @@ logger = logging.getLogger(__name__)
 
 class LearnerFailedError(RuntimeError):
     """A learner process died (or stopped answering) during a training step; the others cannot go on."""
+
+
+class LearnerNodeLostError(LearnerFailedError):
+    """The Ray node holding a learner was lost (its raylet gone, the cluster reports it dead) during a step."""
 
 
 class NonFiniteUpdatesError(RuntimeError):
@@ -275,14 +281,32 @@ class DAPO(Algorithm):
         self._latest_warnings: list[str] = []
         self._step_extra: dict[str, float] = {}  # this step's metrics of the old log-probs' side
         self._previous_shard_folder: Path | None = None  # shards of the last checkpoint saved or restored
+        # Where each remote learner runs, asked now, while they answer: a learner lost with its node
+        # is named by that node in the error that stops the run.
+        self._learner_nodes = self._remote_learner_nodes()
 
     # -- one rollout step ----------------------------------------------------------------------------
 
     def training_step(self) -> None:
-        try:
-            self._training_step()
-        except ray.exceptions.RayActorError as error:
-            raise self._learner_failure(error) from error
+        # With several learners, a learner's node lost mid-collective would leave the others (and this
+        # call) waiting for the process group's time-out: the watch stops them as soon as the cluster
+        # reports the node dead, and the failed call below names the lost one.
+        several = int(self.config.num_learners or 0) > 1
+        learner_nodes = self._learner_nodes.values() if several else ()
+        with NodeWatch(learner_nodes, self._stop_learners) as watch:
+            try:
+                self._training_step()
+            except ray.exceptions.RayActorError as error:
+                raise self._learner_failure(error, lost_nodes=watch.lost) from error
+
+    def _stop_learners(self, lost_nodes: list[str]) -> None:
+        """End every learner: one is gone with its node, and the others cannot finish an update without it."""
+        logger.warning("learner node(s) %s lost: stopping the learners left, which wait for it", lost_nodes)
+        for actor in list(getattr(self.learner_group, "_workers", None) or []):
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone with its node
+                pass
 
     def _training_step(self) -> None:
         config = self.config
@@ -459,8 +483,16 @@ class DAPO(Algorithm):
         )
         return values
 
-    def _learner_failure(self, error: ray.exceptions.RayActorError) -> Exception:
-        """The error to stop the run with when a Ray actor died in a step: which learner, and how to go on.
+    def _remote_learner_nodes(self) -> dict[int, str]:
+        """The Ray node id of each remote learner, by its actor id (empty with a local learner)."""
+        if not int(self.config.num_learners or 0):
+            return {}
+        answers = self.learner_group.foreach_learner(lambda _: ray.get_runtime_context().get_node_id())
+        return {answer.actor_id: answer.get() for answer in answers.result_or_errors if answer.ok}
+
+    def _learner_failure(self, error: ray.exceptions.RayActorError, lost_nodes: Sequence[str] = ()) -> Exception:
+        """The error to stop the run with when a Ray actor died in a step: which learner, on which node,
+        and how to go on.
 
         Env runners' failures never reach here (their shares are sampled again, see
         ``dapo_rl.rllib.sampling``); so a dead actor is a learner, and learners hold shards of one
@@ -472,12 +504,32 @@ class DAPO(Algorithm):
         answers = self.learner_group.foreach_learner(lambda learner: True, healthy_only=False, timeout_seconds=10)
         answered = {result.actor_id for result in answers.result_or_errors if result.ok}
         actor_ids = sorted(self.learner_group._worker_manager.actor_ids())
-        dead = [index for index, actor_id in enumerate(actor_ids) if actor_id not in answered]
-        which = f"learner {', '.join(map(str, dead))}" if dead else "a learner"
-        return LearnerFailedError(
-            f"{which} of {num_learners} died during iteration {self.iteration + 1} ({type(error).__name__}); the "
-            "others cannot finish an update without it, so the run stops here. The last checkpoint holds every "
-            "learner's state: resume the run from it (dapo-rl train --resume <output folder>)"
+        dead = [(index, actor_id) for index, actor_id in enumerate(actor_ids) if actor_id not in answered]
+        if lost_nodes:  # the learners left were stopped here (NodeWatch): name those the node took
+            dead = [(index, actor_id) for index, actor_id in dead if self._learner_nodes.get(actor_id) in lost_nodes]
+        states = node_states(node_id for _, actor_id in dead if (node_id := self._learner_nodes.get(actor_id)))
+        lost = [state for state in states.values() if state.lost]
+        which = ", ".join(f"learner {index}" for index, _ in dead) or "a learner"
+        places = "; ".join(
+            states[node_id].describe() for _, actor_id in dead if (node_id := self._learner_nodes.get(actor_id))
+        )
+        others = (
+            "the others cannot finish an update without it"
+            if num_learners > 1
+            else "it is the run's only learner (num_learners=1)"
+        )
+        placement = ""
+        if lost and self.config.custom_resources_per_learner:
+            placement = (
+                f"; if no node left offers its learner_resources {dict(self.config.custom_resources_per_learner)}, "
+                "start one (ray start ... --resources) or add --set learner_resources=... naming a resource of the "
+                "nodes left"
+            )
+        error_class = LearnerNodeLostError if lost else LearnerFailedError
+        return error_class(
+            f"{which} of {num_learners} died during iteration {self.iteration + 1} ({type(error).__name__})"
+            f"{f' on {places}' if places else ''}; {others}, so the run stops here. The last checkpoint holds every "
+            f"learner's state: resume the run from it (dapo-rl train --resume <output folder>{placement})"
         )
 
     # -- weights, checkpoints and export (routes: dapo_rl.rllib.weights; files: dapo_rl.rllib.checkpoints) --
