@@ -49,8 +49,12 @@ def test_lora_settings_are_refused_by_value(lora, message):
 
 
 def test_unverified_lora_combinations_are_refused():
-    with pytest.raises(InvalidConfigError, match="generation_backend='vllm' is not verified"):
-        lora_config(generation_backend="vllm").env_runners(num_env_runners=1).validate_settings(require_installed=False)
+    gpu_engines = lora_config(generation_backend="vllm").env_runners(num_env_runners=1, num_gpus_per_env_runner=1)
+    with pytest.raises(InvalidConfigError, match="generation_backend='vllm' on GPU engines"):
+        gpu_engines.validate_settings(require_installed=False)
+    # CPU engines take the merged weights (tests/test_vllm_training.py): not refused for LoRA.
+    cpu_engines = lora_config(generation_backend="vllm").env_runners(num_env_runners=1)
+    cpu_engines.validate_settings(require_installed=False)
     with pytest.raises(InvalidConfigError, match="data_parallel='fsdp2' and num_learners > 1 is not verified"):
         lora_config(data_parallel="fsdp2").learners(num_learners=2).validate()
     lora_config().validate()

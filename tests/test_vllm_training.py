@@ -107,6 +107,28 @@ def test_training_with_a_cpu_engine_syncs_the_learners_weights_after_every_step(
     assert engine == expected
 
 
+def test_lora_training_sends_the_merged_weights_to_a_cpu_engine(ray_session, tmp_path, monkeypatch):
+    """LoRA (issue 28) with vLLM's CPU engine: the engine holds the plain model and takes the learner's
+    weights with the adapters merged in (W + B A alpha/r), so it generates what the merged model does."""
+    monkeypatch.setenv("DAPO_RL_CACHE", str(tmp_path / "cache"))
+    config = _config()
+    config.rl_module(model_config={"model": "tiny-qwen2", "lora": {"r": 4, "alpha": 8}})
+    algo = config.build_algo()
+    try:
+        module = algo.learner_group._learner.module[DEFAULT_MODULE_ID].unwrapped()
+        initial = {k: np.array(v, copy=True) for k, v in module.get_state(inference_only=True).items()}
+        results = [algo.train() for _ in range(2)]
+        merged = {k: np.array(v, copy=True) for k, v in module.get_state(inference_only=True).items()}
+        engine, seq_no = engine_greedy_in(algo)
+    finally:
+        algo.stop()
+    assert results[-1]["dapo"]["optimizer_steps"] >= 2
+    assert seq_no >= 2
+    expected = _hf_greedy(merged)
+    assert expected != _hf_greedy(initial)  # the adapters changed the greedy output: the check below can fail
+    assert engine == expected
+
+
 def test_asynchronous_rollouts_with_a_cpu_engine_generate_while_the_learner_trains(ray_session, tmp_path, monkeypatch):
     """max_staleness=1: the runner's engine generates the next round while the learner updates; each
     round carries the policy version that generated it, and the engine ends on the learner's weights."""

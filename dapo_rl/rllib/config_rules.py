@@ -10,7 +10,7 @@ from typing import Any
 
 from dapo_rl.models.distributed import learners_are_sharded
 from dapo_rl.models.presets import list_presets
-from dapo_rl.rllib.env_runner import unknown_env_config_keys
+from dapo_rl.rllib.env_runner import unknown_env_config_keys, vllm_engine_device
 from dapo_rl.rllib.module import model_context_length
 from dapo_rl.rollout.vllm_backend import CPU_DISTRIBUTION, INSTALL_HINT, vllm_available, vllm_cpu_build
 from dapo_rl.settings import MODEL_CONFIG_KEYS, MODULE_KEYS_FROM_SETTINGS, lora_problems
@@ -74,10 +74,13 @@ def lora_verified(config: Any, require_installed: bool) -> list[str]:
     problems = lora_problems(lora)
     if require_installed and importlib.util.find_spec("peft") is None:
         problems.append("model_config['lora'] needs peft: pip install 'dapo-rl[lora]'")
-    if config.generation_backend == "vllm":
+    if config.generation_backend == "vllm" and vllm_engine_device(config) == "cuda":
+        # CPU engines take the merged weights by value, as the HF backend does (tests/test_vllm_training.py);
+        # the NCCL broadcast to GPU engines sends the learner's parameters by name, adapters unmerged.
         problems.append(
-            "model_config['lora'] with generation_backend='vllm' is not verified yet (neither LoRA requests nor "
-            "merged-weight sync to engines has run); use generation_backend='hf'"
+            "model_config['lora'] with generation_backend='vllm' on GPU engines (num_gpus_per_env_runner > 0) is "
+            "not built: the NCCL weight broadcast would send unmerged adapter parameters; use vLLM's CPU engines "
+            "(num_gpus_per_env_runner=0) or generation_backend='hf'"
         )
     if learners_are_sharded(config.data_parallel, config.num_learners):
         problems.append(
