@@ -226,6 +226,22 @@ def kill_once_verifier(marker):
     return Verifier(name="kill-once", fn=namespace["kill_once"], isolate=False)
 
 
+def wait_for_healthy_runners(algo, count: int, timeout_s: float = 120) -> None:
+    """Ray restarts a failed runner in the background; each iteration's start brings back those that
+    are up. Wait until ``count`` remote runners are healthy (or the time-out)."""
+    deadline = time.monotonic() + timeout_s
+    while algo.env_runner_group.num_healthy_remote_env_runners() < count and time.monotonic() < deadline:
+        time.sleep(1)
+        algo.restore_env_runners(algo.env_runner_group)
+
+
+def remote_runner_weights(algo) -> list[dict[str, np.ndarray]]:
+    """The weights each remote env runner's module holds."""
+    return algo.env_runner_group.foreach_env_runner(
+        lambda runner: {k: np.asarray(v) for k, v in runner.module.get_state().items()}, local_env_runner=False
+    )
+
+
 def test_a_killed_env_runner_is_restarted_and_its_share_sampled_again(ray_session, tmp_path):
     def run(marker):
         algo = (
@@ -236,17 +252,10 @@ def test_a_killed_env_runner_is_restarted_and_its_share_sampled_again(ray_sessio
         )
         try:
             results = [algo.train() for _ in range(2)]
-            # Ray restarts the killed runner in the background; each iteration's start brings back
-            # those that are up. Wait for it, then train once more with both runners.
-            deadline = time.monotonic() + 120
-            while algo.env_runner_group.num_healthy_remote_env_runners() < 2 and time.monotonic() < deadline:
-                time.sleep(1)
-                algo.restore_env_runners(algo.env_runner_group)
+            wait_for_healthy_runners(algo, 2)  # then train once more with both runners
             results.append(algo.train())
             healthy = algo.env_runner_group.num_healthy_remote_env_runners()
-            runner_weights = algo.env_runner_group.foreach_env_runner(
-                lambda runner: {k: np.asarray(v) for k, v in runner.module.get_state().items()}, local_env_runner=False
-            )
+            runner_weights = remote_runner_weights(algo)
             learner = learner_weights(algo)
         finally:
             algo.stop()
@@ -293,15 +302,10 @@ def test_a_runner_that_cannot_take_the_weights_is_replaced_never_left_stale(ray_
                     local_env_runner=False,
                 )
             results += [algo.train(), algo.train()]  # the first one's weight sync meets the refusal
-            deadline = time.monotonic() + 120
-            while algo.env_runner_group.num_healthy_remote_env_runners() < 2 and time.monotonic() < deadline:
-                time.sleep(1)
-                algo.restore_env_runners(algo.env_runner_group)
+            wait_for_healthy_runners(algo, 2)
             results.append(algo.train())
             healthy = algo.env_runner_group.num_healthy_remote_env_runners()
-            runner_weights = algo.env_runner_group.foreach_env_runner(
-                lambda runner: {k: np.asarray(v) for k, v in runner.module.get_state().items()}, local_env_runner=False
-            )
+            runner_weights = remote_runner_weights(algo)
             learner = learner_weights(algo)
         finally:
             algo.stop()
@@ -350,10 +354,7 @@ def test_a_killed_env_runner_in_the_asynchronous_stream_costs_only_its_share(ray
     )
     try:
         results = [algo.train() for _ in range(3)]
-        deadline = time.monotonic() + 120
-        while algo.env_runner_group.num_healthy_remote_env_runners() < 2 and time.monotonic() < deadline:
-            time.sleep(1)
-            algo.restore_env_runners(algo.env_runner_group)
+        wait_for_healthy_runners(algo, 2)
         results += [algo.train() for _ in range(2)]
         algo._rollouts.stream.next_round()  # let the runners work through what they were sent
         versions = algo.env_runner_group.foreach_env_runner(

@@ -124,7 +124,7 @@ class DAPOEnvRunner(EnvRunner, Checkpointable):
         # with it); set by receive_policy. A runner restarted after a failure starts at -1: its
         # rounds count as too old until the algorithm has sent it weights with their version.
         self._policy_version = 0 if self.worker_index == 0 or not self.config.is_async else -1
-        if self.worker_index > 0:
+        if (self.worker_index or 0) > 0:  # None: built outside an EnvRunnerGroup (tests, tools)
             # A remote runner's process is its own: as many torch threads as the CPUs it holds.
             use_process_threads(self.config.num_cpus_per_env_runner)
         self.env = make_reasoning_env(self.config)
